@@ -1,0 +1,17 @@
+"""fastattn: fused attention kernels for PyTorch.
+
+    out = fastattn.attention(q, k, v, causal=True)            # [B, H, L, D] in, [B, H, L, Dv] out
+    out = fastattn.scaled_dot_product_attention(q, k, v)      # drop-in for F.scaled_dot_product_attention
+    mha = fastattn.MultiheadAttention(512, 8)                 # drop-in for torch.nn.MultiheadAttention
+    print(fastattn.explain(q, k, v))                          # which backend runs, and why not the others
+"""
+from .dispatch import available_backends, use_backend
+from .functional import AttentionFunction, attention, explain, scaled_dot_product_attention
+from .problem import MAX_HEAD_DIM
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention", "scaled_dot_product_attention", "explain", "use_backend", "available_backends",
+    "AttentionFunction", "MAX_HEAD_DIM",
+]

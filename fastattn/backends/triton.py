@@ -1,0 +1,100 @@
+"""The `triton` backend: FlashAttention-2 style kernels (fastattn/kernels/triton_attention.py).
+
+The kernels are wrapped as torch.library custom ops with fake implementations, so torch.compile treats them
+as opaque ops (no graph break) and the autograd.Function above stays traceable.
+
+On CUDA tensors it needs compute capability >= 8.0.  On CPU tensors it runs only under TRITON_INTERPRET=1
+(Triton's interpreter: slow, used by the test suite to check the kernels without a GPU).
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..problem import AttentionProblem
+from .base import Backend
+
+try:
+    import triton  # noqa: F401
+    _TRITON_IMPORT_ERROR = None
+except Exception as e:  # pragma: no cover - triton ships with torch's Linux wheels
+    _TRITON_IMPORT_ERROR = f"triton cannot be imported ({e})"
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+if _TRITON_IMPORT_ERROR is None:
+    from ..kernels import triton_attention as kernels
+
+    @torch.library.custom_op("fastattn::triton_attention_forward", mutates_args=())
+    def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                    seed: Optional[torch.Tensor], causal: str, scale: float,
+                    dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        return kernels.attention_forward(q, k, v, mask, causal, scale, dropout_p, seed)
+
+    @_forward_op.register_fake
+    def _(q, k, v, mask, seed, causal, scale, dropout_p):
+        out = kernels._empty_like_layout(q, v.shape[-1], q.dtype)
+        return out, q.new_empty(q.shape[:3], dtype=kernels._stats_dtype(q.dtype))
+
+    @torch.library.custom_op("fastattn::triton_attention_backward", mutates_args=())
+    def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                     seed: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+                     dlse: Optional[torch.Tensor], causal: str, scale: float, dropout_p: float,
+                     mask_needs_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        dq, dk, dv, dmask = kernels.attention_backward(q, k, v, mask, causal, scale, dropout_p, seed, out, lse,
+                                                       dout, dlse, mask_needs_grad)
+        if dmask is None:
+            dmask = q.new_empty((0,), dtype=torch.float32)
+        return dq, dk, dv, dmask
+
+    @_backward_op.register_fake
+    def _(q, k, v, mask, seed, out, lse, dout, dlse, causal, scale, dropout_p, mask_needs_grad):
+        dmask_shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if mask_needs_grad else (0,)
+        return (kernels._empty_like_layout(q, q.shape[-1], q.dtype),
+                kernels._empty_like_layout(k, k.shape[-1], k.dtype),
+                kernels._empty_like_layout(v, v.shape[-1], v.dtype),
+                q.new_empty(dmask_shape, dtype=kernels._stats_dtype(q.dtype)))
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    summary = ("FlashAttention-2 style Triton kernels: CUDA sm_80+ (CPU tensors only under "
+               "TRITON_INTERPRET=1); any strides, GQA, masks with gradient, dropout, both causal alignments")
+
+    def reasons(self, p: AttentionProblem) -> List[str]:
+        if _TRITON_IMPORT_ERROR is not None:
+            return [_TRITON_IMPORT_ERROR]
+        why = []
+        if p.device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(p.device)
+            if major < 8:
+                why.append(f"needs compute capability >= 8.0, the device has {major}.{minor}")
+        elif p.device.type == "cpu":
+            if not interpreting():
+                why.append("runs on CUDA tensors (on CPU tensors only under TRITON_INTERPRET=1, for testing)")
+        else:
+            why.append(f"does not run on {p.device.type} tensors")
+        for name, t in (("q", p.q), ("k", p.k), ("v", p.v)):
+            if t.stride(-1) != 1 and t.shape[-1] > 1:
+                # Strided head dims work, but every load becomes a gather; callers should not get that
+                # silently, and dispatch has better options.  (A .contiguous() copy is the user's call.)
+                why.append(f"{name}: the last (head) dimension must be contiguous (stride 1), got stride {t.stride(-1)}")
+        return why
+
+    def forward(self, p, seed):
+        return _forward_op(p.q, p.k, p.v, p.mask, seed, p.causal, p.scale, p.dropout_p)
+
+    def backward(self, p, seed, out, lse, dout, dlse):
+        dq, dk, dv, dmask = _backward_op(p.q, p.k, p.v, p.mask, seed, out, lse, dout, dlse, p.causal, p.scale,
+                                         p.dropout_p, p.mask_needs_grad)
+        if p.mask_needs_grad:
+            # dS summed over the dimensions along which the mask was broadcast.
+            dmask = dmask.sum_to_size(p.mask.shape).to(p.mask.dtype)
+        else:
+            dmask = None
+        return dq, dk, dv, dmask

@@ -1,0 +1,133 @@
+"""The functional API: ``attention`` and the drop-in ``scaled_dot_product_attention``.
+
+Three thin layers: the public function validates and normalises its inputs (problem.py), dispatch picks a
+backend (dispatch.py), and ``AttentionFunction`` -- a torch.autograd.Function -- runs that backend's
+forward and backward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import dispatch
+from .backends import BACKENDS
+from .problem import AttentionProblem, make_problem
+
+
+class AttentionFunction(torch.autograd.Function):
+    """out, lse = backend.forward(...); the backward calls the same backend's backward.
+
+    Saved for backward: q, k, v, the mask, the dropout seed, out and lse -- never the [Lq, Lk] probabilities
+    (fused backends recompute them)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, seed, backend_name: str, causal: str, scale: float, dropout_p: float,
+                return_lse: bool, mask_needs_grad: bool):
+        p = AttentionProblem(q, k, v, mask, causal, scale, dropout_p, return_lse, mask_needs_grad)
+        out, lse = BACKENDS[backend_name].forward(p, seed)
+        ctx.save_for_backward(q, k, v, mask, seed, out, lse)
+        ctx.problem_args = (backend_name, causal, scale, dropout_p, return_lse)
+        if lse is None:
+            return out, None
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, mask, seed, out, lse = ctx.saved_tensors
+        backend_name, causal, scale, dropout_p, return_lse = ctx.problem_args
+        p = AttentionProblem(q, k, v, mask, causal, scale, dropout_p, return_lse,
+                             mask_needs_grad=bool(ctx.needs_input_grad[3]))
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, dmask = BACKENDS[backend_name].backward(p, seed, out, lse, dout.contiguous(), dlse)
+        return dq, dk, dv, dmask, None, None, None, None, None, None, None
+
+
+def _draw_seed(dropout_p: float) -> Optional[torch.Tensor]:
+    """The dropout seed: drawn from torch's default CPU generator, so torch.manual_seed fixes it."""
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64)
+
+
+def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, dropout_p=0.0, return_lse=False,
+              backend=None):
+    """Fused softmax attention.
+
+    Args:
+        q: ``[B, Hq, Lq, Dqk]``; k: ``[B, Hkv, Lk, Dqk]``; v: ``[B, Hkv, Lk, Dv]``.  ``Hq % Hkv == 0``
+            (grouped-query / multi-query attention: query head h reads key/value head ``h // (Hq/Hkv)``).
+            Any strides: a ``[B, L, H, D]`` tensor ``.transpose(1, 2)``-ed to this layout is read in place.
+            Head dims 1..256; ``Dv`` may differ from ``Dqk``.  float16, bfloat16, float32, float64.
+        attn_mask: bool (True = attend) or float (added to the scaled scores), broadcastable to
+            ``[B, Hq, Lq, Lk]``.  A float mask that requires grad receives its gradient, summed over the
+            dimensions it was broadcast along.
+        causal: ``False``; ``True`` or ``"top_left"`` (query i sees keys j <= i, as
+            ``F.scaled_dot_product_attention(is_causal=True)``); ``"bottom_right"`` (query i sees keys
+            ``j <= i + Lk - Lq``: the last query sees every key -- decoding with a KV cache).
+            Combines with ``attn_mask``.
+        scale: multiplier of ``q k^T``; default ``1 / sqrt(Dqk)``.
+        dropout_p: dropout on the probabilities (applied whenever > 0, as in SDPA).  The mask is a function
+            of a seed drawn from torch's default generator: ``torch.manual_seed`` makes it reproducible.
+        return_lse: also return the row log-sum-exp ``[B, Hq, Lq]`` (float32; float64 for float64 inputs;
+            natural log; -inf for a fully masked row), e.g. to merge partial results over key chunks.
+            It is differentiable.
+        backend: a backend name or list of names to restrict dispatch to (see ``fastattn.explain``).
+
+    A fully masked row gives output 0 and zero gradients.
+    """
+    p = make_problem(q, k, v, attn_mask, causal, scale, dropout_p, return_lse)
+    chosen = dispatch.select(p, backend)
+    seed = _draw_seed(p.dropout_p)
+    out, lse = AttentionFunction.apply(p.q, p.k, p.v, p.mask, seed, chosen.name, p.causal, p.scale,
+                                       p.dropout_p, p.return_lse, p.mask_needs_grad)
+    return (out, lse) if return_lse else out
+
+
+def explain(q, k, v, *, attn_mask=None, causal=False, scale=None, dropout_p=0.0, return_lse=False,
+            backend=None) -> str:
+    """Which backend ``attention`` would run on these inputs, and why each other one was rejected."""
+    p = make_problem(q, k, v, attn_mask, causal, scale, dropout_p, return_lse)
+    return dispatch.explain_problem(p, backend)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: same signature, same semantics.
+
+    Shapes ``(..., L, E)`` for query and ``(..., S, E)`` / ``(..., S, Ev)`` for key / value, with any number of
+    leading dimensions (the second-to-last leading one is the head dimension when there are several).
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(f"{name}: expected at least 2 dimensions (..., seq, head_dim), got {t.dim()}")
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask: must be None when is_causal=True (as in F.scaled_dot_product_attention)")
+    if query.dim() != key.dim() or query.dim() != value.dim():
+        raise ValueError(f"query, key, value: must have the same number of dimensions, got "
+                         f"{query.dim()}, {key.dim()}, {value.dim()}")
+    if query.dim() >= 3 and query.shape[-3] != key.shape[-3] and not enable_gqa:
+        raise ValueError(f"key: number of heads ({key.shape[-3]}) differs from query's ({query.shape[-3]}); "
+                         f"pass enable_gqa=True for grouped-query attention")
+
+    # Bring every input to [B, H, L, E].
+    lead = query.shape[:-2]
+    L, S = query.shape[-2], key.shape[-2]
+    if query.dim() == 4:
+        q, k, v, mask = query, key, value, attn_mask
+    elif query.dim() < 4:
+        pad = 4 - query.dim()
+        q, k, v = (t.reshape((1,) * pad + tuple(t.shape)) for t in (query, key, value))
+        mask = attn_mask
+    else:
+        def to4(t):
+            return t.reshape((-1,) + tuple(t.shape[-3:]))
+        q, k, v = to4(query), to4(key), to4(value)
+        mask = None
+        if attn_mask is not None:
+            mask = attn_mask.expand(tuple(lead) + (L, S)).reshape((-1,) + (q.shape[1], L, S))
+    out = attention(q, k, v, attn_mask=mask, causal=bool(is_causal), scale=scale, dropout_p=dropout_p)
+    return out.reshape(tuple(lead) + (L, value.shape[-1]))

@@ -1,0 +1,505 @@
+"""FlashAttention-2 style attention in Triton: forward (online softmax, saves the log-sum-exp) and backward
+(recomputes the probabilities tile by tile; dK/dV and dQ in two deterministic kernels, no atomics).
+
+Read top to bottom: helpers -> configurations -> forward kernel -> backward kernels -> launchers.
+
+Notation inside the kernels:
+  * scores live in the log2 domain: s2 = (scale * q.k + mask) * log2(e), so softmax uses exp2;
+  * a "row" is a query (index m), a "column" a key (index n); one program owns BLOCK_M rows (forward, dQ)
+    or BLOCK_N columns (dK/dV) of one (batch, head);
+  * head dims are padded to powers of two (BLOCK_DQK, BLOCK_DV >= 16) and masked on load, so any head dim
+    1..256 works; lengths that are not block multiples are masked the same way.
+  * GQA: query head h reads key/value head h // GROUP.  The dK/dV program of a key/value head loops over its
+    GROUP query heads, so the reduction over the group happens in registers, deterministically.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+
+
+# ===========================================================================================================
+# Helpers
+# ===========================================================================================================
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr):
+    # DOT_PRECISION only matters for fp32 inputs ("ieee" = exact fp32; fp16/bf16 always use tensor cores).
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _dropout_keep(seed, offs_m, offs_n, bh, dropout_threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep-mask of a [BLOCK_M, BLOCK_N] tile: Philox-4x32-10 keyed by the seed, counter (n, m, b*Hq+h, 0).
+    Mirrored exactly by fastattn.backends.reference.dropout_keep_mask."""
+    zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    c0 = (offs_n[None, :] + zeros).to(tl.uint32)
+    c1 = (offs_m[:, None] + zeros).to(tl.uint32)
+    c2 = (bh + zeros).to(tl.uint32)
+    c3 = zeros.to(tl.uint32)
+    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return (r0 >> 8).to(tl.int32) >= dropout_threshold
+
+
+@triton.jit
+def _modified_scores(s2, offs_m, offs_n, Mask, mask_base, stride_mm, stride_mn,
+                     LEN_Q, LEN_K, causal_offset,
+                     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Score modifications on a [BLOCK_M, BLOCK_N] tile of log2-domain scores: the additive float mask or the
+    bool mask, causal masking (key n visible to query m iff n <= m + causal_offset), and key bounds."""
+    in_bounds = (offs_m[:, None] < LEN_Q) & (offs_n[None, :] < LEN_K)
+    if MASK_KIND != 0:
+        mask_ptrs = Mask + mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        if MASK_KIND == 1:
+            attend = tl.load(mask_ptrs, mask=in_bounds, other=0)
+            s2 = tl.where(attend != 0, s2, float("-inf"))
+        else:
+            bias = tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(s2.dtype)
+            s2 = s2 + bias * 1.4426950408889634  # the mask is in natural-log units; scores are log2
+    keep = offs_n[None, :] < LEN_K
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+    return tl.where(keep, s2, float("-inf"))
+
+
+# ===========================================================================================================
+# Configurations.  Picked by a fixed table (no autotuning), so every configuration the launcher can use is
+# known ahead of time and compiled by the test suite for sm_80 and sm_90 (see all_kernel_specs()).
+# Keyed by kernel, dtype class and the padded head dim max(BLOCK_DQK, BLOCK_DV).
+# ===========================================================================================================
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# (block_m, block_n, num_warps, num_stages); "half" = fp16/bf16 on tensor cores, "fp32"/"fp64" on FMA units
+_CONFIGS: Dict[Tuple[str, str, int], KernelConfig] = {}
+
+
+def _table(kernel, dtype_class, rows):
+    for head_dim, cfg in rows.items():
+        _CONFIGS[(kernel, dtype_class, head_dim)] = KernelConfig(*cfg)
+
+
+_table("fwd", "half", {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3),
+                       128: (128, 64, 8, 3), 256: (64, 64, 8, 2)})
+_table("fwd", "fp32", {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2),
+                       128: (32, 32, 4, 2), 256: (32, 16, 8, 1)})
+_table("fwd", "fp64", {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 16, 4, 1),
+                       128: (16, 16, 4, 1), 256: (16, 16, 8, 1)})
+_table("bwd_dkdv", "half", {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
+                            128: (32, 64, 8, 2), 256: (32, 32, 8, 1)})
+_table("bwd_dkdv", "fp32", {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 32, 4, 1),
+                            128: (16, 32, 4, 1), 256: (16, 16, 8, 1)})
+_table("bwd_dkdv", "fp64", {16: (16, 32, 4, 1), 32: (16, 32, 4, 1), 64: (16, 16, 4, 1),
+                            128: (16, 16, 4, 1), 256: (16, 16, 8, 1)})
+_table("bwd_dq", "half", {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
+                          128: (64, 32, 8, 2), 256: (32, 32, 8, 1)})
+_table("bwd_dq", "fp32", {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 32, 4, 1),
+                          128: (32, 16, 4, 1), 256: (16, 16, 8, 1)})
+_table("bwd_dq", "fp64", {16: (32, 16, 4, 1), 32: (32, 16, 4, 1), 64: (16, 16, 4, 1),
+                          128: (16, 16, 4, 1), 256: (16, 16, 8, 1)})
+
+PREPROCESS_BLOCK_M = 64
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    return {torch.float16: "half", torch.bfloat16: "half", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
+
+
+def padded_head_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def pick_config(kernel: str, dtype: torch.dtype, dim_qk: int, dim_v: int) -> KernelConfig:
+    head = max(padded_head_dim(dim_qk), padded_head_dim(dim_v))
+    return _CONFIGS[(kernel, dtype_class(dtype), head)]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+# ===========================================================================================================
+# Forward
+# ===========================================================================================================
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Mask, Out, Lse, seed,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H_Q, GROUP, LEN_Q, LEN_K, DIM_QK, DIM_V,
+    scale_log2, causal_offset, dropout_threshold, dropout_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    ACC: tl.constexpr = Lse.dtype.element_ty  # float32, or float64 for float64 inputs
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H_Q).to(tl.int64)
+    h = (pid_bh % H_Q).to(tl.int64)
+    h_kv = h // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < LEN_Q
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_dqk[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    mask_base = b * stride_mb + h * stride_mh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)  # running row max (log2 domain)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)                 # running row sum of exp2(s2 - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
+
+    # Causal: the last key any row of this block may see is (last row) + causal_offset.
+    hi = LEN_K
+    if CAUSAL:
+        hi = tl.minimum(LEN_K, tl.maximum(0, (pid_m + 1) * BLOCK_M + causal_offset))
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        col_ok = offs_n < LEN_K
+        kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_dqk[:, None] * stride_kd,
+                     mask=col_ok[None, :] & (offs_dqk[:, None] < DIM_QK), other=0.0)
+        s2 = _dot(q, kT, DOT_PRECISION).to(ACC) * scale_log2
+        s2 = _modified_scores(s2, offs_m, offs_n, Mask, mask_base, stride_mm, stride_mn,
+                              LEN_Q, LEN_K, causal_offset, CAUSAL, MASK_KIND)
+
+        # Online softmax.  m_new is the new running max; a row that has seen only -inf scores so far keeps
+        # m_new = -inf, and we subtract 0 instead so exp2 never sees (-inf) - (-inf).
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)          # rescales what was accumulated under the old max
+        p = tl.exp2(s2 - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)      # the normaliser uses the probabilities before dropout
+        if DROPOUT:
+            keep = _dropout_keep(seed, offs_m, offs_n, pid_bh, dropout_threshold, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p * dropout_scale, 0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=col_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION).to(ACC)
+        m_i = m_new
+
+    # A row with no visible key (l_i == 0) outputs 0 and lse = -inf.
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V))
+    tl.store(Lse + pid_bh.to(tl.int64) * LEN_Q + offs_m, lse, mask=row_ok)
+
+
+# ===========================================================================================================
+# Backward
+# ===========================================================================================================
+@triton.jit
+def _attn_bwd_preprocess(
+    Out, dOut, dLse, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H_Q, LEN_Q, DIM_V,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    """Delta = rowsum(dO * O) - dLse.  dS = P * (dP - Delta): the dLse term is the gradient flowing into the
+    returned log-sum-exp (d lse / d s = P), folded into the same row constant."""
+    ACC: tl.constexpr = Delta.dtype.element_ty  # float32, or float64 for float64 inputs
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H_Q).to(tl.int64)
+    h = (pid_bh % H_Q).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DV)
+    ok = (offs_m[:, None] < LEN_Q) & (offs_d[None, :] < DIM_V)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=ok, other=0.0).to(ACC)
+    do = tl.load(dOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=ok, other=0.0).to(ACC)
+    delta = tl.sum(o * do, 1)
+    row = pid_bh.to(tl.int64) * LEN_Q + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(dLse + row, mask=offs_m < LEN_Q, other=0.0)
+    tl.store(Delta + row, delta, mask=offs_m < LEN_Q)
+
+
+@triton.jit
+def _load_row_stats(Lse, Delta, row, row_ok):
+    # lse in log2 units; a fully masked row (lse = -inf) becomes +inf so that exp2(s2 - lse2) = 0 there.
+    lse2 = tl.load(Lse + row, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    delta = tl.load(Delta + row, mask=row_ok, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, Mask, dOut, Lse, Delta, dK, dV, seed,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H_Q, H_KV, GROUP, LEN_Q, LEN_K, DIM_QK, DIM_V,
+    scale, scale_log2, causal_offset, dropout_threshold, dropout_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_N keys of one (batch, kv head); loops over the GROUP query heads and all query
+    blocks that can see these keys, accumulating dK and dV in registers."""
+    ACC: tl.constexpr = Delta.dtype.element_ty  # float32, or float64 for float64 inputs
+    pid_n = tl.program_id(0)
+    pid_bhkv = tl.program_id(1)
+    b = (pid_bhkv // H_KV).to(tl.int64)
+    h_kv = (pid_bhkv % H_KV).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = offs_n < LEN_K
+
+    k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kn + offs_dqk[None, :] * stride_kd,
+                mask=col_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
+    v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=col_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
+
+    # Causal: query m sees key n iff n <= m + causal_offset, so the first query block that can see this
+    # key block starts at (first key) - causal_offset, rounded down to a block boundary.
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(0, pid_n * BLOCK_N - causal_offset) // BLOCK_M * BLOCK_M
+    for g in range(0, GROUP):
+        h = h_kv * GROUP + g
+        bh = b * H_Q + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = dOut + b * stride_dob + h * stride_doh
+        mask_base = b * stride_mb + h * stride_mh
+        for start_m in range(lo, LEN_Q, BLOCK_M):
+            offs_m = start_m + offs_m0
+            row_ok = offs_m < LEN_Q
+            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_dqk[None, :] * stride_qd,
+                        mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                         mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
+            lse2, delta = _load_row_stats(Lse, Delta, bh * LEN_Q + offs_m, row_ok)
+
+            s2 = _dot(q, tl.trans(k), DOT_PRECISION).to(ACC) * scale_log2
+            s2 = _modified_scores(s2, offs_m, offs_n, Mask, mask_base, stride_mm, stride_mn,
+                                  LEN_Q, LEN_K, causal_offset, CAUSAL, MASK_KIND)
+            p = tl.exp2(s2 - lse2[:, None])                                   # P, recomputed [M, N]
+            dp = _dot(do, tl.trans(v), DOT_PRECISION).to(ACC)          # dO V^T
+            if DROPOUT:
+                keep = _dropout_keep(seed, offs_m, offs_n, bh.to(tl.int32), dropout_threshold, BLOCK_M, BLOCK_N)
+                p_dropped = tl.where(keep, p * dropout_scale, 0.0)
+                dp = tl.where(keep, dp * dropout_scale, 0.0)
+            else:
+                p_dropped = p
+            dv += _dot(tl.trans(p_dropped.to(do.dtype)), do, DOT_PRECISION).to(ACC)
+            ds = p * (dp - delta[:, None])                                    # dL/d(scaled score)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION).to(ACC)
+
+    dk *= scale
+    tl.store(dK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkn + offs_dqk[None, :] * stride_dkd,
+             dk.to(dK.dtype.element_ty), mask=col_ok[:, None] & (offs_dqk[None, :] < DIM_QK))
+    tl.store(dV + b * stride_dvb + h_kv * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+             dv.to(dV.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DIM_V))
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, Mask, dOut, Lse, Delta, dQ, dMask, seed,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H_Q, GROUP, LEN_Q, LEN_K, DIM_QK, DIM_V,
+    scale, scale_log2, causal_offset, dropout_threshold, dropout_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_GRAD: tl.constexpr,
+):
+    """One program: BLOCK_M queries of one (batch, head); loops over the visible key blocks accumulating dQ.
+    With MASK_GRAD it also writes dS (= the float mask's gradient) into the dense [B, Hq, Lq, Lk] buffer
+    dMask; the launcher reduces it over the mask's broadcast dimensions."""
+    ACC: tl.constexpr = Delta.dtype.element_ty  # float32, or float64 for float64 inputs
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H_Q).to(tl.int64)
+    h = (pid_bh % H_Q).to(tl.int64)
+    h_kv = h // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < LEN_Q
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_dqk[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
+    do = tl.load(dOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
+    lse2, delta = _load_row_stats(Lse, Delta, pid_bh.to(tl.int64) * LEN_Q + offs_m, row_ok)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    mask_base = b * stride_mb + h * stride_mh
+    dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=ACC)
+
+    hi = LEN_K
+    if CAUSAL:
+        hi = tl.minimum(LEN_K, tl.maximum(0, (pid_m + 1) * BLOCK_M + causal_offset))
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        col_ok = offs_n < LEN_K
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_dqk[None, :] * stride_kd,
+                    mask=col_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=col_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
+        s2 = _dot(q, tl.trans(k), DOT_PRECISION).to(ACC) * scale_log2
+        s2 = _modified_scores(s2, offs_m, offs_n, Mask, mask_base, stride_mm, stride_mn,
+                              LEN_Q, LEN_K, causal_offset, CAUSAL, MASK_KIND)
+        p = tl.exp2(s2 - lse2[:, None])
+        dp = _dot(do, tl.trans(v), DOT_PRECISION).to(ACC)
+        if DROPOUT:
+            keep = _dropout_keep(seed, offs_m, offs_n, pid_bh, dropout_threshold, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, DOT_PRECISION).to(ACC)
+        if MASK_GRAD:
+            tl.store(dMask + (pid_bh.to(tl.int64) * LEN_Q + offs_m[:, None]) * LEN_K + offs_n[None, :], ds,
+                     mask=row_ok[:, None] & col_ok[None, :])
+
+    dq *= scale
+    tl.store(dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_dqk[None, :] * stride_dqd,
+             dq.to(dQ.dtype.element_ty), mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK))
+
+
+# ===========================================================================================================
+# Launchers
+# ===========================================================================================================
+def _mask_args(mask: Optional[torch.Tensor], shape):
+    """(tensor, 4 strides, kind) for the kernels.  The mask is expanded to [B, Hq, Lq, Lk] as a view (stride 0
+    on broadcast dimensions: nothing is materialised); a bool mask is read as bytes."""
+    if mask is None:
+        return None, (0, 0, 0, 0), MASK_NONE
+    m = mask.expand(shape)
+    if m.dtype == torch.bool:
+        return m.view(torch.uint8), m.stride(), MASK_BOOL
+    return m, m.stride(), MASK_FLOAT
+
+
+def _empty_like_layout(ref: torch.Tensor, last_dim: int, dtype) -> torch.Tensor:
+    """A new [B, H, L, last_dim] tensor in the same memory order as `ref` ([B, H, L, D] or [B, L, H, D]), so an
+    output for a [B, L, H, D]-strided input is itself a free transpose of a [B, L, H, D] buffer."""
+    B, H, L, _ = ref.shape
+    if ref.stride(1) < ref.stride(2):  # heads inside sequence: the [B, L, H, D] layout
+        return torch.empty((B, L, H, last_dim), dtype=dtype, device=ref.device).transpose(1, 2)
+    return torch.empty((B, H, L, last_dim), dtype=dtype, device=ref.device)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulator / row-statistics dtype: float32, float64 for float64 inputs (so gradcheck is meaningful)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _causal_offset(causal: str, len_q: int, len_k: int) -> int:
+    return {"none": 0, "top_left": 0, "bottom_right": len_k - len_q}[causal]
+
+
+def _dropout_args(dropout_p: float, seed: Optional[torch.Tensor]):
+    if dropout_p == 0.0:
+        return 0, 0, 1.0
+    from ..backends.reference import dropout_threshold
+    return int(seed.item()), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+
+
+def attention_forward(q, k, v, mask, causal: str, scale: float, dropout_p: float, seed):
+    """Returns (out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] float32 (float64 for float64 inputs))."""
+    B, Hq, Lq, Dqk = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    out = _empty_like_layout(q, Dv, q.dtype)
+    lse = torch.empty((B, Hq, Lq), dtype=_stats_dtype(q.dtype), device=q.device)
+    mask_t, mask_strides, mask_kind = _mask_args(mask, (B, Hq, Lq, Lk))
+    seed_i, threshold, drop_scale = _dropout_args(dropout_p, seed)
+    cfg = pick_config("fwd", q.dtype, Dqk, Dv)
+    grid = (triton.cdiv(Lq, cfg.block_m), B * Hq)
+    _attn_fwd[grid](
+        q, k, v, mask_t, out, lse, seed_i,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+        Hq, Hq // Hkv, Lq, Lk, Dqk, Dv,
+        scale * LOG2E, _causal_offset(causal, Lq, Lk), threshold, drop_scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_DQK=padded_head_dim(Dqk), BLOCK_DV=padded_head_dim(Dv),
+        CAUSAL=causal != "none", MASK_KIND=mask_kind, DROPOUT=dropout_p > 0.0,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def attention_backward(q, k, v, mask, causal: str, scale: float, dropout_p: float, seed, out, lse, dout,
+                       dlse=None, mask_needs_grad: bool = False):
+    """Returns (dq, dk, dv, dmask_dense) -- dmask_dense is the float32 [B, Hq, Lq, Lk] score gradient when
+    mask_needs_grad, else None; the caller reduces it to the mask's shape."""
+    B, Hq, Lq, Dqk = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = Hq // Hkv
+    mask_t, mask_strides, mask_kind = _mask_args(mask, (B, Hq, Lq, Lk))
+    seed_i, threshold, drop_scale = _dropout_args(dropout_p, seed)
+    causal_offset = _causal_offset(causal, Lq, Lk)
+    block_dqk, block_dv = padded_head_dim(Dqk), padded_head_dim(Dv)
+    common = dict(BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, CAUSAL=causal != "none", MASK_KIND=mask_kind,
+                  DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(q.dtype))
+
+    delta = torch.empty((B, Hq, Lq), dtype=_stats_dtype(q.dtype), device=q.device)
+    dlse_t = dlse.contiguous().to(delta.dtype) if dlse is not None else None
+    _attn_bwd_preprocess[(triton.cdiv(Lq, PREPROCESS_BLOCK_M), B * Hq)](
+        out, dout, dlse_t, delta, *out.stride(), *dout.stride(), Hq, Lq, Dv,
+        BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=block_dv, HAS_DLSE=dlse is not None, num_warps=4)
+
+    dq = _empty_like_layout(q, Dqk, q.dtype)
+    dk = _empty_like_layout(k, Dqk, k.dtype)
+    dv = _empty_like_layout(v, Dv, v.dtype)
+    dmask = torch.zeros((B, Hq, Lq, Lk), dtype=_stats_dtype(q.dtype), device=q.device) if mask_needs_grad else None
+
+    cfg = pick_config("bwd_dkdv", q.dtype, Dqk, Dv)
+    _attn_bwd_dkdv[(triton.cdiv(Lk, cfg.block_n), B * Hkv)](
+        q, k, v, mask_t, dout, lse, delta, dk, dv, seed_i,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(), *dk.stride(), *dv.stride(),
+        Hq, Hkv, group, Lq, Lk, Dqk, Dv,
+        scale, scale * LOG2E, causal_offset, threshold, drop_scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    cfg = pick_config("bwd_dq", q.dtype, Dqk, Dv)
+    _attn_bwd_dq[(triton.cdiv(Lq, cfg.block_m), B * Hq)](
+        q, k, v, mask_t, dout, lse, delta, dq, dmask, seed_i,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(), *dq.stride(),
+        Hq, group, Lq, Lk, Dqk, Dv,
+        scale, scale * LOG2E, causal_offset, threshold, drop_scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_GRAD=mask_needs_grad, **common,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dq, dk, dv, dmask
