@@ -7,6 +7,7 @@
 """
 from .dispatch import available_backends, use_backend
 from .functional import AttentionFunction, attention, explain, scaled_dot_product_attention
+from .nn import MultiheadAttention
 from .problem import MAX_HEAD_DIM
 
 __version__ = "0.1.0"
@@ -14,4 +15,5 @@ __version__ = "0.1.0"
 __all__ = [
     "attention", "scaled_dot_product_attention", "explain", "use_backend", "available_backends",
     "AttentionFunction", "MAX_HEAD_DIM",
+    "MultiheadAttention",
 ]

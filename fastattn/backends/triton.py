@@ -8,7 +8,6 @@ On CUDA tensors it needs compute capability >= 8.0.  On CPU tensors it runs only
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -24,7 +23,11 @@ except Exception as e:  # pragma: no cover - triton ships with torch's Linux whe
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when the kernels were built by Triton's interpreter (TRITON_INTERPRET=1 at import time): then
+    they run on CPU tensors, and only on CPU tensors."""
+    if _TRITON_IMPORT_ERROR is not None:
+        return False
+    return type(kernels._attn_fwd).__name__ == "InterpretedFunction"
 
 
 if _TRITON_IMPORT_ERROR is None:
@@ -71,12 +74,16 @@ class TritonBackend(Backend):
             return [_TRITON_IMPORT_ERROR]
         why = []
         if p.device.type == "cuda":
+            if interpreting():
+                why.append("the Triton interpreter is on (TRITON_INTERPRET=1 when fastattn was imported): "
+                           "kernels run on CPU tensors only")
             major, minor = torch.cuda.get_device_capability(p.device)
             if major < 8:
                 why.append(f"needs compute capability >= 8.0, the device has {major}.{minor}")
         elif p.device.type == "cpu":
             if not interpreting():
-                why.append("runs on CUDA tensors (on CPU tensors only under TRITON_INTERPRET=1, for testing)")
+                why.append("runs on CUDA tensors (on CPU tensors only when TRITON_INTERPRET=1 is set before "
+                           "fastattn is imported: Triton's interpreter, for testing)")
         else:
             why.append(f"does not run on {p.device.type} tensors")
         for name, t in (("q", p.q), ("k", p.k), ("v", p.v)):

@@ -14,7 +14,7 @@ Notation inside the kernels:
 """
 from __future__ import annotations
 
-import math
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -112,7 +112,9 @@ _table("bwd_dq", "fp32", {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 32, 4
 _table("bwd_dq", "fp64", {16: (32, 16, 4, 1), 32: (32, 16, 4, 1), 64: (16, 16, 4, 1),
                           128: (16, 16, 4, 1), 256: (16, 16, 8, 1)})
 
-PREPROCESS_BLOCK_M = 64
+def preprocess_block_m(block_dv: int) -> int:
+    # rows per program of the Delta kernel: 2 x [BLOCK_M, BLOCK_DV] fp32 tiles in registers, so shrink with D
+    return max(16, min(64, 4096 // block_dv))
 
 
 def dtype_class(dtype: torch.dtype) -> str:
@@ -411,13 +413,22 @@ def _mask_args(mask: Optional[torch.Tensor], shape):
     return m, m.stride(), MASK_FLOAT
 
 
+def _poison_outputs() -> bool:
+    # Tests set FASTATTN_POISON_OUTPUTS=1: outputs start as NaN, so an element a kernel forgets to write fails.
+    return os.environ.get("FASTATTN_POISON_OUTPUTS", "0") == "1"
+
+
 def _empty_like_layout(ref: torch.Tensor, last_dim: int, dtype) -> torch.Tensor:
     """A new [B, H, L, last_dim] tensor in the same memory order as `ref` ([B, H, L, D] or [B, L, H, D]), so an
     output for a [B, L, H, D]-strided input is itself a free transpose of a [B, L, H, D] buffer."""
     B, H, L, _ = ref.shape
     if ref.stride(1) < ref.stride(2):  # heads inside sequence: the [B, L, H, D] layout
-        return torch.empty((B, L, H, last_dim), dtype=dtype, device=ref.device).transpose(1, 2)
-    return torch.empty((B, H, L, last_dim), dtype=dtype, device=ref.device)
+        out = torch.empty((B, L, H, last_dim), dtype=dtype, device=ref.device).transpose(1, 2)
+    else:
+        out = torch.empty((B, H, L, last_dim), dtype=dtype, device=ref.device)
+    if _poison_outputs() and not isinstance(out, torch._subclasses.FakeTensor):
+        out.fill_(float("nan"))
+    return out
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -442,6 +453,8 @@ def attention_forward(q, k, v, mask, causal: str, scale: float, dropout_p: float
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     out = _empty_like_layout(q, Dv, q.dtype)
     lse = torch.empty((B, Hq, Lq), dtype=_stats_dtype(q.dtype), device=q.device)
+    if _poison_outputs():
+        lse.fill_(float("nan"))
     mask_t, mask_strides, mask_kind = _mask_args(mask, (B, Hq, Lq, Lk))
     seed_i, threshold, drop_scale = _dropout_args(dropout_p, seed)
     cfg = pick_config("fwd", q.dtype, Dqk, Dv)
@@ -476,9 +489,10 @@ def attention_backward(q, k, v, mask, causal: str, scale: float, dropout_p: floa
 
     delta = torch.empty((B, Hq, Lq), dtype=_stats_dtype(q.dtype), device=q.device)
     dlse_t = dlse.contiguous().to(delta.dtype) if dlse is not None else None
-    _attn_bwd_preprocess[(triton.cdiv(Lq, PREPROCESS_BLOCK_M), B * Hq)](
+    pre_block_m = preprocess_block_m(block_dv)
+    _attn_bwd_preprocess[(triton.cdiv(Lq, pre_block_m), B * Hq)](
         out, dout, dlse_t, delta, *out.stride(), *dout.stride(), Hq, Lq, Dv,
-        BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=block_dv, HAS_DLSE=dlse is not None, num_warps=4)
+        BLOCK_M=pre_block_m, BLOCK_DV=block_dv, HAS_DLSE=dlse is not None, num_warps=4)
 
     dq = _empty_like_layout(q, Dqk, q.dtype)
     dk = _empty_like_layout(k, Dqk, k.dtype)
@@ -503,3 +517,84 @@ def attention_backward(q, k, v, mask, causal: str, scale: float, dropout_p: floa
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_GRAD=mask_needs_grad, **common,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv, dmask
+
+
+# ===========================================================================================================
+# Ahead-of-time compilation specs: every (kernel, configuration) the launchers above can pick, for
+# fastattn.tools.kernel_report and the test suite (compiled with triton.compile for a GPUTarget; no GPU
+# needed).  Each configuration is compiled twice: "plain" (no mask, causal, dropout) and "full" (float
+# mask, causal and dropout on; mask gradient on for dQ) -- the register-hungriest variant -- at the largest
+# head dims of its bucket (BLOCK_DQK = BLOCK_DV = bucket), with head-dim strides specialised to 1 as Triton
+# does at run time for contiguous head dims.
+# ===========================================================================================================
+@dataclass(frozen=True)
+class KernelSpec:
+    label: str
+    fn: object
+    signature: Dict[str, str]
+    constexprs: Dict[str, object]
+    num_warps: int
+    num_stages: int
+
+
+_TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+SPEC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _signature(fn, pointer_types: Dict[str, str], constexprs: Dict[str, object]) -> Dict[str, str]:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointer_types:
+            sig[name] = pointer_types[name]
+        elif name == "seed":
+            sig[name] = "i64"
+        elif name in ("scale", "scale_log2", "dropout_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def kernel_specs(dtypes=SPEC_DTYPES) -> List[KernelSpec]:
+    specs = []
+    for dtype in dtypes:
+        t = _TL_DTYPE[dtype]
+        acc = "fp64" if dtype == torch.float64 else "fp32"
+        for head in (16, 32, 64, 128, 256):
+            for variant in ("plain", "full"):
+                full = variant == "full"
+                features = dict(BLOCK_DQK=head, BLOCK_DV=head, CAUSAL=full, MASK_KIND=MASK_FLOAT if full else MASK_NONE,
+                                DROPOUT=full, DOT_PRECISION=dot_precision(dtype))
+                unit_strides = {}
+                for kernel, fn, tensors in (
+                        ("fwd", _attn_fwd, "q k v o"),
+                        ("bwd_dkdv", _attn_bwd_dkdv, "q k v do dk dv"),
+                        ("bwd_dq", _attn_bwd_dq, "q k v do dq")):
+                    cfg = _CONFIGS[(kernel, dtype_class(dtype), head)]
+                    constexprs = dict(features, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+                    if kernel == "bwd_dq":
+                        constexprs["MASK_GRAD"] = full
+                    for tensor in tensors.split():
+                        constexprs[f"stride_{tensor}d"] = 1
+                    if not full:
+                        constexprs["Mask"] = None
+                        constexprs["seed"] = 0
+                        if kernel == "bwd_dq":
+                            constexprs["dMask"] = None
+                    pointers = {name: f"*{t}" for name in ("Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ")}
+                    pointers.update(Mask=f"*{t}", Lse=f"*{acc}", Delta=f"*{acc}", dMask=f"*{acc}")
+                    specs.append(KernelSpec(
+                        label=f"{kernel:<8} {str(dtype).replace('torch.', ''):<8} d{head:<3} {variant:<5} "
+                              f"M{cfg.block_m} N{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}",
+                        fn=fn, signature=_signature(fn, pointers, constexprs), constexprs=constexprs,
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            # The preprocessing kernel has one configuration per head dim.
+            constexprs = dict(BLOCK_M=preprocess_block_m(head), BLOCK_DV=head, HAS_DLSE=True, stride_od=1, stride_dod=1)
+            pointers = {"Out": f"*{t}", "dOut": f"*{t}", "dLse": f"*{acc}", "Delta": f"*{acc}"}
+            specs.append(KernelSpec(
+                label=f"{'bwd_pre':<8} {str(dtype).replace('torch.', ''):<8} d{head:<3} {'full':<5} M{preprocess_block_m(head)} w4",
+                fn=_attn_bwd_preprocess, signature=_signature(_attn_bwd_preprocess, pointers, constexprs),
+                constexprs=constexprs, num_warps=4, num_stages=1))
+    return specs

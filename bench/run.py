@@ -1,0 +1,599 @@
+"""Benchmark runner for fastattn.attention: forward and forward+backward, against torch's own kernels.
+
+    python -m bench.run                      # device auto: cuda if available, else cpu
+    python -m bench.run --quick              # a few small shapes (a CPU run takes well under 2 minutes)
+    python bench/run.py --device cuda --dtypes bf16 --backends triton,flex --no-plot
+
+Writes bench/results/<device-slug>-<YYYYmmdd-HHMMSS>.json (device, date, versions, git commit, all rows) and a
+PNG next to it (TFLOP/s vs sequence length, one panel per dtype / head dim / causal / mode).
+
+Columns of the printed table (one row per shape x dtype x causal x mode x backend):
+    shape      B x H x L x D  (batch, heads, sequence length of queries = keys, head dim); q, k, v [B, H, L, D]
+    dtype      input dtype
+    causal     top-left causal mask (query i sees keys j <= i) or none
+    mode       "fwd": forward only, under torch.no_grad();
+               "fwd+bwd": forward, then out.backward(dout) for dq, dk, dv (grads reset to None each call)
+    backend    triton / sdpa / reference:  fastattn.attention(..., backend=<name>);
+               torch-sdpa:                  raw F.scaled_dot_product_attention, torch's default kernel choice;
+               torch-flash / torch-efficient / torch-cudnn / torch-math:  raw SDPA pinned to one kernel with
+                                            torch.nn.attention.sdpa_kernel (GPU only by default);
+               flex:                        torch.compile(flex_attention), causal via a block mask (GPU only)
+    ms         median time of one call (milliseconds)
+    TFLOP/s    FLOPs / median time, with the FlashAttention papers' convention:
+                   fwd     = 4 * B * H * Lq * Lk * D     (two matmuls, QK^T and PV; softmax not counted)
+                   causal  = half of the above           (the diagonal blocks' extra half is not counted)
+                   bwd     = 2.5 * fwd                   (five matmuls), so fwd+bwd = 3.5 * fwd
+               The count is the useful work: a backend that recomputes (e.g. fastattn's sdpa and reference
+               backends re-run the forward inside their backward) is charged time, not FLOPs, for it.
+    vs sdpa    speed-up over torch-sdpa (time of torch-sdpa / time of this row) for the same shape and mode
+    vs ref     speed-up over fastattn's naive "reference" backend (which materialises the [L, L] scores)
+    max err    max abs difference from a float64 reference computed by fastattn's reference backend on
+               float64 copies of the same inputs: of the output for fwd rows; the largest over out, dq, dk, dv
+               for fwd+bwd rows (the JSON keeps each one).  The float64 reference is computed once per shape,
+               dtype and causal, in chunks of (batch, head) slices of at most 2 GiB of float64 scores; "n/a"
+               when one slice alone is larger.
+    note       why a row has no time: the error it raised (OOM, unsupported kernel, ...), or why it was skipped
+
+Shapes.  GPU: the FlashAttention-2 benchmark convention -- 16k tokens per batch (B = 16384 // L) and a model
+width of 2048 (H = 2048 // D): D in {64, 128}, L in {1k, 2k, 4k, 8k, 16k}, bf16 and fp16.  CPU: fp32, D = 64,
+B = 2, H = 8, L in {256, 512, 1024}.  --quick: GPU bf16 at L in {1k, 4k}; CPU B = 1, H = 4, L in {128, 256, 512}.
+The naive reference is not timed when its float32 score matrix B*H*L*L*4 bytes exceeds --naive-max-gib
+(default 4 GiB; its forward+backward holds several such matrices) -- those rows say "n/a".
+
+Timing.  GPU: triton.testing.do_bench (warm-up, L2 flushed between calls, median).  CPU: time.perf_counter
+around each call, 2 warm-up calls, then the median of at least 5 calls (more while under 0.25 s in all).
+The first call of every row is the correctness check, so compilation (flex, triton) is never timed.
+Each shape x dtype gets fresh random inputs (torch.manual_seed(0), standard normal), shared by its backends.
+A row that raises records the error and the run goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # `python bench/run.py`: make the repository importable without an install
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fastattn  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GIB = 1 << 30
+REFERENCE_CHUNK_BYTES = 2 * GIB  # float64 scores of one chunk of (batch, head) slices, for the error column
+MODES = ("fwd", "fwd+bwd")
+BASELINE_SDPA, BASELINE_REFERENCE = "torch-sdpa", "reference"
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+          "fp64": torch.float64, "float64": torch.float64}
+SHORT_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+# ===========================================================================================================
+# Shapes and FLOPs
+# ===========================================================================================================
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    heads: int
+    seqlen: int
+    head_dim: int
+
+    def __str__(self):
+        return f"{self.batch}x{self.heads}x{self.seqlen}x{self.head_dim}"
+
+    def score_elements(self) -> int:
+        """Elements of one [B, H, L, L] score matrix."""
+        return self.batch * self.heads * self.seqlen * self.seqlen
+
+
+def gpu_shapes(quick: bool) -> List[Shape]:
+    """FlashAttention-2's benchmark convention: 16k tokens (B = 16384 // L), width 2048 (H = 2048 // D)."""
+    seqlens = (1024, 4096) if quick else (1024, 2048, 4096, 8192, 16384)
+    return [Shape(16384 // L, 2048 // D, L, D) for D in (64, 128) for L in seqlens]
+
+
+def cpu_shapes(quick: bool) -> List[Shape]:
+    if quick:
+        return [Shape(1, 4, L, 64) for L in (128, 256, 512)]
+    return [Shape(2, 8, L, 64) for L in (256, 512, 1024)]
+
+
+def attention_flops(shape: Shape, causal: bool, mode: str) -> float:
+    """FLOPs of one call, FlashAttention convention (see the module docstring)."""
+    fwd = 4.0 * shape.batch * shape.heads * shape.seqlen * shape.seqlen * shape.head_dim
+    if causal:
+        fwd /= 2
+    return fwd if mode == "fwd" else 3.5 * fwd
+
+
+# ===========================================================================================================
+# Backends: each is a factory (shape, causal, device) -> fn(q, k, v) -> out
+# ===========================================================================================================
+AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def fastattn_backend(name: str):
+    def make(shape: Shape, causal: bool, device: torch.device) -> AttnFn:
+        return lambda q, k, v: fastattn.attention(q, k, v, causal=causal, backend=name)
+    return make
+
+
+def torch_sdpa_backend(kernel_name: Optional[str]):
+    """Raw F.scaled_dot_product_attention: torch's own choice (None) or pinned to one SDPBackend."""
+    def make(shape: Shape, causal: bool, device: torch.device) -> AttnFn:
+        if kernel_name is None:
+            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        kernel = getattr(SDPBackend, kernel_name)
+
+        def fn(q, k, v):
+            with sdpa_kernel(kernel):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return fn
+    return make
+
+
+_COMPILED_FLEX = None
+
+
+def flex_backend(shape: Shape, causal: bool, device: torch.device) -> AttnFn:
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if _COMPILED_FLEX is None:
+        # One recompilation per shape, dtype, causal and grad mode: raise dynamo's limit (8 by default),
+        # past which it would silently fall back to the slow eager flex_attention.
+        torch._dynamo.config.recompile_limit = 1024
+        torch._dynamo.config.accumulated_recompile_limit = 4096
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    block_mask = None
+    if causal:
+        block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None,
+                                       shape.seqlen, shape.seqlen, device=device)
+    return lambda q, k, v: _COMPILED_FLEX(q, k, v, block_mask=block_mask)
+
+
+BACKENDS: Dict[str, Callable[[Shape, bool, torch.device], AttnFn]] = {
+    "triton": fastattn_backend("triton"),
+    "sdpa": fastattn_backend("sdpa"),
+    "reference": fastattn_backend("reference"),
+    "torch-sdpa": torch_sdpa_backend(None),
+    "torch-flash": torch_sdpa_backend("FLASH_ATTENTION"),
+    "torch-efficient": torch_sdpa_backend("EFFICIENT_ATTENTION"),
+    "torch-cudnn": torch_sdpa_backend("CUDNN_ATTENTION"),
+    "torch-math": torch_sdpa_backend("MATH"),
+    "flex": flex_backend,
+}
+DEFAULT_BACKENDS = {
+    "cuda": ["triton", "sdpa", "reference", "torch-sdpa", "torch-flash", "torch-efficient", "torch-cudnn",
+             "torch-math", "flex"],
+    # triton runs on CPU only under the Triton interpreter (far too slow to time); flex and the pinned SDPA
+    # kernels are GPU comparisons (pass --backends to time them on CPU anyway).
+    "cpu": ["sdpa", "reference", "torch-sdpa"],
+}
+
+
+def selected_backends(device: torch.device, requested: Optional[str]) -> List[str]:
+    """The requested backends (default: the device's list), plus the two baselines of the speed-up columns."""
+    names = DEFAULT_BACKENDS[device.type] if requested is None else [
+        n.strip() for n in requested.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise SystemExit(f"--backends: unknown {unknown}; expected names from {list(BACKENDS)}")
+    for baseline in (BASELINE_REFERENCE, BASELINE_SDPA):
+        if baseline not in names:
+            names.append(baseline)
+    return names
+
+
+# ===========================================================================================================
+# Timing
+# ===========================================================================================================
+def cpu_times_ms(fn: Callable[[], object], warmup: int = 2, min_reps: int = 5, min_total_s: float = 0.25,
+                 max_reps: int = 100) -> Tuple[float, float]:
+    """(median, min) of wall-clock times in ms."""
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    while len(times) < min_reps or (sum(times) < min_total_s and len(times) < max_reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times), 1e3 * min(times)
+
+
+def times_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> Tuple[float, float]:
+    """(median, min) time of one call in ms."""
+    if device.type == "cuda":
+        import triton.testing
+        warmup, rep = (10, 40) if quick else (25, 100)
+        median, fastest = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.0])
+        return float(median), float(fastest)
+    return cpu_times_ms(fn)
+
+
+# ===========================================================================================================
+# Inputs, calls and the float64 reference
+# ===========================================================================================================
+@dataclass
+class Inputs:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    dout: torch.Tensor
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Inputs:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    size = (shape.batch, shape.heads, shape.seqlen, shape.head_dim)
+
+    def randn():
+        return torch.randn(size, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    return Inputs(randn().requires_grad_(), randn().requires_grad_(), randn().requires_grad_(), randn())
+
+
+def make_call(fn: AttnFn, x: Inputs, mode: str) -> Callable[[], Dict[str, torch.Tensor]]:
+    """A no-argument call of one row: returns {"out"} (fwd) or {"out", "dq", "dk", "dv"} (fwd+bwd)."""
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                return {"out": fn(x.q, x.k, x.v)}
+        return call
+
+    def call():
+        for t in (x.q, x.k, x.v):
+            t.grad = None
+        out = fn(x.q, x.k, x.v)
+        out.backward(x.dout)
+        return {"out": out.detach(), "dq": x.q.grad, "dk": x.k.grad, "dv": x.v.grad}
+    return call
+
+
+def float64_reference(x: Inputs, causal: bool, with_grads: bool) -> Optional[Dict[str, torch.Tensor]]:
+    """{"out", and "dq", "dk", "dv" if with_grads} in float64, by fastattn's reference backend, computed over
+    chunks of (batch, head) slices so the float64 [L, L] scores stay under REFERENCE_CHUNK_BYTES.
+    None when a single slice is already larger."""
+    B, H, L, D = x.q.shape
+    slice_bytes = L * L * 8
+    if slice_bytes > REFERENCE_CHUNK_BYTES:
+        return None
+    chunk = max(1, REFERENCE_CHUNK_BYTES // slice_bytes)
+    q, k, v, dout = (t.detach().to(torch.float64).reshape(B * H, 1, L, D) for t in (x.q, x.k, x.v, x.dout))
+    parts: Dict[str, List[torch.Tensor]] = {"out": [], "dq": [], "dk": [], "dv": []}
+    for s in range(0, B * H, chunk):
+        qc, kc, vc = (t[s:s + chunk].requires_grad_(with_grads) for t in (q, k, v))
+        with torch.set_grad_enabled(with_grads):
+            out = fastattn.attention(qc, kc, vc, causal=causal, backend="reference")
+        parts["out"].append(out.detach())
+        if with_grads:
+            for name, g in zip(("dq", "dk", "dv"), torch.autograd.grad(out, (qc, kc, vc), dout[s:s + chunk])):
+                parts[name].append(g)
+    return {name: torch.cat(p).reshape(B, H, L, D) for name, p in parts.items() if p}
+
+
+def max_abs_errors(got: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    return {name: float((t.to(torch.float64) - ref[name]).abs().max()) for name, t in got.items()}
+
+
+# ===========================================================================================================
+# Rows
+# ===========================================================================================================
+@dataclass
+class Row:
+    batch: int
+    heads: int
+    seqlen: int
+    head_dim: int
+    dtype: str
+    causal: bool
+    mode: str
+    backend: str
+    flops: float
+    time_ms: Optional[float] = None      # median
+    time_ms_min: Optional[float] = None  # fastest call: compare with the median to spot a noisy machine
+    tflops: Optional[float] = None
+    speedup_vs_sdpa: Optional[float] = None
+    speedup_vs_reference: Optional[float] = None
+    max_abs_error: Optional[float] = None
+    errors: Dict[str, float] = field(default_factory=dict)  # per tensor: out (and dq, dk, dv)
+    note: Optional[str] = None                              # the exception raised, or why it was skipped
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(self.batch, self.heads, self.seqlen, self.head_dim)
+
+
+def short_error(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+def run_row(row: Row, make_fn, x: Inputs, ref: Optional[Dict[str, torch.Tensor]], device: torch.device,
+            quick: bool) -> None:
+    """Fills row.time_ms / tflops / errors, or row.note with what it raised."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SDPA's "kernel not used because ..." warnings; the error says it
+            call = make_call(make_fn(row.shape, row.causal, device), x, row.mode)
+            got = call()  # correctness check, and the compilation of compiled backends
+            if ref is not None:
+                row.errors = max_abs_errors(got, ref)
+                row.max_abs_error = max(row.errors.values())
+            del got
+            row.time_ms, row.time_ms_min = times_ms(call, device, quick)
+        row.tflops = row.flops / (row.time_ms * 1e-3) / 1e12
+    except Exception as e:  # noqa: BLE001 - one row's failure (OOM, unsupported) must not end the run
+        row.note = short_error(e)
+        row.time_ms = row.tflops = None
+    finally:
+        for t in (x.q, x.k, x.v):
+            t.grad = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def fill_speedups(rows: Sequence[Row]) -> None:
+    """rows: the backends of one shape x dtype x causal x mode."""
+    base = {r.backend: r.time_ms for r in rows}
+    for r in rows:
+        if r.time_ms is None:
+            continue
+        if base.get(BASELINE_SDPA):
+            r.speedup_vs_sdpa = base[BASELINE_SDPA] / r.time_ms
+        if base.get(BASELINE_REFERENCE):
+            r.speedup_vs_reference = base[BASELINE_REFERENCE] / r.time_ms
+
+
+def bench_case(shape: Shape, dtype: torch.dtype, device: torch.device, backends: Sequence[str], quick: bool,
+               naive_max_bytes: float, print_row: Callable[[Row], None]) -> List[Row]:
+    """Every backend, causal and mode of one shape and dtype, on one set of inputs."""
+    x = make_inputs(shape, dtype, device)
+    rows: List[Row] = []
+    for causal in (False, True):
+        try:
+            ref = float64_reference(x, causal, with_grads=True)
+        except Exception as e:  # noqa: BLE001 - e.g. OOM: the rows still get timed, without errors
+            print(f"  float64 reference for {shape} causal={causal} failed: {short_error(e)}")
+            ref = None
+        for mode in MODES:
+            group = []
+            for name in backends:
+                row = Row(shape.batch, shape.heads, shape.seqlen, shape.head_dim, SHORT_DTYPE[dtype], causal,
+                          mode, name, attention_flops(shape, causal, mode))
+                if name == BASELINE_REFERENCE and shape.score_elements() * 4 > naive_max_bytes:
+                    row.note = (f"skipped: the naive reference would materialise "
+                                f"{shape.score_elements() * 4 / GIB:.1f} GiB of float32 scores")
+                else:
+                    mode_ref = None if ref is None else {k: ref[k] for k in ("out", "dq", "dk", "dv")
+                                                         if mode == "fwd+bwd" or k == "out"}
+                    run_row(row, BACKENDS[name], x, mode_ref, device, quick)
+                group.append(row)
+            fill_speedups(group)
+            for row in group:
+                print_row(row)
+            rows.extend(group)
+        del ref
+    return rows
+
+
+# ===========================================================================================================
+# Output: table, JSON, plot
+# ===========================================================================================================
+COLUMNS = [("shape", 16), ("dtype", 5), ("causal", 6), ("mode", 7), ("backend", 15), ("ms", 9),
+           ("TFLOP/s", 8), ("vs sdpa", 7), ("vs ref", 7), ("max err", 8), ("note", 0)]
+
+
+def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None else format(value, spec) + suffix
+
+
+def format_row(r: Row) -> str:
+    cells = [str(r.shape), r.dtype, "yes" if r.causal else "no", r.mode, r.backend,
+             _fmt(r.time_ms, ".3f"), _fmt(r.tflops, ".3f" if (r.tflops or 0) < 10 else ".1f"),
+             _fmt(r.speedup_vs_sdpa, ".2f", "x"), _fmt(r.speedup_vs_reference, ".2f", "x"),
+             _fmt(r.max_abs_error, ".1e"), r.note or ""]
+    return "  ".join(c.ljust(w) if w else c for c, (_, w) in zip(cells, COLUMNS)).rstrip()
+
+
+def table_header() -> str:
+    line = "  ".join(name.ljust(w) if w else name for name, w in COLUMNS)
+    return line + "\n" + "-" * len(line)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_slug(device: torch.device) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    return slug if device.type == "cuda" else f"cpu-{slug}"
+
+
+def git_state() -> Dict[str, object]:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except Exception:  # noqa: BLE001 - no git, not a checkout: the JSON just lacks it
+        return {}
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001
+        triton_version = None
+    env = {
+        "device": {"type": device.type, "name": device_name(device), "torch_threads": torch.get_num_threads(),
+                   "cpu_count": os.cpu_count()},
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
+                     "cuda_runtime": torch.version.cuda, "fastattn": fastattn.__version__},
+        "platform": platform.platform(),
+        "load_average_at_start": os.getloadavg(),  # other work on the machine skews CPU timings
+        "git": git_state(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["device"].update(capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / GIB, 1),
+                             multiprocessors=props.multi_processor_count)
+        env["versions"]["cudnn"] = torch.backends.cudnn.version()
+    return env
+
+
+def plot(rows: Sequence[Row], path: Path) -> Optional[Path]:
+    """TFLOP/s vs sequence length, a line per backend, a panel per (dtype, head dim, causal, mode)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    panels = sorted({(r.dtype, r.head_dim, r.causal, r.mode) for r in rows})
+    ncols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+    backends = list(dict.fromkeys(r.backend for r in rows))
+    for ax, (dtype, head_dim, causal, mode) in zip(axes.flat, panels):
+        for backend in backends:
+            points = sorted((r.seqlen, r.tflops) for r in rows if r.tflops is not None and r.backend == backend
+                            and (r.dtype, r.head_dim, r.causal, r.mode) == (dtype, head_dim, causal, mode))
+            if points:
+                ax.plot(*zip(*points), marker="o", label=backend)
+        seqlens = sorted({r.seqlen for r in rows})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(seqlens, [f"{L // 1024}k" if L % 1024 == 0 else str(L) for L in seqlens])
+        ax.set_title(f"{dtype} d{head_dim} {'causal' if causal else 'non-causal'} {mode}", fontsize=10)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("TFLOP/s")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=9)
+    fig.tight_layout(rect=(0, 0.08 if nrows == 1 else 0.05, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ===========================================================================================================
+# Main
+# ===========================================================================================================
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:N or cpu")
+    ap.add_argument("--quick", action="store_true", help="a few small shapes (CPU: well under 2 minutes)")
+    ap.add_argument("--out-dir", default=str(REPO_ROOT / "bench" / "results"), help="where the JSON and PNG go")
+    ap.add_argument("--dtypes", default=None, help="comma-separated, e.g. bf16,fp16 (default: bf16,fp16 on "
+                                                   "GPU, fp32 on CPU)")
+    ap.add_argument("--backends", default=None,
+                    help=f"comma-separated subset of {','.join(BACKENDS)} (default: the device's list; "
+                         f"{BASELINE_SDPA} and {BASELINE_REFERENCE} are always added, for the speed-ups)")
+    ap.add_argument("--naive-max-gib", type=float, default=4.0,
+                    help="do not time the naive reference above this size of float32 scores (default 4)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    return ap.parse_args(argv)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    if device.type not in DEFAULT_BACKENDS:
+        raise SystemExit(f"--device: expected cpu or cuda, got {name}")
+    return device
+
+
+def parse_dtypes(spec: Optional[str], device: torch.device, quick: bool) -> List[torch.dtype]:
+    """Default: bf16 and fp16 on GPU (bf16 only with --quick), fp32 on CPU."""
+    if spec is None:
+        spec = "fp32" if device.type != "cuda" else "bf16" if quick else "bf16,fp16"
+    names = [s.strip().lower() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in DTYPES]
+    if unknown:
+        raise SystemExit(f"--dtypes: unknown {unknown}; expected some of {sorted(DTYPES)}")
+    return list(dict.fromkeys(DTYPES[n] for n in names))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = parse_dtypes(args.dtypes, device, args.quick)
+    backends = selected_backends(device, args.backends)
+    shapes = gpu_shapes(args.quick) if device.type == "cuda" else cpu_shapes(args.quick)
+    env = environment(device)
+
+    print(f"fastattn {fastattn.__version__} benchmark on {env['device']['name']} ({device}); torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads; dtypes "
+          f"{','.join(SHORT_DTYPE[d] for d in dtypes)}; backends {','.join(backends)}")
+    load = os.getloadavg()[0]
+    if device.type == "cpu" and load >= 0.5:
+        print(f"warning: load average {load:.2f} before the run: other processes share the CPU, so the "
+              f"timings are noisy (compare time_ms with time_ms_min in the JSON)")
+    print(table_header())
+    start = time.perf_counter()
+    rows: List[Row] = []
+    for dtype in dtypes:
+        for shape in shapes:
+            rows += bench_case(shape, dtype, device, backends, args.quick, args.naive_max_gib * GIB,
+                               lambda r: print(format_row(r), flush=True))
+    elapsed = time.perf_counter() - start
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{device_slug(device)}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    report = dict(env, config={"quick": args.quick, "dtypes": [SHORT_DTYPE[d] for d in dtypes],
+                               "backends": backends, "naive_max_gib": args.naive_max_gib,
+                               "timer": "triton.testing.do_bench median" if device.type == "cuda"
+                               else "time.perf_counter median (2 warm-up, >= 5 reps, >= 0.25 s)",
+                               "flops": "fwd = 4*B*H*L*L*D (halved when causal); fwd+bwd = 3.5 * fwd",
+                               "elapsed_s": round(elapsed, 1), "load_average_at_end": os.getloadavg()},
+                  rows=[asdict(r) for r in rows])
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\n{len(rows)} rows in {elapsed:.0f} s; wrote {json_path}")
+    if not args.no_plot:
+        png = plot(rows, out_dir / f"{stem}.png")
+        if png is not None:
+            print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

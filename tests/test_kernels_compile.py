@@ -1,0 +1,39 @@
+"""Every Triton kernel configuration the launchers can pick compiles ahead of time for sm_80 and sm_90, and
+uses no local memory (no register spills).  No GPU is needed: triton.compile targets a GPUTarget.
+
+The compilation runs in a subprocess without TRITON_INTERPRET (this test process has the interpreter on when
+there is no GPU, and interpreted kernels cannot be compiled); the table it prints is the same as
+`python -m fastattn.tools.kernel_report`.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastattn.kernels.triton_attention import kernel_specs
+
+ARCHS = (80, 90)
+LABELS = [s.label for s in kernel_specs()]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kernels") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "fastattn.tools.kernel_report", "--arch", *map(str, ARCHS),
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=3000)
+    print(proc.stdout[-20000:])  # the registers / shared memory table (shown with pytest -s or on failure)
+    assert out.exists(), f"kernel_report did not run:\n{proc.stderr[-5000:]}"
+    return {(r["arch"], r["label"]): r for r in json.loads(out.read_text())["results"]}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("label", LABELS)
+def test_kernel_compiles_without_spills(compiled, arch, label):
+    r = compiled[(arch, label)]
+    assert r["error"] is None, f"sm_{arch} {label}: {r['error']}"
+    assert r["local_bytes"] == 0, f"sm_{arch} {label}: {r['local_bytes']} bytes of local memory (register spills)"
+    assert r["registers"] <= 255
+    assert r["shared_bytes"] <= 227 * 1024, "exceeds the largest shared memory per block (H100: 227 KiB)"
