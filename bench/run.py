@@ -25,7 +25,7 @@ Columns of the printed table (one row per shape x dtype x causal x mode x backen
                    bwd     = 2.5 * fwd                   (five matmuls), so fwd+bwd = 3.5 * fwd
                The count is the useful work: a backend that recomputes (e.g. fastattn's sdpa and reference
                backends re-run the forward inside their backward) is charged time, not FLOPs, for it.
-    vs sdpa    speed-up over torch-sdpa (time of torch-sdpa / time of this row) for the same shape and mode
+    vs torch-sdpa  speed-up over torch-sdpa (time of torch-sdpa / time of this row) for the same shape and mode
     vs ref     speed-up over fastattn's naive "reference" backend (which materialises the [L, L] scores)
     max err    max abs difference from a float64 reference computed by fastattn's reference backend on
                float64 copies of the same inputs: of the output for fwd rows; the largest over out, dq, dk, dv
@@ -37,8 +37,8 @@ Columns of the printed table (one row per shape x dtype x causal x mode x backen
 Shapes.  GPU: the FlashAttention-2 benchmark convention -- 16k tokens per batch (B = 16384 // L) and a model
 width of 2048 (H = 2048 // D): D in {64, 128}, L in {1k, 2k, 4k, 8k, 16k}, bf16 and fp16.  CPU: fp32, D = 64,
 B = 2, H = 8, L in {256, 512, 1024}.  --quick: GPU bf16 at L in {1k, 4k}; CPU B = 1, H = 4, L in {128, 256, 512}.
-The naive reference is not timed when its float32 score matrix B*H*L*L*4 bytes exceeds --naive-max-gib
-(default 4 GiB; its forward+backward holds several such matrices) -- those rows say "n/a".
+The naive backends (reference, torch-math) are not timed when a float32 score matrix B*H*L*L*4 bytes exceeds
+--naive-max-gib (default 4 GiB; their forward+backward holds several such matrices): those rows say "n/a".
 
 Timing.  GPU: triton.testing.do_bench (warm-up, L2 flushed between calls, median).  CPU: time.perf_counter
 around each call, 2 warm-up calls, then the median of at least 5 calls (more while under 0.25 s in all).
@@ -77,6 +77,7 @@ GIB = 1 << 30
 REFERENCE_CHUNK_BYTES = 2 * GIB  # float64 scores of one chunk of (batch, head) slices, for the error column
 MODES = ("fwd", "fwd+bwd")
 BASELINE_SDPA, BASELINE_REFERENCE = "torch-sdpa", "reference"
+NAIVE_BACKENDS = ("reference", "torch-math")  # materialise the [B, H, L, L] scores: size-limited
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
@@ -250,9 +251,11 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
 def make_call(fn: AttnFn, x: Inputs, mode: str) -> Callable[[], Dict[str, torch.Tensor]]:
     """A no-argument call of one row: returns {"out"} (fwd) or {"out", "dq", "dk", "dv"} (fwd+bwd)."""
     if mode == "fwd":
+        q, k, v = (t.detach() for t in (x.q, x.k, x.v))  # no requires_grad: e.g. flex on CPU rejects it
+
         def call():
             with torch.no_grad():
-                return {"out": fn(x.q, x.k, x.v)}
+                return {"out": fn(q, k, v)}
         return call
 
     def call():
@@ -319,8 +322,11 @@ class Row:
 
 
 def short_error(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]
+    """One line: the exception type, its first line (shortened) and any further lines (where fastattn's
+    dispatch errors give each backend's reasons)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [""]
+    head = lines[0] if len(lines[0]) <= 100 else lines[0][:97] + "..."
+    return f"{type(e).__name__}: " + " | ".join([head] + lines[1:])[:400]
 
 
 def run_row(row: Row, make_fn, x: Inputs, ref: Optional[Dict[str, torch.Tensor]], device: torch.device,
@@ -375,8 +381,8 @@ def bench_case(shape: Shape, dtype: torch.dtype, device: torch.device, backends:
             for name in backends:
                 row = Row(shape.batch, shape.heads, shape.seqlen, shape.head_dim, SHORT_DTYPE[dtype], causal,
                           mode, name, attention_flops(shape, causal, mode))
-                if name == BASELINE_REFERENCE and shape.score_elements() * 4 > naive_max_bytes:
-                    row.note = (f"skipped: the naive reference would materialise "
+                if name in NAIVE_BACKENDS and shape.score_elements() * 4 > naive_max_bytes:
+                    row.note = (f"skipped: a naive backend would materialise "
                                 f"{shape.score_elements() * 4 / GIB:.1f} GiB of float32 scores")
                 else:
                     mode_ref = None if ref is None else {k: ref[k] for k in ("out", "dq", "dk", "dv")
@@ -395,7 +401,7 @@ def bench_case(shape: Shape, dtype: torch.dtype, device: torch.device, backends:
 # Output: table, JSON, plot
 # ===========================================================================================================
 COLUMNS = [("shape", 16), ("dtype", 5), ("causal", 6), ("mode", 7), ("backend", 15), ("ms", 9),
-           ("TFLOP/s", 8), ("vs sdpa", 7), ("vs ref", 7), ("max err", 8), ("note", 0)]
+           ("TFLOP/s", 8), ("vs torch-sdpa", 13), ("vs ref", 7), ("max err", 8), ("note", 0)]
 
 
 def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
@@ -457,6 +463,8 @@ def environment(device: torch.device) -> Dict[str, object]:
                      "cuda_runtime": torch.version.cuda, "fastattn": fastattn.__version__},
         "platform": platform.platform(),
         "load_average_at_start": os.getloadavg(),  # other work on the machine skews CPU timings
+        "environment_variables": {k: v for k, v in os.environ.items()
+                                  if k.startswith(("FASTATTN_", "TRITON_", "CUDA_VISIBLE", "OMP_NUM"))},
         "git": git_state(),
     }
     if device.type == "cuda":
@@ -493,6 +501,7 @@ def plot(rows: Sequence[Row], path: Path) -> Optional[Path]:
         ax.set_title(f"{dtype} d{head_dim} {'causal' if causal else 'non-causal'} {mode}", fontsize=10)
         ax.set_xlabel("sequence length")
         ax.set_ylabel("TFLOP/s")
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
@@ -550,8 +559,10 @@ def parse_dtypes(spec: Optional[str], device: torch.device, quick: bool) -> List
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
+    if os.environ.pop("FASTATTN_POISON_OUTPUTS", "0") == "1":
+        print("note: unset FASTATTN_POISON_OUTPUTS for this run (a test setting: it NaN-fills every output)")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = parse_dtypes(args.dtypes, device, args.quick)

@@ -79,6 +79,9 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, dropout_p=0.
     """
     p = make_problem(q, k, v, attn_mask, causal, scale, dropout_p, return_lse)
     chosen = dispatch.select(p, backend)
+    if chosen.differentiable:
+        out, lse = chosen.forward(p)
+        return (out, lse) if return_lse else out
     seed = _draw_seed(p.dropout_p)
     out, lse = AttentionFunction.apply(p.q, p.k, p.v, p.mask, seed, chosen.name, p.causal, p.scale,
                                        p.dropout_p, p.return_lse, p.mask_needs_grad)

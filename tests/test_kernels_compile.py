@@ -36,4 +36,5 @@ def test_kernel_compiles_without_spills(compiled, arch, label):
     assert r["error"] is None, f"sm_{arch} {label}: {r['error']}"
     assert r["local_bytes"] == 0, f"sm_{arch} {label}: {r['local_bytes']} bytes of local memory (register spills)"
     assert r["registers"] <= 255
-    assert r["shared_bytes"] <= 227 * 1024, "exceeds the largest shared memory per block (H100: 227 KiB)"
+    limit_kib = {80: 163, 90: 227}[arch]  # opt-in shared memory per block: A100, H100
+    assert r["shared_bytes"] <= limit_kib * 1024, f"uses {r['shared_bytes']} B of shared memory > {limit_kib} KiB"

@@ -26,6 +26,9 @@ class Backend:
     name: str = "?"
     # human summary for the README/explain table
     summary: str = ""
+    # True for a backend whose forward is differentiated by torch's autograd itself (torch's own SDPA):
+    # the op calls its forward directly instead of going through AttentionFunction, and it has no backward.
+    differentiable: bool = False
 
     def reasons(self, p: AttentionProblem) -> List[str]:
         raise NotImplementedError

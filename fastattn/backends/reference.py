@@ -3,7 +3,7 @@
 It materialises the [B, Hq, Lq, Lk] scores, adds the mask, takes the softmax and multiplies by V, exactly
 as the formula reads.  Matmuls run in the input dtype (so the reference in fp16 is the "low-precision
 reference" of the tolerance rule); the mask addition and the softmax run in float32.  Its backward
-recomputes the forward under autograd.
+recomputes the probabilities and applies the textbook gradient formulas.
 """
 from __future__ import annotations
 
@@ -123,6 +123,39 @@ def reference_probabilities(q, k, attn_mask=None, causal=CAUSAL_NONE, scale=1.0)
     return safe_softmax(masked_scores(q, k, attn_mask, causal, scale))[0]
 
 
+def reference_attention_backward(q, k, v, attn_mask, causal, scale, dropout_p, seed, dout, dlse=None,
+                                 mask_needs_grad=False):
+    """The textbook attention backward, recomputing the probabilities (no autograd, so it traces):
+
+        P = softmax(S),  Pd = P * keep / (1 - p)      O = Pd V
+        dV = Pd^T dO     dPd = dO V^T                 dP = dPd * keep / (1 - p)
+        dS = P * (dP - rowsum(P * dP)) + P * dLse     dQ = scale * dS K,  dK = scale * dS^T Q
+        dMask = dS, summed over the dimensions the mask was broadcast along.
+    Matmuls run in the input dtype, like the forward; the rest in float32 (float64 for float64 inputs).
+    """
+    dtype, group = q.dtype, q.shape[1] // k.shape[1]
+    probs, _ = safe_softmax(masked_scores(q, k, attn_mask, causal, scale))
+    probs_dropped = probs
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(seed, probs.shape, dropout_p, q.device) / (1.0 - dropout_p)
+        probs_dropped = probs * keep
+    dv = probs_dropped.to(dtype).transpose(-2, -1) @ dout
+    dp = (dout @ _expand_kv_heads(q, v).transpose(-2, -1)).to(probs.dtype)
+    if dropout_p > 0.0:
+        dp = dp * keep
+    ds = probs * (dp - (probs * dp).sum(dim=-1, keepdim=True))
+    if dlse is not None:
+        ds = ds + probs * dlse.to(probs.dtype).unsqueeze(-1)
+    dq = (ds.to(dtype) @ _expand_kv_heads(q, k)) * scale
+    dk = (ds.to(dtype).transpose(-2, -1) @ q) * scale
+    if group > 1:  # each key/value head collects the gradients of its GROUP query heads
+        B, Hq, Lk = k.shape[0], q.shape[1], k.shape[2]
+        dk = dk.view(B, Hq // group, group, Lk, -1).sum(dim=2)
+        dv = dv.view(B, Hq // group, group, Lk, -1).sum(dim=2)
+    dmask = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if mask_needs_grad else None
+    return dq.to(dtype), dk.to(dtype), dv.to(dtype), dmask
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     summary = "naive PyTorch math (materialised scores); the test oracle; any device, dtype and option"
@@ -131,24 +164,8 @@ class ReferenceBackend(Backend):
         return []
 
     def forward(self, p, seed):
-        out, lse = reference_attention(p.q, p.k, p.v, p.mask, p.causal, p.scale, p.dropout_p, seed)
-        return out, lse
+        return reference_attention(p.q, p.k, p.v, p.mask, p.causal, p.scale, p.dropout_p, seed)
 
     def backward(self, p, seed, out, lse, dout, dlse):
-        mask_needs_grad = p.mask_needs_grad
-        with torch.enable_grad():
-            q = p.q.detach().requires_grad_()
-            k = p.k.detach().requires_grad_()
-            v = p.v.detach().requires_grad_()
-            mask = p.mask.detach().requires_grad_() if mask_needs_grad else (
-                p.mask.detach() if p.mask is not None else None)
-            o, l = reference_attention(q, k, v, mask, p.causal, p.scale, p.dropout_p, seed)
-            outputs, grads = [o], [dout]
-            if dlse is not None:
-                outputs.append(l)
-                grads.append(dlse.to(l.dtype))
-            inputs = [q, k, v] + ([mask] if mask_needs_grad else [])
-            g = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
-        dq, dk, dv = [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g[:3], (q, k, v))]
-        dmask = g[3] if mask_needs_grad else None
-        return dq, dk, dv, dmask
+        return reference_attention_backward(p.q, p.k, p.v, p.mask, p.causal, p.scale, p.dropout_p, seed, dout,
+                                            dlse, p.mask_needs_grad)

@@ -97,7 +97,7 @@ def _merge_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor]
     if attn_mask is not None:
         parts.append(attn_mask if attn_mask.dim() == 2 else attn_mask.unflatten(0, (N, H)))  # [L,S] / [N,H,L,S]
     if key_padding_mask is not None:
-        parts.append(key_padding_mask.view(N, 1, 1, key_padding_mask.shape[-1]))  # [N, 1, 1, S]
+        parts.append(key_padding_mask[:, None, None, :])  # [N, 1, 1, S]
     if not parts:
         return None
     if all(p.dtype == torch.bool for p in parts):

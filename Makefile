@@ -1,0 +1,43 @@
+# Two commands do all set-up on a fresh clone:
+#   make bench   the benchmark-and-verification report on this machine's device (GPU if present, else CPU)
+#   make test    the test suite
+# Both create .venv and install the pinned requirements plus fastattn (editable) on first use.
+# SYSTEM_TORCH=1 builds the venv on top of an already installed torch/triton (GPU machines without internet).
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastattn-installed
+export CUDA_HOME ?= /usr/local/cuda
+PYTEST_ARGS ?=
+
+.PHONY: setup test bench kernel-report bench-cpu clean
+
+$(STAMP): requirements.txt setup.py
+ifeq ($(SYSTEM_TORCH),1)
+	python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q pytest pytest-benchmark numpy matplotlib || true
+else
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+endif
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest tests -q -ra $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench.run
+
+# registers / shared memory / spills of every Triton kernel configuration, compiled for sm_80 and sm_90
+kernel-report: setup
+	env -u TRITON_INTERPRET $(PY) -m fastattn.tools.kernel_report
+
+# CPU timings with pytest-benchmark
+bench-cpu: setup
+	$(PY) -m pytest bench/test_cpu_benchmarks.py --benchmark-only -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
