@@ -41,7 +41,10 @@ The naive backends (reference, torch-math) are not timed when a float32 score ma
 --naive-max-gib (default 4 GiB; their forward+backward holds several such matrices): those rows say "n/a".
 
 Timing.  GPU: triton.testing.do_bench (warm-up, L2 flushed between calls, median).  CPU: time.perf_counter
-around each call, 2 warm-up calls, then the median of at least 5 calls (more while under 0.25 s in all).
+around each call, 2 warm-up calls, then the median of at least 5 calls (more, up to 100, until 1 s in all).
+CPU timings need an idle machine: with 2+ torch threads, one busy core stalls every parallel region (timings jump
+to multiples of the scheduler's time slice).  The run measures how busy the CPUs were just before it starts
+(JSON: cpu_busy_percent_before) and warns; --threads 1 is the robust choice on a shared machine.
 The first call of every row is the correctness check, so compilation (flex, triton) is never timed.
 Each shape x dtype gets fresh random inputs (torch.manual_seed(0), standard normal), shared by its backends.
 A row that raises records the error and the run goes on.
@@ -205,7 +208,7 @@ def selected_backends(device: torch.device, requested: Optional[str]) -> List[st
 # ===========================================================================================================
 # Timing
 # ===========================================================================================================
-def cpu_times_ms(fn: Callable[[], object], warmup: int = 2, min_reps: int = 5, min_total_s: float = 0.25,
+def cpu_times_ms(fn: Callable[[], object], warmup: int = 2, min_reps: int = 5, min_total_s: float = 1.0,
                  max_reps: int = 100) -> Tuple[float, float]:
     """(median, min) of wall-clock times in ms."""
     for _ in range(warmup):
@@ -439,6 +442,21 @@ def device_slug(device: torch.device) -> str:
     return slug if device.type == "cuda" else f"cpu-{slug}"
 
 
+def cpu_busy_percent(interval_s: float = 0.5) -> Optional[float]:
+    """How busy all CPUs were over the next interval_s seconds (Linux /proc/stat), or None."""
+    def snapshot():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
+    try:
+        total0, idle0 = snapshot()
+        time.sleep(interval_s)
+        total1, idle1 = snapshot()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(100.0 * (1 - (idle1 - idle0) / max(1, total1 - total0)), 1)
+
+
 def git_state() -> Dict[str, object]:
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -462,7 +480,8 @@ def environment(device: torch.device) -> Dict[str, object]:
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
                      "cuda_runtime": torch.version.cuda, "fastattn": fastattn.__version__},
         "platform": platform.platform(),
-        "load_average_at_start": os.getloadavg(),  # other work on the machine skews CPU timings
+        "load_average_at_start": os.getloadavg(),
+        "cpu_busy_percent_before": cpu_busy_percent(),  # other work on the machine skews CPU timings
         "environment_variables": {k: v for k, v in os.environ.items()
                                   if k.startswith(("FASTATTN_", "TRITON_", "CUDA_VISIBLE", "OMP_NUM"))},
         "git": git_state(),
@@ -556,6 +575,42 @@ def parse_dtypes(spec: Optional[str], device: torch.device, quick: bool) -> List
     return list(dict.fromkeys(DTYPES[n] for n in names))
 
 
+def run_all(args, device: torch.device, env: Dict[str, object]) -> List[Row]:
+    dtypes = parse_dtypes(args.dtypes, device, args.quick)
+    backends = selected_backends(device, args.backends)
+    shapes = gpu_shapes(args.quick) if device.type == "cuda" else cpu_shapes(args.quick)
+    env["config"] = {"quick": args.quick, "dtypes": [SHORT_DTYPE[d] for d in dtypes], "backends": backends,
+                     "shapes": [str(s) for s in shapes], "naive_max_gib": args.naive_max_gib,
+                     "timer": "triton.testing.do_bench median" if device.type == "cuda"
+                     else "time.perf_counter median (2 warm-up, >= 5 reps, >= 1 s)",
+                     "flops": "fwd = 4*B*H*L*L*D (halved when causal); fwd+bwd = 3.5 * fwd"}
+    print(f"fastattn {fastattn.__version__} benchmark on {env['device']['name']} ({device}); torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads; dtypes "
+          f"{','.join(SHORT_DTYPE[d] for d in dtypes)}; backends {','.join(backends)}")
+    busy = env["cpu_busy_percent_before"]
+    if device.type == "cpu" and busy is not None and busy >= 20:
+        print(f"warning: the CPUs were {busy:.0f}% busy just before the run: other processes share them, so the "
+              f"timings are noisy (compare time_ms with time_ms_min in the JSON; --threads 1 suffers least)")
+    print(table_header())
+    rows: List[Row] = []
+    for dtype in dtypes:
+        for shape in shapes:
+            rows += bench_case(shape, dtype, device, backends, args.quick, args.naive_max_gib * GIB,
+                               lambda r: print(format_row(r), flush=True))
+    return rows
+
+
+def write_outputs(env: Dict[str, object], rows: Sequence[Row], out_dir: Path, stem: str, draw: bool) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(dict(env, rows=[asdict(r) for r in rows]), indent=1) + "\n")
+    print(f"wrote {json_path}")
+    if draw:
+        png = plot(rows, out_dir / f"{stem}.png")
+        if png is not None:
+            print(f"wrote {png}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
@@ -565,44 +620,15 @@ def main(argv=None) -> int:
         print("note: unset FASTATTN_POISON_OUTPUTS for this run (a test setting: it NaN-fills every output)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtypes = parse_dtypes(args.dtypes, device, args.quick)
-    backends = selected_backends(device, args.backends)
-    shapes = gpu_shapes(args.quick) if device.type == "cuda" else cpu_shapes(args.quick)
+    stem = f"{device_slug(device)}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     env = environment(device)
 
-    print(f"fastattn {fastattn.__version__} benchmark on {env['device']['name']} ({device}); torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads; dtypes "
-          f"{','.join(SHORT_DTYPE[d] for d in dtypes)}; backends {','.join(backends)}")
-    load = os.getloadavg()[0]
-    if device.type == "cpu" and load >= 0.5:
-        print(f"warning: load average {load:.2f} before the run: other processes share the CPU, so the "
-              f"timings are noisy (compare time_ms with time_ms_min in the JSON)")
-    print(table_header())
     start = time.perf_counter()
-    rows: List[Row] = []
-    for dtype in dtypes:
-        for shape in shapes:
-            rows += bench_case(shape, dtype, device, backends, args.quick, args.naive_max_gib * GIB,
-                               lambda r: print(format_row(r), flush=True))
-    elapsed = time.perf_counter() - start
-
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{device_slug(device)}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    report = dict(env, config={"quick": args.quick, "dtypes": [SHORT_DTYPE[d] for d in dtypes],
-                               "backends": backends, "naive_max_gib": args.naive_max_gib,
-                               "timer": "triton.testing.do_bench median" if device.type == "cuda"
-                               else "time.perf_counter median (2 warm-up, >= 5 reps, >= 0.25 s)",
-                               "flops": "fwd = 4*B*H*L*L*D (halved when causal); fwd+bwd = 3.5 * fwd",
-                               "elapsed_s": round(elapsed, 1), "load_average_at_end": os.getloadavg()},
-                  rows=[asdict(r) for r in rows])
-    json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"\n{len(rows)} rows in {elapsed:.0f} s; wrote {json_path}")
-    if not args.no_plot:
-        png = plot(rows, out_dir / f"{stem}.png")
-        if png is not None:
-            print(f"wrote {png}")
+    rows = run_all(args, device, env)
+    env["elapsed_s"] = round(time.perf_counter() - start, 1)
+    env["load_average_at_end"] = os.getloadavg()
+    print(f"\n{len(rows)} rows in {env['elapsed_s']:.0f} s")
+    write_outputs(env, rows, Path(args.out_dir), stem, draw=not args.no_plot)
     return 0
 
 

@@ -149,7 +149,8 @@ class MultiheadAttention(Module):
     * A float mask whose dtype differs from the query's is rejected with a RuntimeError as torch does
       (``need_weights=True``: any other dtype; ``need_weights=False``: any other than float32).
     * With ``batch_first=True`` the output is a contiguous ``(N, L, E)`` tensor (torch returns a transposed
-      view).  Head dims above ``fastattn.MAX_HEAD_DIM`` run on the reference math.  Not TorchScript-able.
+      view).  Head dims above ``fastattn.MAX_HEAD_DIM`` run on the reference math (unless ``backend`` is
+      set: then the fused op raises).  Not TorchScript-able.
     """
 
     bias_k: Optional[Tensor]
@@ -348,7 +349,10 @@ class MultiheadAttention(Module):
         causal = CAUSAL_TOP_LEFT if causal_hint else CAUSAL_NONE
 
         weights = None
-        if need_weights or D > MAX_HEAD_DIM or dropout_p >= 1.0:
+        # Head dims beyond the fused kernels' range use the materialised path -- unless the user restricted
+        # the backends, in which case fastattn.attention raises naming the head dim (no silent fallback).
+        too_wide = D > MAX_HEAD_DIM and self.backend is None
+        if need_weights or too_wide or dropout_p >= 1.0:
             # Materialised probabilities (reference math); dropout on them as torch does.
             weights = reference_probabilities(qh, kh, mask, causal, D ** -0.5).to(qh.dtype)
             if dropout_p > 0.0:
