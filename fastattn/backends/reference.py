@@ -137,7 +137,7 @@ def reference_attention_backward(q, k, v, attn_mask, causal, scale, dropout_p, s
     probs, _ = safe_softmax(masked_scores(q, k, attn_mask, causal, scale))
     probs_dropped = probs
     if dropout_p > 0.0:
-        keep = dropout_keep_mask(seed, probs.shape, dropout_p, q.device) / (1.0 - dropout_p)
+        keep = dropout_keep_mask(seed, probs.shape, dropout_p, q.device).to(probs.dtype) / (1.0 - dropout_p)
         probs_dropped = probs * keep
     dv = probs_dropped.to(dtype).transpose(-2, -1) @ dout
     dp = (dout @ _expand_kv_heads(q, v).transpose(-2, -1)).to(probs.dtype)

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -38,10 +39,10 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, offs_m, offs_n, bh, dropout_threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keep-mask of a [BLOCK_M, BLOCK_N] tile: Philox-4x32-10 keyed by the seed, counter (n, m, b*Hq+h, 0).
+def _dropout_keep(seed, offs_m, offs_n, bh, dropout_threshold):
+    """Keep-mask of a [M, N] tile: Philox-4x32-10 keyed by the seed, counter (n, m, b*Hq+h, 0).
     Mirrored exactly by fastattn.backends.reference.dropout_keep_mask."""
-    zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    zeros = offs_m[:, None] * 0 + offs_n[None, :] * 0
     c0 = (offs_n[None, :] + zeros).to(tl.uint32)
     c1 = (offs_m[:, None] + zeros).to(tl.uint32)
     c2 = (bh + zeros).to(tl.uint32)
@@ -53,11 +54,12 @@ def _dropout_keep(seed, offs_m, offs_n, bh, dropout_threshold, BLOCK_M: tl.const
 @triton.jit
 def _modified_scores(s2, offs_m, offs_n, Mask, mask_base, stride_mm, stride_mn,
                      LEN_Q, LEN_K, causal_offset,
-                     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+                     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASKED: tl.constexpr):
     """Score modifications on a [BLOCK_M, BLOCK_N] tile of log2-domain scores: the additive float mask or the
-    bool mask, causal masking (key n visible to query m iff n <= m + causal_offset), and key bounds."""
-    in_bounds = (offs_m[:, None] < LEN_Q) & (offs_n[None, :] < LEN_K)
+    bool mask (always), then -- only in MASKED tiles -- key bounds and causal masking (key n is visible to
+    query m iff n <= m + causal_offset).  Interior tiles (MASKED=False) are fully in bounds and visible."""
     if MASK_KIND != 0:
+        in_bounds = (offs_m[:, None] < LEN_Q) & (offs_n[None, :] < LEN_K)
         mask_ptrs = Mask + mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         if MASK_KIND == 1:
             attend = tl.load(mask_ptrs, mask=in_bounds, other=0)
@@ -65,10 +67,12 @@ def _modified_scores(s2, offs_m, offs_n, Mask, mask_base, stride_mm, stride_mn,
         else:
             bias = tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(s2.dtype)
             s2 = s2 + bias * 1.4426950408889634  # the mask is in natural-log units; scores are log2
-    keep = offs_n[None, :] < LEN_K
-    if CAUSAL:
-        keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
-    return tl.where(keep, s2, float("-inf"))
+    if MASKED:
+        keep = offs_n[None, :] < LEN_K
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+        s2 = tl.where(keep, s2, float("-inf"))
+    return s2
 
 
 # ===========================================================================================================
@@ -138,6 +142,67 @@ def dot_precision(dtype: torch.dtype) -> str:
 # Forward
 # ===========================================================================================================
 @triton.jit
+def _fwd_key_blocks(
+    acc, l_i, m_i, q, k_base, v_base, Mask, mask_base, seed, pid_bh, offs_m,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+    LEN_Q, LEN_K, DIM_QK, DIM_V, scale_log2, causal_offset, dropout_threshold, dropout_scale, lo, hi,
+    BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Online softmax over the key blocks starting in [lo, hi).  MASKED=False: interior blocks, every key in
+    bounds and visible to every row of the program, so loads and scores need no key masking."""
+    ACC: tl.constexpr = acc.dtype
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kT_ptrs = k_base + offs_n[None, :] * stride_kn + offs_dqk[:, None] * stride_kd
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        if MASKED:
+            kT = tl.load(kT_ptrs, mask=(offs_n[None, :] < LEN_K) & (offs_dqk[:, None] < DIM_QK), other=0.0)
+        else:
+            kT = tl.load(kT_ptrs, mask=offs_dqk[:, None] < DIM_QK, other=0.0)
+        s2 = _dot(q, kT, DOT_PRECISION).to(ACC) * scale_log2
+        s2 = _modified_scores(s2, offs_m, offs_n, Mask, mask_base, stride_mm, stride_mn,
+                              LEN_Q, LEN_K, causal_offset, CAUSAL, MASK_KIND, MASKED)
+
+        # Online softmax.  m_new is the new running max; a row that has seen only -inf scores so far keeps
+        # m_new = -inf, and we subtract 0 instead so exp2 never sees (-inf) - (-inf).
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)          # rescales what was accumulated under the old max
+        p = tl.exp2(s2 - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)      # the normaliser uses the probabilities before dropout
+        if DROPOUT:
+            keep = _dropout_keep(seed, offs_m, offs_n, pid_bh, dropout_threshold)
+            p = tl.where(keep, p * dropout_scale, 0.0)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(offs_n[:, None] < LEN_K) & (offs_dv[None, :] < DIM_V), other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < DIM_V, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION).to(ACC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _key_ranges(pid_m, LEN_K, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key range of the query block pid_m: [0, interior_end) needs no masking, [interior_end, end) does.
+    Causal: query m sees keys n <= m + causal_offset, so the block's first row bounds the keys that all its
+    rows see, and its last row the keys that any row sees."""
+    if CAUSAL:
+        interior_end = tl.minimum(LEN_K, tl.maximum(0, pid_m * BLOCK_M + causal_offset + 1))
+        end = tl.minimum(LEN_K, tl.maximum(0, (pid_m + 1) * BLOCK_M + causal_offset))
+    else:
+        interior_end = LEN_K
+        end = LEN_K
+    interior_end = interior_end // BLOCK_N * BLOCK_N
+    return interior_end, end
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, Mask, Out, Lse, seed,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -146,11 +211,14 @@ def _attn_fwd(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
     H_Q, GROUP, LEN_Q, LEN_K, DIM_QK, DIM_V,
-    scale_log2, causal_offset, dropout_threshold, dropout_scale,
+    scale_log2_hi, scale_log2_lo, causal_offset, dropout_threshold, dropout_scale_hi, dropout_scale_lo,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     ACC: tl.constexpr = Lse.dtype.element_ty  # float32, or float64 for float64 inputs
+    # Float arguments arrive as float32; each comes as a (hi, lo) float32 pair so float64 kernels get ~48 bits.
+    scale_log2 = tl.cast(scale_log2_hi, ACC) + tl.cast(scale_log2_lo, ACC)
+    dropout_scale = tl.cast(dropout_scale_hi, ACC) + tl.cast(dropout_scale_lo, ACC)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H_Q).to(tl.int64)
@@ -158,7 +226,6 @@ def _attn_fwd(
     h_kv = h // GROUP
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < LEN_Q
@@ -173,33 +240,17 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=ACC)                 # running row sum of exp2(s2 - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
 
-    # Causal: the last key any row of this block may see is (last row) + causal_offset.
-    hi = LEN_K
-    if CAUSAL:
-        hi = tl.minimum(LEN_K, tl.maximum(0, (pid_m + 1) * BLOCK_M + causal_offset))
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        col_ok = offs_n < LEN_K
-        kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_dqk[:, None] * stride_kd,
-                     mask=col_ok[None, :] & (offs_dqk[:, None] < DIM_QK), other=0.0)
-        s2 = _dot(q, kT, DOT_PRECISION).to(ACC) * scale_log2
-        s2 = _modified_scores(s2, offs_m, offs_n, Mask, mask_base, stride_mm, stride_mn,
-                              LEN_Q, LEN_K, causal_offset, CAUSAL, MASK_KIND)
-
-        # Online softmax.  m_new is the new running max; a row that has seen only -inf scores so far keeps
-        # m_new = -inf, and we subtract 0 instead so exp2 never sees (-inf) - (-inf).
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_sub)          # rescales what was accumulated under the old max
-        p = tl.exp2(s2 - m_sub[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)      # the normaliser uses the probabilities before dropout
-        if DROPOUT:
-            keep = _dropout_keep(seed, offs_m, offs_n, pid_bh, dropout_threshold, BLOCK_M, BLOCK_N)
-            p = tl.where(keep, p * dropout_scale, 0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=col_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION).to(ACC)
-        m_i = m_new
+    interior_end, end = _key_ranges(pid_m, LEN_K, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
+    acc, l_i, m_i = _fwd_key_blocks(
+        acc, l_i, m_i, q, k_base, v_base, Mask, mask_base, seed, pid_bh, offs_m,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+        LEN_Q, LEN_K, DIM_QK, DIM_V, scale_log2, causal_offset, dropout_threshold, dropout_scale, 0, interior_end,
+        BLOCK_N, BLOCK_DQK, BLOCK_DV, CAUSAL, MASK_KIND, DROPOUT, DOT_PRECISION, MASKED=False)
+    acc, l_i, m_i = _fwd_key_blocks(
+        acc, l_i, m_i, q, k_base, v_base, Mask, mask_base, seed, pid_bh, offs_m,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+        LEN_Q, LEN_K, DIM_QK, DIM_V, scale_log2, causal_offset, dropout_threshold, dropout_scale, interior_end, end,
+        BLOCK_N, BLOCK_DQK, BLOCK_DV, CAUSAL, MASK_KIND, DROPOUT, DOT_PRECISION, MASKED=True)
 
     # A row with no visible key (l_i == 0) outputs 0 and lse = -inf.
     empty = l_i == 0.0
@@ -252,6 +303,48 @@ def _load_row_stats(Lse, Delta, row, row_ok):
 
 
 @triton.jit
+def _dkdv_query_blocks(
+    dk, dv, k, v, q_base, do_base, Mask, mask_base, Lse, Delta, seed, bh, offs_n,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+    LEN_Q, LEN_K, DIM_QK, DIM_V, scale_log2, causal_offset, dropout_threshold, dropout_scale, lo, hi,
+    BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Accumulates dK, dV of one key block over the query blocks starting in [lo, hi) of one query head.
+    MASKED=False skips causal and key-bounds masking: keys past LEN_K then carry garbage, but the rows of dK
+    and dV they produce depend on their own column only and are never stored."""
+    ACC: tl.constexpr = dk.dtype
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        row_ok = offs_m < LEN_Q
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_dqk[None, :] * stride_qd,
+                    mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                     mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
+        lse2, delta = _load_row_stats(Lse, Delta, bh * LEN_Q + offs_m, row_ok)
+
+        s2 = _dot(q, tl.trans(k), DOT_PRECISION).to(ACC) * scale_log2
+        s2 = _modified_scores(s2, offs_m, offs_n, Mask, mask_base, stride_mm, stride_mn,
+                              LEN_Q, LEN_K, causal_offset, CAUSAL, MASK_KIND, MASKED)
+        p = tl.exp2(s2 - lse2[:, None])                         # P, recomputed [M, N]
+        dp = _dot(do, tl.trans(v), DOT_PRECISION).to(ACC)       # dO V^T
+        if DROPOUT:
+            keep = _dropout_keep(seed, offs_m, offs_n, bh.to(tl.int32), dropout_threshold)
+            p_dropped = tl.where(keep, p * dropout_scale, 0.0)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        else:
+            p_dropped = p
+        dv += _dot(tl.trans(p_dropped.to(do.dtype)), do, DOT_PRECISION).to(ACC)
+        ds = p * (dp - delta[:, None])                          # dL/d(scaled score)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION).to(ACC)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, Mask, dOut, Lse, Delta, dK, dV, seed,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -262,20 +355,23 @@ def _attn_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H_Q, H_KV, GROUP, LEN_Q, LEN_K, DIM_QK, DIM_V,
-    scale, scale_log2, causal_offset, dropout_threshold, dropout_scale,
+    scale_hi, scale_lo, scale_log2_hi, scale_log2_lo, causal_offset, dropout_threshold,
+    dropout_scale_hi, dropout_scale_lo,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program: BLOCK_N keys of one (batch, kv head); loops over the GROUP query heads and all query
     blocks that can see these keys, accumulating dK and dV in registers."""
     ACC: tl.constexpr = Delta.dtype.element_ty  # float32, or float64 for float64 inputs
+    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)  # (hi, lo) float32 pairs: see _attn_fwd
+    scale_log2 = tl.cast(scale_log2_hi, ACC) + tl.cast(scale_log2_lo, ACC)
+    dropout_scale = tl.cast(dropout_scale_hi, ACC) + tl.cast(dropout_scale_lo, ACC)
     pid_n = tl.program_id(0)
     pid_bhkv = tl.program_id(1)
     b = (pid_bhkv // H_KV).to(tl.int64)
     h_kv = (pid_bhkv % H_KV).to(tl.int64)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n < LEN_K
@@ -287,46 +383,80 @@ def _attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
 
-    # Causal: query m sees key n iff n <= m + causal_offset, so the first query block that can see this
-    # key block starts at (first key) - causal_offset, rounded down to a block boundary.
+    # Query blocks [lo, interior_start) straddle the causal diagonal of this key block (masked);
+    # [interior_start, LEN_Q) see all of its keys.  Query m sees key n iff n <= m + causal_offset, so the
+    # first block that sees any key here starts at (first key - causal_offset), and every row sees every key
+    # from (last key - causal_offset) on; both rounded to query-block boundaries.
     lo = 0
+    interior_start = 0
     if CAUSAL:
-        lo = tl.maximum(0, pid_n * BLOCK_N - causal_offset) // BLOCK_M * BLOCK_M
+        n_first = pid_n * BLOCK_N
+        lo = tl.maximum(0, n_first - causal_offset) // BLOCK_M * BLOCK_M
+        interior_start = tl.cdiv(tl.maximum(0, n_first + BLOCK_N - 1 - causal_offset), BLOCK_M) * BLOCK_M
+    masked_end = tl.minimum(interior_start, LEN_Q)
     for g in range(0, GROUP):
         h = h_kv * GROUP + g
         bh = b * H_Q + h
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = dOut + b * stride_dob + h * stride_doh
         mask_base = b * stride_mb + h * stride_mh
-        for start_m in range(lo, LEN_Q, BLOCK_M):
-            offs_m = start_m + offs_m0
-            row_ok = offs_m < LEN_Q
-            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_dqk[None, :] * stride_qd,
-                        mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                         mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-            lse2, delta = _load_row_stats(Lse, Delta, bh * LEN_Q + offs_m, row_ok)
-
-            s2 = _dot(q, tl.trans(k), DOT_PRECISION).to(ACC) * scale_log2
-            s2 = _modified_scores(s2, offs_m, offs_n, Mask, mask_base, stride_mm, stride_mn,
-                                  LEN_Q, LEN_K, causal_offset, CAUSAL, MASK_KIND)
-            p = tl.exp2(s2 - lse2[:, None])                                   # P, recomputed [M, N]
-            dp = _dot(do, tl.trans(v), DOT_PRECISION).to(ACC)          # dO V^T
-            if DROPOUT:
-                keep = _dropout_keep(seed, offs_m, offs_n, bh.to(tl.int32), dropout_threshold, BLOCK_M, BLOCK_N)
-                p_dropped = tl.where(keep, p * dropout_scale, 0.0)
-                dp = tl.where(keep, dp * dropout_scale, 0.0)
-            else:
-                p_dropped = p
-            dv += _dot(tl.trans(p_dropped.to(do.dtype)), do, DOT_PRECISION).to(ACC)
-            ds = p * (dp - delta[:, None])                                    # dL/d(scaled score)
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION).to(ACC)
+        dk, dv = _dkdv_query_blocks(
+            dk, dv, k, v, q_base, do_base, Mask, mask_base, Lse, Delta, seed, bh, offs_n,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+            LEN_Q, LEN_K, DIM_QK, DIM_V, scale_log2, causal_offset, dropout_threshold, dropout_scale,
+            lo, masked_end, BLOCK_M, BLOCK_DQK, BLOCK_DV, CAUSAL, MASK_KIND, DROPOUT, DOT_PRECISION, MASKED=True)
+        dk, dv = _dkdv_query_blocks(
+            dk, dv, k, v, q_base, do_base, Mask, mask_base, Lse, Delta, seed, bh, offs_n,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+            LEN_Q, LEN_K, DIM_QK, DIM_V, scale_log2, causal_offset, dropout_threshold, dropout_scale,
+            interior_start, LEN_Q, BLOCK_M, BLOCK_DQK, BLOCK_DV, CAUSAL, MASK_KIND, DROPOUT, DOT_PRECISION,
+            MASKED=False)
 
     dk *= scale
     tl.store(dK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkn + offs_dqk[None, :] * stride_dkd,
              dk.to(dK.dtype.element_ty), mask=col_ok[:, None] & (offs_dqk[None, :] < DIM_QK))
     tl.store(dV + b * stride_dvb + h_kv * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
              dv.to(dV.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DIM_V))
+
+
+@triton.jit
+def _dq_key_blocks(
+    dq, q, do, lse2, delta, k_base, v_base, Mask, mask_base, dMask, seed, pid_bh, offs_m,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+    LEN_Q, LEN_K, DIM_QK, DIM_V, scale_log2, causal_offset, dropout_threshold, dropout_scale, lo, hi,
+    BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_GRAD: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Accumulates dQ of one query block over the key blocks starting in [lo, hi) (MASKED as in the forward)."""
+    ACC: tl.constexpr = dq.dtype
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_dqk[None, :] * stride_kd
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(offs_n[:, None] < LEN_K) & (offs_dqk[None, :] < DIM_QK), other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_n[:, None] < LEN_K) & (offs_dv[None, :] < DIM_V), other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=offs_dqk[None, :] < DIM_QK, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < DIM_V, other=0.0)
+        s2 = _dot(q, tl.trans(k), DOT_PRECISION).to(ACC) * scale_log2
+        s2 = _modified_scores(s2, offs_m, offs_n, Mask, mask_base, stride_mm, stride_mn,
+                              LEN_Q, LEN_K, causal_offset, CAUSAL, MASK_KIND, MASKED)
+        p = tl.exp2(s2 - lse2[:, None])
+        dp = _dot(do, tl.trans(v), DOT_PRECISION).to(ACC)
+        if DROPOUT:
+            keep = _dropout_keep(seed, offs_m, offs_n, pid_bh, dropout_threshold)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, DOT_PRECISION).to(ACC)
+        if MASK_GRAD:
+            tl.store(dMask + (pid_bh.to(tl.int64) * LEN_Q + offs_m[:, None]) * LEN_K + offs_n[None, :], ds,
+                     mask=(offs_m[:, None] < LEN_Q) & (offs_n[None, :] < LEN_K))
+    return dq
 
 
 @triton.jit
@@ -339,15 +469,20 @@ def _attn_bwd_dq(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H_Q, GROUP, LEN_Q, LEN_K, DIM_QK, DIM_V,
-    scale, scale_log2, causal_offset, dropout_threshold, dropout_scale,
+    scale_hi, scale_lo, scale_log2_hi, scale_log2_lo, causal_offset, dropout_threshold,
+    dropout_scale_hi, dropout_scale_lo,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     MASK_GRAD: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one (batch, head); loops over the visible key blocks accumulating dQ.
     With MASK_GRAD it also writes dS (= the float mask's gradient) into the dense [B, Hq, Lq, Lk] buffer
-    dMask; the launcher reduces it over the mask's broadcast dimensions."""
+    dMask (zero-initialised: blocks no query here can see stay 0); the launcher reduces it over the mask's
+    broadcast dimensions."""
     ACC: tl.constexpr = Delta.dtype.element_ty  # float32, or float64 for float64 inputs
+    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)  # (hi, lo) float32 pairs: see _attn_fwd
+    scale_log2 = tl.cast(scale_log2_hi, ACC) + tl.cast(scale_log2_lo, ACC)
+    dropout_scale = tl.cast(dropout_scale_hi, ACC) + tl.cast(dropout_scale_lo, ACC)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H_Q).to(tl.int64)
@@ -355,7 +490,6 @@ def _attn_bwd_dq(
     h_kv = h // GROUP
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < LEN_Q
@@ -370,29 +504,17 @@ def _attn_bwd_dq(
     mask_base = b * stride_mb + h * stride_mh
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=ACC)
 
-    hi = LEN_K
-    if CAUSAL:
-        hi = tl.minimum(LEN_K, tl.maximum(0, (pid_m + 1) * BLOCK_M + causal_offset))
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        col_ok = offs_n < LEN_K
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_dqk[None, :] * stride_kd,
-                    mask=col_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=col_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-        s2 = _dot(q, tl.trans(k), DOT_PRECISION).to(ACC) * scale_log2
-        s2 = _modified_scores(s2, offs_m, offs_n, Mask, mask_base, stride_mm, stride_mn,
-                              LEN_Q, LEN_K, causal_offset, CAUSAL, MASK_KIND)
-        p = tl.exp2(s2 - lse2[:, None])
-        dp = _dot(do, tl.trans(v), DOT_PRECISION).to(ACC)
-        if DROPOUT:
-            keep = _dropout_keep(seed, offs_m, offs_n, pid_bh, dropout_threshold, BLOCK_M, BLOCK_N)
-            dp = tl.where(keep, dp * dropout_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, DOT_PRECISION).to(ACC)
-        if MASK_GRAD:
-            tl.store(dMask + (pid_bh.to(tl.int64) * LEN_Q + offs_m[:, None]) * LEN_K + offs_n[None, :], ds,
-                     mask=row_ok[:, None] & col_ok[None, :])
+    interior_end, end = _key_ranges(pid_m, LEN_K, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
+    dq = _dq_key_blocks(
+        dq, q, do, lse2, delta, k_base, v_base, Mask, mask_base, dMask, seed, pid_bh, offs_m,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+        LEN_Q, LEN_K, DIM_QK, DIM_V, scale_log2, causal_offset, dropout_threshold, dropout_scale, 0, interior_end,
+        BLOCK_N, BLOCK_DQK, BLOCK_DV, CAUSAL, MASK_KIND, DROPOUT, DOT_PRECISION, MASK_GRAD, MASKED=False)
+    dq = _dq_key_blocks(
+        dq, q, do, lse2, delta, k_base, v_base, Mask, mask_base, dMask, seed, pid_bh, offs_m,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+        LEN_Q, LEN_K, DIM_QK, DIM_V, scale_log2, causal_offset, dropout_threshold, dropout_scale, interior_end, end,
+        BLOCK_N, BLOCK_DQK, BLOCK_DV, CAUSAL, MASK_KIND, DROPOUT, DOT_PRECISION, MASK_GRAD, MASKED=True)
 
     dq *= scale
     tl.store(dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_dqk[None, :] * stride_dqd,
@@ -440,6 +562,13 @@ def _causal_offset(causal: str, len_q: int, len_k: int) -> int:
     return {"none": 0, "top_left": 0, "bottom_right": len_k - len_q}[causal]
 
 
+def _split(x: float):
+    """x as a (hi, lo) pair of float32-representable floats with hi + lo == x to ~48 bits (kernels receive
+    Python floats as float32; the float64 kernels add the pair back up in float64)."""
+    hi = float(np.float32(x))
+    return hi, float(np.float32(x - hi))
+
+
 def _dropout_args(dropout_p: float, seed: Optional[torch.Tensor]):
     if dropout_p == 0.0:
         return 0, 0, 1.0
@@ -463,7 +592,7 @@ def attention_forward(q, k, v, mask, causal: str, scale: float, dropout_p: float
         q, k, v, mask_t, out, lse, seed_i,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         Hq, Hq // Hkv, Lq, Lk, Dqk, Dv,
-        scale * LOG2E, _causal_offset(causal, Lq, Lk), threshold, drop_scale,
+        *_split(scale * LOG2E), _causal_offset(causal, Lq, Lk), threshold, *_split(drop_scale),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_DQK=padded_head_dim(Dqk), BLOCK_DV=padded_head_dim(Dv),
         CAUSAL=causal != "none", MASK_KIND=mask_kind, DROPOUT=dropout_p > 0.0,
@@ -504,7 +633,7 @@ def attention_backward(q, k, v, mask, causal: str, scale: float, dropout_p: floa
         q, k, v, mask_t, dout, lse, delta, dk, dv, seed_i,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(), *dk.stride(), *dv.stride(),
         Hq, Hkv, group, Lq, Lk, Dqk, Dv,
-        scale, scale * LOG2E, causal_offset, threshold, drop_scale,
+        *_split(scale), *_split(scale * LOG2E), causal_offset, threshold, *_split(drop_scale),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -513,7 +642,7 @@ def attention_backward(q, k, v, mask, causal: str, scale: float, dropout_p: floa
         q, k, v, mask_t, dout, lse, delta, dq, dmask, seed_i,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(), *dq.stride(),
         Hq, group, Lq, Lk, Dqk, Dv,
-        scale, scale * LOG2E, causal_offset, threshold, drop_scale,
+        *_split(scale), *_split(scale * LOG2E), causal_offset, threshold, *_split(drop_scale),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_GRAD=mask_needs_grad, **common,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv, dmask
@@ -550,7 +679,7 @@ def _signature(fn, pointer_types: Dict[str, str], constexprs: Dict[str, object])
             sig[name] = pointer_types[name]
         elif name == "seed":
             sig[name] = "i64"
-        elif name in ("scale", "scale_log2", "dropout_scale"):
+        elif name.endswith(("_hi", "_lo")):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One call of a lent GPU machine (see README "GPU sessions"): run from the repository root there.
+#
+#   bash bench/gpu_session.sh tests   # GPU test suite + kernel resource report      (~5-8 min on an H100)
+#   bash bench/gpu_session.sh bench   # the full benchmark (python -m bench.run)       (~5-9 min)
+#   bash bench/gpu_session.sh quick   # bench.run --quick, a smoke test of the runner
+#
+# The machine's image has its own torch/triton (2.11 / 3.6 at the time of writing) and no internet, so this
+# uses its python3 and installs only fastattn itself (editable, no dependencies).  Logs and JSON go to $OUT
+# (the device tool brings that folder back) and the JSON also to bench/results/.
+set -uo pipefail
+mode=${1:-tests}
+OUT=${OUT:-bench/results/gpu-session}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=python3
+
+{
+  date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  git rev-parse HEAD 2>/dev/null || true
+} | tee "$OUT/env.txt"
+
+$PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+case "$mode" in
+  tests)
+    $PY -m fastattn.tools.kernel_report --arch 90 --json "$OUT/kernel_report_sm90.json" > "$OUT/kernel_report.txt" 2>&1
+    tail -1 "$OUT/kernel_report.txt"
+    timeout 480 $PY -m pytest tests -q -ra -x -p no:cacheprovider --ignore=tests/test_kernels_compile.py \
+      2>&1 | tee "$OUT/tests.log" | tail -25
+    ;;
+  bench)
+    timeout 560 $PY -m bench.run --out-dir "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
+    cp "$OUT"/*.json "$OUT"/*.png bench/results/ 2>/dev/null || true
+    ;;
+  quick)
+    timeout 300 $PY -m bench.run --quick --out-dir "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
+    ;;
+  *) echo "usage: $0 tests|bench|quick"; exit 2 ;;
+esac
