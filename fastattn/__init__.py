@@ -9,6 +9,7 @@ from .dispatch import available_backends, use_backend
 from .functional import AttentionFunction, attention, explain, scaled_dot_product_attention
 from .nn import MultiheadAttention
 from .problem import MAX_HEAD_DIM
+from .window import window_attention
 
 __version__ = "0.1.0"
 
@@ -16,4 +17,5 @@ __all__ = [
     "attention", "scaled_dot_product_attention", "explain", "use_backend", "available_backends",
     "AttentionFunction", "MAX_HEAD_DIM",
     "MultiheadAttention",
+    "window_attention",
 ]

@@ -115,6 +115,9 @@ def explain_problem(p: AttentionProblem, backend_arg=None) -> str:
         lines.append("chosen: none (calling the op would raise)")
     else:
         lines.append(f"chosen: {chosen}")
+        plan = getattr(BACKENDS[chosen], "plan", None)
+        if plan is not None:
+            lines.append(f"plan: {plan(p)}")
     for name, reasons in tried:
         if name == chosen:
             lines.append(f"  {name}: serves these inputs")

@@ -239,3 +239,30 @@ def test_gradcheck_float64(device, backend, case):
         return res
 
     assert torch.autograd.gradcheck(f, inputs, atol=1e-7, rtol=1e-5)
+
+
+# --- split-KV (flash-decoding) ----------------------------------------------------------------------------
+@pytest.mark.parametrize("device,backend", [db for db in DEVICES_BACKENDS if db[1] == "triton"])
+@pytest.mark.parametrize("splits", ["auto", "3", "64"])
+@pytest.mark.parametrize("case", ["perceiver", "decode_gqa", "causal_mask_dropout", "all_rows_dead_in_a_split"])
+def test_split_kv_matches_reference(device, backend, splits, case, monkeypatch):
+    """Keys split across programs, partial results merged by their LSE: forward, LSE and gradients."""
+    if splits != "auto":
+        monkeypatch.setenv("FASTATTN_NUM_SPLITS", splits)
+    if case == "perceiver":      # latents vs a long input, v head dim != qk head dim
+        check_against_reference(backend, device, torch.float32, (1, 1, 1, 8, 1000, 40, 24), return_lse=True)
+    elif case == "decode_gqa":   # one new query against a KV cache
+        check_against_reference(backend, device, torch.float32, (2, 4, 2, 1, 300, 64, 64), causal="bottom_right")
+    elif case == "causal_mask_dropout":
+        check_against_reference(backend, device, torch.float32, (1, 2, 1, 20, 257, 16, 16), causal=True,
+                                dropout_p=0.2, mask=torch.randn(2, 1, 257, dtype=torch.float64).requires_grad_())
+    else:                        # bottom-right with Lq > Lk: whole rows see no key in any split
+        check_against_reference(backend, device, torch.float32, (1, 2, 2, 40, 30, 16, 16),
+                                causal="bottom_right", return_lse=True)
+
+
+def test_split_kv_is_chosen_from_the_shapes():
+    from fastattn.kernels.triton_attention import choose_num_splits
+    assert choose_num_splits(programs=4, len_k=50176, block_n=64, sms=132) == 66   # Perceiver: ~2 waves
+    assert choose_num_splits(programs=4096, len_k=4096, block_n=64, sms=132) == 1  # the GPU is full
+    assert choose_num_splits(programs=8, len_k=200, block_n=64, sms=132) == 1      # too few keys to split

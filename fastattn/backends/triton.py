@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..problem import AttentionProblem
+from ..problem import MAX_HEAD_DIM, AttentionProblem
 from .base import Backend
 
 try:
@@ -86,12 +86,24 @@ class TritonBackend(Backend):
                            "fastattn is imported: Triton's interpreter, for testing)")
         else:
             why.append(f"does not run on {p.device.type} tensors")
+        for name, d in (("q", p.dim_qk), ("v", p.dim_v)):
+            if d > MAX_HEAD_DIM:
+                why.append(f"{name}: head dim {d} exceeds the Triton kernels' maximum {MAX_HEAD_DIM}")
         for name, t in (("q", p.q), ("k", p.k), ("v", p.v)):
             if t.stride(-1) != 1 and t.shape[-1] > 1:
                 # Strided head dims work, but every load becomes a gather; callers should not get that
                 # silently, and dispatch has better options.  (A .contiguous() copy is the user's call.)
                 why.append(f"{name}: the last (head) dimension must be contiguous (stride 1), got stride {t.stride(-1)}")
         return why
+
+    def plan(self, p: AttentionProblem) -> str:
+        """The forward launch for these inputs: kernel, tile configuration, key splits."""
+        kernel, cfg, splits = kernels.forward_plan(p.q, p.k, p.v)
+        text = (f"{kernel} kernel, BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} warps={cfg.num_warps} "
+                f"stages={cfg.num_stages}")
+        if splits > 1:
+            text += f"; split-KV: keys in {splits} splits, partial results merged by their LSE"
+        return text
 
     def forward(self, p, seed):
         return _forward_op(p.q, p.k, p.v, p.mask, seed, p.causal, p.scale, p.dropout_p)

@@ -103,6 +103,13 @@ _table("fwd", "fp32", {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2
                        128: (32, 32, 4, 2), 256: (32, 16, 8, 1)})
 _table("fwd", "fp64", {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 16, 4, 1),
                        128: (16, 16, 4, 1), 256: (16, 16, 8, 1)})
+# Few queries (Lq <= 16: decoding with a KV cache, tiny latent arrays): 16-row query tiles, long key tiles.
+_table("fwd_small_q", "half", {16: (16, 128, 4, 3), 32: (16, 128, 4, 3), 64: (16, 128, 4, 3),
+                               128: (16, 64, 4, 3), 256: (16, 64, 8, 2)})
+_table("fwd_small_q", "fp32", {16: (16, 64, 4, 2), 32: (16, 64, 4, 2), 64: (16, 64, 4, 2),
+                               128: (16, 32, 4, 2), 256: (16, 16, 8, 1)})
+_table("fwd_small_q", "fp64", {16: (16, 32, 4, 1), 32: (16, 32, 4, 1), 64: (16, 16, 4, 1),
+                               128: (16, 16, 4, 1), 256: (16, 16, 8, 1)})
 _table("bwd_dkdv", "half", {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
                             128: (32, 64, 8, 2), 256: (32, 32, 8, 1)})
 _table("bwd_dkdv", "fp32", {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 32, 4, 1),
@@ -119,6 +126,9 @@ _table("bwd_dq", "fp64", {16: (32, 16, 4, 1), 32: (32, 16, 4, 1), 64: (16, 16, 4
 def preprocess_block_m(block_dv: int) -> int:
     # rows per program of the Delta kernel: 2 x [BLOCK_M, BLOCK_DV] fp32 tiles in registers, so shrink with D
     return max(16, min(64, 4096 // block_dv))
+
+
+merge_block_m = preprocess_block_m  # the split-KV merge holds the same two tiles per row block
 
 
 def dtype_class(dtype: torch.dtype) -> str:
@@ -209,18 +219,23 @@ def _attn_fwd(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_ob, stride_oh, stride_om, stride_od,
-    H_Q, GROUP, LEN_Q, LEN_K, DIM_QK, DIM_V,
+    stride_ob, stride_oh, stride_om, stride_od, stride_os, stride_lse_s,
+    H_Q, GROUP, LEN_Q, LEN_K, DIM_QK, DIM_V, KEYS_PER_SPLIT,
     scale_log2_hi, scale_log2_lo, causal_offset, dropout_threshold, dropout_scale_hi, dropout_scale_lo,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """One program: BLOCK_M queries of one (batch, head) against the keys of one split
+    [split * KEYS_PER_SPLIT, (split + 1) * KEYS_PER_SPLIT) (one split = all keys, unless split-KV).
+    Writes the output normalised over its own keys and the matching LSE; with several splits these are
+    partial results in a float32 workspace (stride_os, stride_lse_s), merged by _attn_fwd_merge."""
     ACC: tl.constexpr = Lse.dtype.element_ty  # float32, or float64 for float64 inputs
     # Float arguments arrive as float32; each comes as a (hi, lo) float32 pair so float64 kernels get ~48 bits.
     scale_log2 = tl.cast(scale_log2_hi, ACC) + tl.cast(scale_log2_lo, ACC)
     dropout_scale = tl.cast(dropout_scale_hi, ACC) + tl.cast(dropout_scale_lo, ACC)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
     b = (pid_bh // H_Q).to(tl.int64)
     h = (pid_bh % H_Q).to(tl.int64)
     h_kv = h // GROUP
@@ -240,25 +255,77 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=ACC)                 # running row sum of exp2(s2 - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
 
+    # This split's keys, intersected with the interior (unmasked) and visible (causal) ranges of the block.
+    # KEYS_PER_SPLIT is a multiple of BLOCK_N, so every range starts on a key-block boundary.
+    split_lo = split * KEYS_PER_SPLIT
+    split_hi = tl.minimum(LEN_K, split_lo + KEYS_PER_SPLIT)
     interior_end, end = _key_ranges(pid_m, LEN_K, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _fwd_key_blocks(
         acc, l_i, m_i, q, k_base, v_base, Mask, mask_base, seed, pid_bh, offs_m,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-        LEN_Q, LEN_K, DIM_QK, DIM_V, scale_log2, causal_offset, dropout_threshold, dropout_scale, 0, interior_end,
+        LEN_Q, LEN_K, DIM_QK, DIM_V, scale_log2, causal_offset, dropout_threshold, dropout_scale,
+        split_lo, tl.minimum(interior_end, split_hi),
         BLOCK_N, BLOCK_DQK, BLOCK_DV, CAUSAL, MASK_KIND, DROPOUT, DOT_PRECISION, MASKED=False)
     acc, l_i, m_i = _fwd_key_blocks(
         acc, l_i, m_i, q, k_base, v_base, Mask, mask_base, seed, pid_bh, offs_m,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-        LEN_Q, LEN_K, DIM_QK, DIM_V, scale_log2, causal_offset, dropout_threshold, dropout_scale, interior_end, end,
+        LEN_Q, LEN_K, DIM_QK, DIM_V, scale_log2, causal_offset, dropout_threshold, dropout_scale,
+        tl.maximum(interior_end, split_lo), tl.minimum(end, split_hi),
         BLOCK_N, BLOCK_DQK, BLOCK_DV, CAUSAL, MASK_KIND, DROPOUT, DOT_PRECISION, MASKED=True)
 
     # A row with no visible key (l_i == 0) outputs 0 and lse = -inf.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V))
-    tl.store(Lse + pid_bh.to(tl.int64) * LEN_Q + offs_m, lse, mask=row_ok)
+    split64 = split.to(tl.int64)
+    tl.store(Out + split64 * stride_os + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+             + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V))
+    tl.store(Lse + split64 * stride_lse_s + pid_bh.to(tl.int64) * LEN_Q + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_fwd_merge(
+    OutSplit, LseSplit, Out, Lse,
+    stride_os, stride_lse_s, stride_ob, stride_oh, stride_om, stride_od,
+    H_Q, LEN_Q, DIM_V, NUM_SPLITS,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Split-KV merge (flash-decoding): with O_s, LSE_s each split's output (normalised over its keys) and
+    log-sum-exp, the full result is  LSE = log sum_s exp(LSE_s)  and  O = sum_s exp(LSE_s - LSE) O_s.
+    Computed online over the splits with the running-max rescale of the forward; splits that saw no key
+    have LSE_s = -inf and weigh 0; a row no split could see gets O = 0, LSE = -inf."""
+    ACC: tl.constexpr = Lse.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H_Q).to(tl.int64)
+    h = (pid_bh % H_Q).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DV)
+    ok = (offs_m[:, None] < LEN_Q) & (offs_d[None, :] < DIM_V)
+    row = pid_bh.to(tl.int64) * LEN_Q + offs_m
+    # the workspace is contiguous [S, B, Hq, Lq, Dv]: (bh, m, d) offsets are the same in every split
+    part = row[:, None] * DIM_V + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
+    for s in range(0, NUM_SPLITS):
+        s64 = tl.cast(s, tl.int64)
+        lse_s = tl.load(LseSplit + s64 * stride_lse_s + row, mask=offs_m < LEN_Q, other=float("-inf")).to(ACC)
+        o_s = tl.load(OutSplit + s64 * stride_os + part, mask=ok, other=0.0).to(ACC)
+        m_new = tl.maximum(m_i, lse_s)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_sub)
+        w = tl.exp(lse_s - m_sub)
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        l_i = l_i * alpha + w
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=ok)
+    tl.store(Lse + row, lse, mask=offs_m < LEN_Q)
 
 
 # ===========================================================================================================
@@ -576,6 +643,36 @@ def _dropout_args(dropout_p: float, seed: Optional[torch.Tensor]):
     return int(seed.item()), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of the device (132 on an H100 SXM; the interpreter pretends to be one)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def choose_num_splits(programs: int, len_k: int, block_n: int, sms: int) -> int:
+    """Split-KV: when the (query block, batch, head) programs cannot fill the GPU -- Perceiver's few latents
+    against 50k pixels, decoding with Lq = 1 -- split the keys so that about two waves of programs run.
+    Each split keeps at least 4 key blocks, so the merge stays cheap next to the attention."""
+    forced = os.environ.get("FASTATTN_NUM_SPLITS")  # for tests and experiments
+    if forced:
+        return max(1, min(int(forced), triton.cdiv(len_k, block_n)))
+    if programs >= sms:
+        return 1
+    max_splits = max(1, triton.cdiv(len_k, 4 * block_n))
+    return max(1, min(max_splits, triton.cdiv(2 * sms, programs), 128))
+
+
+def forward_plan(q, k, v):
+    """(kernel name, config, number of key splits) that attention_forward will launch for these inputs."""
+    B, Hq, Lq, Dqk = q.shape
+    Lk, Dv = k.shape[2], v.shape[3]
+    kernel = "fwd_small_q" if Lq <= 16 else "fwd"
+    cfg = pick_config(kernel, q.dtype, Dqk, Dv)
+    splits = choose_num_splits(triton.cdiv(Lq, cfg.block_m) * B * Hq, Lk, cfg.block_n, num_sms(q.device))
+    return kernel, cfg, splits
+
+
 def attention_forward(q, k, v, mask, causal: str, scale: float, dropout_p: float, seed):
     """Returns (out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] float32 (float64 for float64 inputs))."""
     B, Hq, Lq, Dqk = q.shape
@@ -586,12 +683,20 @@ def attention_forward(q, k, v, mask, causal: str, scale: float, dropout_p: float
         lse.fill_(float("nan"))
     mask_t, mask_strides, mask_kind = _mask_args(mask, (B, Hq, Lq, Lk))
     seed_i, threshold, drop_scale = _dropout_args(dropout_p, seed)
-    cfg = pick_config("fwd", q.dtype, Dqk, Dv)
-    grid = (triton.cdiv(Lq, cfg.block_m), B * Hq)
-    _attn_fwd[grid](
-        q, k, v, mask_t, out, lse, seed_i,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-        Hq, Hq // Hkv, Lq, Lk, Dqk, Dv,
+    _, cfg, splits = forward_plan(q, k, v)
+    keys_per_split = triton.cdiv(triton.cdiv(Lk, splits), cfg.block_n) * cfg.block_n
+    splits = max(1, triton.cdiv(Lk, keys_per_split))
+    if splits > 1:  # partial results, merged below
+        out_k = torch.empty((splits, B, Hq, Lq, Dv), dtype=_stats_dtype(q.dtype), device=q.device)
+        lse_k = torch.empty((splits, B, Hq, Lq), dtype=_stats_dtype(q.dtype), device=q.device)
+        split_strides = (out_k.stride(0), lse_k.stride(0))
+        out_k_strides = out_k.stride()[1:]
+    else:
+        out_k, lse_k, split_strides, out_k_strides = out, lse, (0, 0), out.stride()
+    _attn_fwd[(triton.cdiv(Lq, cfg.block_m), B * Hq, splits)](
+        q, k, v, mask_t, out_k, lse_k, seed_i,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out_k_strides, *split_strides,
+        Hq, Hq // Hkv, Lq, Lk, Dqk, Dv, keys_per_split,
         *_split(scale * LOG2E), _causal_offset(causal, Lq, Lk), threshold, *_split(drop_scale),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_DQK=padded_head_dim(Dqk), BLOCK_DV=padded_head_dim(Dv),
@@ -599,6 +704,12 @@ def attention_forward(q, k, v, mask, causal: str, scale: float, dropout_p: float
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if splits > 1:
+        block_dv = padded_head_dim(Dv)
+        merge_m = merge_block_m(block_dv)
+        _attn_fwd_merge[(triton.cdiv(Lq, merge_m), B * Hq)](
+            out_k, lse_k, out, lse, *split_strides, *out.stride(), Hq, Lq, Dv, splits,
+            BLOCK_M=merge_m, BLOCK_DV=block_dv, num_warps=4)
     return out, lse
 
 
@@ -699,6 +810,7 @@ def kernel_specs(dtypes=SPEC_DTYPES) -> List[KernelSpec]:
                 unit_strides = {}
                 for kernel, fn, tensors in (
                         ("fwd", _attn_fwd, "q k v o"),
+                        ("fwd_small_q", _attn_fwd, "q k v o"),
                         ("bwd_dkdv", _attn_bwd_dkdv, "q k v do dk dv"),
                         ("bwd_dq", _attn_bwd_dq, "q k v do dq")):
                     cfg = _CONFIGS[(kernel, dtype_class(dtype), head)]
@@ -715,15 +827,21 @@ def kernel_specs(dtypes=SPEC_DTYPES) -> List[KernelSpec]:
                     pointers = {name: f"*{t}" for name in ("Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ")}
                     pointers.update(Mask=f"*{t}", Lse=f"*{acc}", Delta=f"*{acc}", dMask=f"*{acc}")
                     specs.append(KernelSpec(
-                        label=f"{kernel:<8} {str(dtype).replace('torch.', ''):<8} d{head:<3} {variant:<5} "
+                        label=f"{kernel:<11} {str(dtype).replace('torch.', ''):<8} d{head:<3} {variant:<5} "
                               f"M{cfg.block_m} N{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}",
                         fn=fn, signature=_signature(fn, pointers, constexprs), constexprs=constexprs,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-            # The preprocessing kernel has one configuration per head dim.
+            # The split-KV merge and the backward preprocessing have one configuration per head dim.
+            constexprs = dict(BLOCK_M=merge_block_m(head), BLOCK_DV=head, stride_od=1)
+            pointers = {"OutSplit": f"*{acc}", "LseSplit": f"*{acc}", "Out": f"*{t}", "Lse": f"*{acc}"}
+            specs.append(KernelSpec(
+                label=f"{'fwd_merge':<11} {str(dtype).replace('torch.', ''):<8} d{head:<3} {'full':<5} M{merge_block_m(head)} w4",
+                fn=_attn_fwd_merge, signature=_signature(_attn_fwd_merge, pointers, constexprs),
+                constexprs=constexprs, num_warps=4, num_stages=1))
             constexprs = dict(BLOCK_M=preprocess_block_m(head), BLOCK_DV=head, HAS_DLSE=True, stride_od=1, stride_dod=1)
             pointers = {"Out": f"*{t}", "dOut": f"*{t}", "dLse": f"*{acc}", "Delta": f"*{acc}"}
             specs.append(KernelSpec(
-                label=f"{'bwd_pre':<8} {str(dtype).replace('torch.', ''):<8} d{head:<3} {'full':<5} M{preprocess_block_m(head)} w4",
+                label=f"{'bwd_pre':<11} {str(dtype).replace('torch.', ''):<8} d{head:<3} {'full':<5} M{preprocess_block_m(head)} w4",
                 fn=_attn_bwd_preprocess, signature=_signature(_attn_bwd_preprocess, pointers, constexprs),
                 constexprs=constexprs, num_warps=4, num_stages=1))
     return specs

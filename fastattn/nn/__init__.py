@@ -1,4 +1,6 @@
 """fastattn's nn modules: drop-in replacements for torch.nn attention layers."""
+from .cross_attention import CrossAttention
 from .multihead_attention import MultiheadAttention
+from .window_attention import WindowAttention
 
-__all__ = ["MultiheadAttention"]
+__all__ = ["CrossAttention", "MultiheadAttention", "WindowAttention"]

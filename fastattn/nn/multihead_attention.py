@@ -30,7 +30,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from .. import dispatch
 from ..backends.reference import reference_probabilities
 from ..functional import attention
-from ..problem import CAUSAL_NONE, CAUSAL_TOP_LEFT, MAX_HEAD_DIM
+from ..problem import CAUSAL_NONE, CAUSAL_TOP_LEFT
 
 __all__ = ["MultiheadAttention"]
 
@@ -149,8 +149,8 @@ class MultiheadAttention(Module):
     * A float mask whose dtype differs from the query's is rejected with a RuntimeError as torch does
       (``need_weights=True``: any other dtype; ``need_weights=False``: any other than float32).
     * With ``batch_first=True`` the output is a contiguous ``(N, L, E)`` tensor (torch returns a transposed
-      view).  Head dims above ``fastattn.MAX_HEAD_DIM`` run on the reference math (unless ``backend`` is
-      set: then the fused op raises).  Not TorchScript-able.
+      view).  Head dims above ``fastattn.MAX_HEAD_DIM`` (the Triton kernels' limit) are
+      served by dispatch's other backends, or raise if ``backend`` excludes them.  Not TorchScript-able.
     """
 
     bias_k: Optional[Tensor]
@@ -349,10 +349,7 @@ class MultiheadAttention(Module):
         causal = CAUSAL_TOP_LEFT if causal_hint else CAUSAL_NONE
 
         weights = None
-        # Head dims beyond the fused kernels' range use the materialised path -- unless the user restricted
-        # the backends, in which case fastattn.attention raises naming the head dim (no silent fallback).
-        too_wide = D > MAX_HEAD_DIM and self.backend is None
-        if need_weights or too_wide or dropout_p >= 1.0:
+        if need_weights or dropout_p >= 1.0:
             # Materialised probabilities (reference math); dropout on them as torch does.
             weights = reference_probabilities(qh, kh, mask, causal, D ** -0.5).to(qh.dtype)
             if dropout_p > 0.0:

@@ -91,14 +91,14 @@ def compile_all(archs: Sequence[int] = (80, 90), dtypes: Sequence[torch.dtype] =
 
 
 def format_table(results: Sequence[CompileResult]) -> str:
-    lines = [f"{'arch':<6}{'kernel / dtype / head dim / variant / config':<58}{'regs':>6}{'smem (B)':>10}"
+    lines = [f"{'arch':<6}{'kernel / dtype / head dim / variant / config':<61}{'regs':>6}{'smem (B)':>10}"
              f"{'spill (B)':>10}  status"]
     for r in results:
         if r.error:
-            lines.append(f"sm_{r.arch:<3}{r.label:<58}{'-':>6}{'-':>10}{'-':>10}  FAILED: {r.error}")
+            lines.append(f"sm_{r.arch:<3}{r.label:<61}{'-':>6}{'-':>10}{'-':>10}  FAILED: {r.error}")
         else:
             status = "ok" if r.ok else "SPILLS"
-            lines.append(f"sm_{r.arch:<3}{r.label:<58}{r.registers:>6}{r.shared_bytes:>10}{r.local_bytes:>10}  {status}")
+            lines.append(f"sm_{r.arch:<3}{r.label:<61}{r.registers:>6}{r.shared_bytes:>10}{r.local_bytes:>10}  {status}")
     bad = sum(not r.ok for r in results)
     lines.append(f"{len(results)} kernels compiled, {bad} failed or spilled")
     return "\n".join(lines)
