@@ -9,6 +9,8 @@ from .dispatch import available_backends, use_backend
 from .functional import AttentionFunction, attention, explain, scaled_dot_product_attention
 from .nn import MultiheadAttention
 from .problem import MAX_HEAD_DIM
+from .spacetime import (axial_attention, factorised_dot_product_attention, global_attention, local_attention,
+                        spatial_attention, temporal_attention)
 from .window import window_attention
 
 __version__ = "0.1.0"
@@ -18,4 +20,6 @@ __all__ = [
     "AttentionFunction", "MAX_HEAD_DIM",
     "MultiheadAttention",
     "window_attention",
+    "axial_attention", "temporal_attention", "spatial_attention", "factorised_dot_product_attention",
+    "local_attention", "global_attention",
 ]

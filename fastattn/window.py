@@ -37,13 +37,18 @@ and sets the shift to 0 on that axis when ``resolution <= window`` (``_calc_wind
 decision of the block / model, which builds its attention module (and its bias table) with the clamped
 window -- not of this op.
 
-Implementation (today): a composite over ``fastattn.attention``
----------------------------------------------------------------
-The fused Triton kernel -- shift, partition and its reverse as index math, the bias table read by
-coordinate difference and the region mask computed from coordinates inside the kernel, the table's
-gradient accumulated in the backward -- is future work (issue 3).  The current path is a composite of
-PyTorch ops around one ``fastattn.attention`` call (so every attention backend, and dispatch, apply), and
-it makes these copies:
+Implementation: two paths
+-------------------------
+**Fused (the "triton" backend: on CUDA by default, on CPU tensors under Triton's interpreter when asked
+for).**  The FlashAttention-2 kernels of ``fastattn.kernels.triton_attention`` in their window layout: a
+program owns one (batch, window, head) group; token i of window w is addressed at its pixel through the shift
+and partition index map (no roll, no partition copy, no output reverse); the bias is read from the table by
+the in-window coordinate difference and the region mask computed from coordinates, inside the kernel (no
+mask tensor); the backward kernels write the score gradient of each (batch, window, head), which is summed
+over batch and windows and scattered into the table's gradient.
+
+**Composite (any other backend: "sdpa", "reference", or "triton" where the kernels cannot run).**
+PyTorch ops around one ``fastattn.attention`` call; it makes these copies:
 
 * q, k, v: one gather each (advanced indexing with a precomputed token index), which performs the roll,
   the window partition and the head transpose in a single copy, to a contiguous ``[B, nW, heads, N, d]``;
@@ -57,7 +62,7 @@ it makes these copies:
   ``[B * nW, heads, N, d]`` and the mask is the bias view, nothing materialised;
 * the output: one gather back (window reverse + inverse roll in one copy) to ``[B, H, W, heads, dv]``.
 
-Backward: autograd through the gathers (scatter-adds of the same sizes), through the attention op (whose
+Composite backward: autograd through the gathers (scatter-adds of the same sizes), through the attention op (whose
 float-mask gradient, summed over the broadcast dimensions, flows to the table through the bias gather).
 """
 from __future__ import annotations
@@ -67,7 +72,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .functional import attention
+from . import dispatch
+from .functional import _draw_seed, attention
 
 __all__ = ["window_attention", "pad_to_window", "relative_position_index", "region_ids"]
 
@@ -159,6 +165,51 @@ def _region_mask(H, W, wh, ww, sh, sw, dtype, device):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The fused path: the Triton attention kernels in their window layout (fastattn/kernels/triton_attention.py,
+# LAYOUT 1): the shift, the partition and their reverse are index math on the image layout, the bias table is
+# read by coordinate difference and the region mask computed from coordinates inside the kernels; the
+# table's gradient is reduced from the kernels' score gradient.  No roll, no partition copy, no mask tensor.
+# ---------------------------------------------------------------------------------------------------------
+class _FusedWindowAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, table, seed, geometry, scale, dropout_p):
+        from .backends.triton import _window_forward_op
+        out, lse = _window_forward_op(q, k, v, table, seed, geometry, scale, dropout_p)
+        ctx.save_for_backward(q, k, v, table, seed, out, lse)
+        ctx.args = (geometry, scale, dropout_p)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from .backends.triton import _window_backward_op
+        q, k, v, table, seed, out, lse = ctx.saved_tensors
+        geometry, scale, dropout_p = ctx.args
+        table_needs_grad = bool(ctx.needs_input_grad[3])
+        dq, dk, dv, dtable = _window_backward_op(q, k, v, table, seed, out, lse, dout.contiguous(), geometry,
+                                                 scale, dropout_p, table_needs_grad)
+        dtable = dtable.to(table.dtype) if table_needs_grad else None
+        return dq, dk, dv, dtable, None, None, None, None
+
+
+def _use_fused_kernel(q, k, v, backend) -> bool:
+    """Dispatch for the window op: walk the allowed backends (``backend=``, ``use_backend``,
+    ``FASTATTN_BACKEND``, else the device's priority list); "triton" means the fused kernel, when it can serve;
+    any other name means the composite, which hands the same restriction to ``fastattn.attention``."""
+    from .backends.triton import device_reasons, tensor_reasons
+    allowed, _ = dispatch._allowed(backend)
+    order = allowed if allowed is not None else dispatch._PRIORITY.get(q.device.type, dispatch._DEFAULT_PRIORITY)
+    for name in order:
+        if name == "triton":
+            reasons = device_reasons(q.device) + tensor_reasons(
+                (("q", q), ("k", k), ("v", v)), (("q", q.shape[-1]), ("v", v.shape[-1])))
+            if not reasons:
+                return True
+        elif name in ("reference", "sdpa"):
+            return False
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The op.
 # ---------------------------------------------------------------------------------------------------------
 def _check_inputs(q, k, v, window_size, shift_size, table, unpadded_size):
@@ -237,6 +288,13 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, windo
     (wh, ww), (sh, sw), (uh, uw) = _check_inputs(q, k, v, window_size, shift_size, rel_pos_bias_table,
                                                  unpadded_size)
     B, H, W, heads, _ = q.shape
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if _use_fused_kernel(q, k, v, backend):
+        geometry = [H, W, wh, ww, sh, sw, uh, uw]
+        seed = _draw_seed(float(dropout_p))
+        return _FusedWindowAttention.apply(q, k, v, rel_pos_bias_table, seed, geometry, float(scale),
+                                           float(dropout_p))
     dv = v.shape[-1]
     N, nW = wh * ww, (H // wh) * (W // ww)
     device = q.device

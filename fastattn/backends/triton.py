@@ -64,36 +64,91 @@ if _TRITON_IMPORT_ERROR is None:
                 q.new_empty(dmask_shape, dtype=kernels._stats_dtype(q.dtype)))
 
 
+    # --- Swin window attention: the same kernels with the window layout (LAYOUT 1) -------------------------
+    def _geometry(geometry):
+        return kernels.WindowGeometry(*geometry)
+
+    @torch.library.custom_op("fastattn::triton_window_attention_forward", mutates_args=())
+    def _window_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: Optional[torch.Tensor],
+                           seed: Optional[torch.Tensor], geometry: List[int], scale: float,
+                           dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        return kernels.attention_forward(q, k, v, None, "none", scale, dropout_p, seed,
+                                         window=_geometry(geometry), table=table)
+
+    @_window_forward_op.register_fake
+    def _(q, k, v, table, seed, geometry, scale, dropout_p):
+        g = _geometry(geometry)
+        out = q.new_empty(q.shape[:4] + (v.shape[-1],))
+        return out, q.new_empty((q.shape[0] * g.num_windows, q.shape[3], g.tokens),
+                                dtype=kernels._stats_dtype(q.dtype))
+
+    @torch.library.custom_op("fastattn::triton_window_attention_backward", mutates_args=())
+    def _window_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: Optional[torch.Tensor],
+                            seed: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+                            dout: torch.Tensor, geometry: List[int], scale: float, dropout_p: float,
+                            table_needs_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = _geometry(geometry)
+        dq, dk, dv, dscores = kernels.attention_backward(q, k, v, None, "none", scale, dropout_p, seed, out, lse,
+                                                         dout, None, table_needs_grad, window=g, table=table)
+        if not table_needs_grad:
+            return dq, dk, dv, q.new_empty((0,), dtype=kernels._stats_dtype(q.dtype))
+        # dTable[index(i, j), h] += sum over batch and windows of dS[., h, i, j]
+        from ..window import relative_position_index
+        heads, N = q.shape[3], g.tokens
+        per_pair = dscores.view(-1, heads, N, N).sum(0).permute(1, 2, 0).reshape(N * N, heads)
+        index = relative_position_index((g.win_h, g.win_w), device=q.device).view(-1)
+        dtable = torch.zeros(table.shape, dtype=per_pair.dtype, device=q.device).index_add_(0, index, per_pair)
+        return dq, dk, dv, dtable
+
+    @_window_backward_op.register_fake
+    def _(q, k, v, table, seed, out, lse, dout, geometry, scale, dropout_p, table_needs_grad):
+        dtable = (q.new_empty(table.shape, dtype=kernels._stats_dtype(q.dtype)) if table_needs_grad
+                  else q.new_empty((0,), dtype=kernels._stats_dtype(q.dtype)))
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dtable
+
+
+def device_reasons(device: torch.device) -> List[str]:
+    """Why the Triton kernels cannot run on tensors of this device (empty when they can)."""
+    if _TRITON_IMPORT_ERROR is not None:
+        return [_TRITON_IMPORT_ERROR]
+    if device.type == "cuda":
+        if interpreting():
+            return ["the Triton interpreter is on (TRITON_INTERPRET=1 when fastattn was imported): "
+                    "kernels run on CPU tensors only"]
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return [f"needs compute capability >= 8.0, the device has {major}.{minor}"]
+        return []
+    if device.type == "cpu":
+        if not interpreting():
+            return ["runs on CUDA tensors (on CPU tensors only when TRITON_INTERPRET=1 is set before "
+                    "fastattn is imported: Triton's interpreter, for testing)"]
+        return []
+    return [f"does not run on {device.type} tensors"]
+
+
+def tensor_reasons(named_tensors, head_dims) -> List[str]:
+    """Head dims within the kernels' range and contiguous head dimensions."""
+    why = []
+    for name, d in head_dims:
+        if d > MAX_HEAD_DIM:
+            why.append(f"{name}: head dim {d} exceeds the Triton kernels' maximum {MAX_HEAD_DIM}")
+    for name, t in named_tensors:
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            # Strided head dims would work, but every load becomes a gather; dispatch has better options.
+            why.append(f"{name}: the last (head) dimension must be contiguous (stride 1), got stride {t.stride(-1)}")
+    return why
+
+
 class TritonBackend(Backend):
     name = "triton"
     summary = ("FlashAttention-2 style Triton kernels: CUDA sm_80+ (CPU tensors only under "
                "TRITON_INTERPRET=1); any strides, GQA, masks with gradient, dropout, both causal alignments")
 
     def reasons(self, p: AttentionProblem) -> List[str]:
-        if _TRITON_IMPORT_ERROR is not None:
-            return [_TRITON_IMPORT_ERROR]
-        why = []
-        if p.device.type == "cuda":
-            if interpreting():
-                why.append("the Triton interpreter is on (TRITON_INTERPRET=1 when fastattn was imported): "
-                           "kernels run on CPU tensors only")
-            major, minor = torch.cuda.get_device_capability(p.device)
-            if major < 8:
-                why.append(f"needs compute capability >= 8.0, the device has {major}.{minor}")
-        elif p.device.type == "cpu":
-            if not interpreting():
-                why.append("runs on CUDA tensors (on CPU tensors only when TRITON_INTERPRET=1 is set before "
-                           "fastattn is imported: Triton's interpreter, for testing)")
-        else:
-            why.append(f"does not run on {p.device.type} tensors")
-        for name, d in (("q", p.dim_qk), ("v", p.dim_v)):
-            if d > MAX_HEAD_DIM:
-                why.append(f"{name}: head dim {d} exceeds the Triton kernels' maximum {MAX_HEAD_DIM}")
-        for name, t in (("q", p.q), ("k", p.k), ("v", p.v)):
-            if t.stride(-1) != 1 and t.shape[-1] > 1:
-                # Strided head dims work, but every load becomes a gather; callers should not get that
-                # silently, and dispatch has better options.  (A .contiguous() copy is the user's call.)
-                why.append(f"{name}: the last (head) dimension must be contiguous (stride 1), got stride {t.stride(-1)}")
+        why = device_reasons(p.device)
+        if _TRITON_IMPORT_ERROR is None:
+            why += tensor_reasons((("q", p.q), ("k", p.k), ("v", p.v)), (("q", p.dim_qk), ("v", p.dim_v)))
         return why
 
     def plan(self, p: AttentionProblem) -> str:
