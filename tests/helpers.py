@@ -72,3 +72,14 @@ def _device_backends():
 
 
 DEVICES_BACKENDS = _device_backends()
+
+
+def triton_device():
+    """The device the Triton kernels run on here: CUDA, or CPU under the interpreter; else skip the test."""
+    import pytest
+    from fastattn.backends import triton as triton_backend
+    if torch.cuda.is_available():
+        return "cuda"
+    if triton_backend.interpreting():
+        return "cpu"
+    pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py)")

@@ -19,7 +19,7 @@ from fastattn.nn import (AxialAttention, DividedSpaceTimeAttention, FactorisedDo
                          LocalGlobalAttention)
 from fastattn.spacetime import (axial_attention, factorised_dot_product_attention, global_attention,
                                 local_attention, spatial_attention, temporal_attention)
-from helpers import assert_close_rule
+from helpers import assert_close_rule, triton_device as _triton_device
 
 TOL64 = 1e-10
 BACKENDS = ["reference", "sdpa"]
@@ -147,15 +147,6 @@ def assert_matches(out, ref, leaves, tol=TOL64):
     g = torch.randn_like(ref)
     for name, got, want in zip("qkv", grads_of(out, leaves, g.to(out.dtype)), grads_of(ref, leaves, g)):
         assert (got.double() - want).abs().max().item() <= tol, f"grad {name}"
-
-
-def _triton_device():
-    from fastattn.backends import triton as triton_backend
-    if torch.cuda.is_available():
-        return "cuda"
-    if triton_backend.interpreting():
-        return "cpu"
-    pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py)")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
+from helpers import triton_device as _triton_device
 import fastattn.window as window_mod
 from fastattn.nn import WindowAttention
 from fastattn.window import pad_to_window, relative_position_index, window_attention
@@ -91,15 +92,6 @@ def make_inputs(B, H, W, heads, d, dv, window_size, dtype=torch.float64, fused=T
         return (qkv,), (q, k, v), table
     q, k, v = (torch.randn(B, H, W, heads, e, dtype=dtype, requires_grad=True) for e in (d, d, dv))
     return (q, k, v), (q, k, v), table
-
-
-def _triton_device():
-    from fastattn.backends import triton as triton_backend
-    if torch.cuda.is_available():
-        return "cuda"
-    if triton_backend.interpreting():
-        return "cpu"
-    pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py)")
 
 
 def grads_of(out, leaves, grad_out):
