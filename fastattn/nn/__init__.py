@@ -1,9 +1,10 @@
 """fastattn's nn modules: drop-in replacements for torch.nn attention layers."""
+from .attention import Attention, KVCache
 from .cross_attention import CrossAttention
 from .multihead_attention import MultiheadAttention
 from .spacetime import (AxialAttention, DividedSpaceTimeAttention, FactorisedDotProductAttention,
                         LocalGlobalAttention)
 from .window_attention import WindowAttention
 
-__all__ = ["CrossAttention", "MultiheadAttention", "WindowAttention",
+__all__ = ["Attention", "KVCache", "CrossAttention", "MultiheadAttention", "WindowAttention",
            "DividedSpaceTimeAttention", "AxialAttention", "LocalGlobalAttention", "FactorisedDotProductAttention"]

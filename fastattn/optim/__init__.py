@@ -1,0 +1,1 @@
+"""fastattn.optim: optimizers that go with the models (SAM)."""

@@ -1,0 +1,1 @@
+"""bert: not written yet (issue 4)."""

@@ -1,0 +1,1 @@
+"""perceiver: not written yet (issue 4)."""

@@ -1,0 +1,1 @@
+"""setr: not written yet (issue 4)."""

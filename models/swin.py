@@ -1,0 +1,1 @@
+"""swin: not written yet (issue 4)."""

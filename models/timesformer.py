@@ -1,0 +1,1 @@
+"""timesformer: not written yet (issue 4)."""

@@ -1,0 +1,1 @@
+"""transformer: not written yet (issue 4)."""

@@ -1,0 +1,1 @@
+"""vit: not written yet (issue 4)."""

@@ -1,0 +1,1 @@
+"""vivit: not written yet (issue 4)."""
