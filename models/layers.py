@@ -7,7 +7,9 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ["to_2tuple", "drop_path", "DropPath", "Mlp", "PatchEmbed", "sinusoidal_position_encoding"]
+from fastattn.nn import Attention
+
+__all__ = ["to_2tuple", "drop_path", "DropPath", "Mlp", "PatchEmbed", "Block", "sinusoidal_position_encoding"]
 
 
 def to_2tuple(x: Union[int, Sequence[int]], name: str = "size") -> Tuple[int, int]:
@@ -89,6 +91,30 @@ class PatchEmbed(nn.Module):
         x = self.proj(x)
         x = x.flatten(2).transpose(1, 2) if self.flatten else x.permute(0, 2, 3, 1)
         return self.norm(x)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block (ViT): ``x + drop_path(attn(norm1(x)))``, then ``x + drop_path(mlp(norm2(x)))``.
+
+    timm's ``vision_transformer.Block`` names (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``,
+    ``mlp.fc2``), so its state_dict loads; no layer scale (ViT/DeiT/ViViT/TimeSformer use none).
+    ``forward(x, attn_mask=None)``: ``attn_mask`` as in ``fastattn.nn.Attention``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, act_layer=nn.GELU,
+                 norm_layer=nn.LayerNorm, backend=None):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
+                              backend=backend)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), attn_mask=attn_mask))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 def sinusoidal_position_encoding(length: int, dim: int, *, base: float = 10000.0, interleaved: bool = True,
