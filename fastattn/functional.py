@@ -59,7 +59,7 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, dropout_p=0.
         q: ``[B, Hq, Lq, Dqk]``; k: ``[B, Hkv, Lk, Dqk]``; v: ``[B, Hkv, Lk, Dv]``.  ``Hq % Hkv == 0``
             (grouped-query / multi-query attention: query head h reads key/value head ``h // (Hq/Hkv)``).
             Any strides: a ``[B, L, H, D]`` tensor ``.transpose(1, 2)``-ed to this layout is read in place.
-            Any head dims (the Triton kernels take 1..256, see ``fastattn.MAX_HEAD_DIM``; wider heads go to
+            Any head dims (the Triton kernels take 1..512, 1..256 in float64, see ``fastattn.MAX_HEAD_DIM``; wider heads go to
             the other backends); ``Dv`` may differ from ``Dqk``.  float16, bfloat16, float32, float64.
         attn_mask: bool (True = attend) or float (added to the scaled scores), broadcastable to
             ``[B, Hq, Lq, Lk]``.  A float mask that requires grad receives its gradient, summed over the

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-MAX_HEAD_DIM = 256  # the largest head dim the fused Triton kernels take (reference/sdpa take any)
+MAX_HEAD_DIM = 512  # the largest head dim the fused Triton kernels take (reference/sdpa take any)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Causal alignments.  "top_left" is F.scaled_dot_product_attention(is_causal=True): query i sees keys

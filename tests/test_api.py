@@ -48,10 +48,12 @@ def test_bad_masks_raise(mask, exc, words):
     assert words in str(info.value)
 
 
-@pytest.mark.parametrize("dqk,dv,words", [(300, 8, "q: head dim 300 exceeds"), (8, 257, "v: head dim 257 exceeds")])
-def test_head_dims_beyond_the_triton_kernels(dqk, dv, words):
-    """Head dims > 256 are served by reference/sdpa; forcing triton raises, naming the argument."""
-    q, k, v = torch.randn(1, 2, 5, dqk), torch.randn(1, 2, 6, dqk), torch.randn(1, 2, 6, dv)
+@pytest.mark.parametrize("dqk,dv,dtype,words", [(600, 8, torch.float32, "q: head dim 600 exceeds"),
+                                                (8, 513, torch.float32, "v: head dim 513 exceeds"),
+                                                (300, 8, torch.float64, "q: head dim 300 exceeds the Triton kernels' maximum 256")])
+def test_head_dims_beyond_the_triton_kernels(dqk, dv, dtype, words):
+    """Head dims > 512 (> 256 in float64) are served by reference/sdpa; forcing triton raises, naming the argument."""
+    q, k, v = (torch.randn(1, 2, n, d, dtype=dtype) for n, d in ((5, dqk), (6, dqk), (6, dv)))
     with pytest.raises(RuntimeError) as info:
         fastattn.attention(q, k, v, backend="triton")
     assert words in str(info.value)

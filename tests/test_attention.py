@@ -155,6 +155,15 @@ def test_return_lse_and_its_gradient(device, backend, causal):
 
 
 @pytest.mark.parametrize("device,backend", DEVICES_BACKENDS)
+@pytest.mark.parametrize("causal", [False, "bottom_right"])
+def test_wide_heads_perceiver(device, backend, causal):
+    """Head dims 257..512 (Perceiver's 261 Fourier-feature channels; Dv differs): the Triton kernels' d512 tiles,
+    on the split-KV path (few latents, many inputs), in float32 (float64 stops at 256 on Triton)."""
+    check_against_reference(backend, device, torch.float32, (1, 1, 1, 9, 300, 261, 300), causal=causal,
+                            mask=torch.randn(1, 1, 1, 300, dtype=torch.float64).requires_grad_())
+
+
+@pytest.mark.parametrize("device,backend", DEVICES_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_decode_single_query(device, backend, dtype):
     check_against_reference(backend, device, dtype, (3, 4, 2, 1, 77, 64, 64), causal="bottom_right")
@@ -166,6 +175,7 @@ def test_decode_single_query(device, backend, dtype):
 @pytest.mark.parametrize("shape,causal", [((2, 4, 2, 128, 128, 64, 64), False), ((1, 3, 3, 257, 511, 128, 128), True),
                                           ((2, 2, 1, 97, 129, 80, 80), "bottom_right"),
                                           ((1, 2, 2, 64, 200, 256, 256), False),
+                                          ((2, 1, 1, 128, 3000, 261, 261), False),
                                           ((1, 2, 2, 300, 300, 40, 160), True)])
 def test_low_precision_tolerance_rule_gpu(backend, dtype, shape, causal):
     check_against_reference(backend, "cuda", dtype, shape, causal=causal,

@@ -127,12 +127,19 @@ def device_reasons(device: torch.device) -> List[str]:
     return [f"does not run on {device.type} tensors"]
 
 
+# Largest head dim per dtype (the kernels' table in fastattn/kernels/triton_attention.py; float64 stops at 256).
+_MAX_HEAD_DIM_BY_DTYPE = {torch.float16: MAX_HEAD_DIM, torch.bfloat16: MAX_HEAD_DIM, torch.float32: MAX_HEAD_DIM,
+                          torch.float64: 256}
+
+
 def tensor_reasons(named_tensors, head_dims) -> List[str]:
-    """Head dims within the kernels' range and contiguous head dimensions."""
+    """Head dims within the kernels' range (which depends on the dtype) and contiguous head dimensions."""
     why = []
+    dtype = named_tensors[0][1].dtype
+    limit = _MAX_HEAD_DIM_BY_DTYPE.get(dtype, MAX_HEAD_DIM)
     for name, d in head_dims:
-        if d > MAX_HEAD_DIM:
-            why.append(f"{name}: head dim {d} exceeds the Triton kernels' maximum {MAX_HEAD_DIM}")
+        if d > limit:
+            why.append(f"{name}: head dim {d} exceeds the Triton kernels' maximum {limit} for {dtype}")
     for name, t in named_tensors:
         if t.stride(-1) != 1 and t.shape[-1] > 1:
             # Strided head dims would work, but every load becomes a gather; dispatch has better options.

@@ -139,6 +139,10 @@ class KernelConfig:
 
 # (block_m, block_n, num_warps, num_stages); "half" = fp16/bf16 on tensor cores, "fp32"/"fp64" on FMA units
 _CONFIGS: Dict[Tuple[str, str, int], KernelConfig] = {}
+HEAD_BUCKETS = (16, 32, 64, 128, 256, 512)  # padded head dims with a configuration
+# Head dims 257..512 (Perceiver's 261-channel cross-attention) pad to 512: small tiles, twice the MMA work of the
+# true width at 261.  float64 stops at 256: its smallest d512 backward tiles need 259 KiB of shared memory.
+MAX_HEAD_DIM_BY_DTYPE_CLASS = {"half": 512, "fp32": 512, "fp64": 256}
 
 
 def _table(kernel, dtype_class, rows):
@@ -147,35 +151,35 @@ def _table(kernel, dtype_class, rows):
 
 
 _table("fwd", "half", {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3),
-                       128: (128, 64, 8, 3), 256: (64, 64, 8, 2)})
+                       128: (128, 64, 8, 3), 256: (64, 64, 8, 2), 512: (32, 32, 8, 1)})
 _table("fwd", "fp32", {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2),
-                       128: (32, 32, 4, 2), 256: (32, 16, 8, 1)})
+                       128: (32, 32, 4, 2), 256: (32, 16, 8, 1), 512: (16, 16, 8, 1)})
 _table("fwd", "fp64", {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 16, 4, 1),
                        128: (16, 16, 4, 1), 256: (16, 16, 8, 1)})
 # Few queries (Lq <= 16: decoding with a KV cache, tiny latent arrays): 16-row query tiles, long key tiles.
 _table("fwd_small_q", "half", {16: (16, 128, 4, 3), 32: (16, 128, 4, 3), 64: (16, 128, 4, 3),
-                               128: (16, 64, 4, 3), 256: (16, 64, 8, 2)})
+                               128: (16, 64, 4, 3), 256: (16, 64, 8, 2), 512: (16, 32, 8, 1)})
 _table("fwd_small_q", "fp32", {16: (16, 64, 4, 2), 32: (16, 64, 4, 2), 64: (16, 64, 4, 2),
-                               128: (16, 32, 4, 2), 256: (16, 16, 8, 1)})
+                               128: (16, 32, 4, 2), 256: (16, 16, 8, 1), 512: (16, 16, 8, 1)})
 _table("fwd_small_q", "fp64", {16: (16, 32, 4, 1), 32: (16, 32, 4, 1), 64: (16, 16, 4, 1),
                                128: (16, 16, 4, 1), 256: (16, 16, 8, 1)})
 # Swin windows (N = 49 tokens for 7x7): 64-row tiles waste 15 rows where 128-row tiles would waste 79.
 _table("fwd_window", "half", {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
-                              128: (64, 64, 8, 2), 256: (64, 32, 8, 1)})
+                              128: (64, 64, 8, 2), 256: (64, 32, 8, 1), 512: (32, 32, 8, 1)})
 _table("fwd_window", "fp32", {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2),
-                              128: (32, 32, 4, 2), 256: (32, 16, 8, 1)})
+                              128: (32, 32, 4, 2), 256: (32, 16, 8, 1), 512: (16, 16, 8, 1)})
 _table("fwd_window", "fp64", {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 16, 4, 1),
                               128: (16, 16, 4, 1), 256: (16, 16, 8, 1)})
 _table("bwd_dkdv", "half", {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
-                            128: (32, 64, 8, 2), 256: (32, 32, 8, 1)})
+                            128: (32, 64, 8, 2), 256: (32, 32, 8, 1), 512: (16, 32, 8, 1)})
 _table("bwd_dkdv", "fp32", {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 32, 4, 1),
-                            128: (16, 32, 4, 1), 256: (16, 16, 8, 1)})
+                            128: (16, 32, 4, 1), 256: (16, 16, 8, 1), 512: (16, 16, 8, 1)})
 _table("bwd_dkdv", "fp64", {16: (16, 32, 4, 1), 32: (16, 32, 4, 1), 64: (16, 16, 4, 1),
                             128: (16, 16, 4, 1), 256: (16, 16, 8, 1)})
 _table("bwd_dq", "half", {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
-                          128: (64, 32, 8, 2), 256: (32, 32, 8, 1)})
+                          128: (64, 32, 8, 2), 256: (32, 32, 8, 1), 512: (32, 16, 8, 1)})
 _table("bwd_dq", "fp32", {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 32, 4, 1),
-                          128: (32, 16, 4, 1), 256: (16, 16, 8, 1)})
+                          128: (32, 16, 4, 1), 256: (16, 16, 8, 1), 512: (16, 16, 8, 1)})
 _table("bwd_dq", "fp64", {16: (32, 16, 4, 1), 32: (32, 16, 4, 1), 64: (16, 16, 4, 1),
                           128: (16, 16, 4, 1), 256: (16, 16, 8, 1)})
 
@@ -1035,7 +1039,9 @@ def kernel_specs(dtypes=SPEC_DTYPES) -> List[KernelSpec]:
         t = _TL_DTYPE[dtype]
         acc = "fp64" if dtype == torch.float64 else "fp32"
         name = str(dtype).replace("torch.", "")
-        for head in (16, 32, 64, 128, 256):
+        for head in HEAD_BUCKETS:
+            if head > MAX_HEAD_DIM_BY_DTYPE_CLASS[dtype_class(dtype)]:
+                continue
             for variant in ("plain", "full", "swin"):
                 full, swin = variant == "full", variant == "swin"
                 features = dict(BLOCK_DQK=head, BLOCK_DV=head, CAUSAL=full, MASK_KIND=MASK_FLOAT if full else MASK_NONE,
