@@ -51,26 +51,27 @@ def create_model(name: str, **overrides):
     return _MODELS[name](**overrides)
 
 
-def _convert(source: str, model):
+def _convert(source: str, model, **kwargs):
     for cls in type(model).__mro__:
         fn = _CONVERTERS.get((source, cls.__name__))
         if fn is not None:
-            return fn(model)
+            return fn(model, **kwargs)
     known = sorted(c for s, c in _CONVERTERS if s == source)
     raise TypeError(f"model: no {source} converter for {type(model).__name__}; known: {', '.join(known)}")
 
 
-def from_timm(model):
-    """The fastattn equivalent of a timm model (same configuration, weights loaded, head included)."""
-    return _convert("timm", model)
+def from_timm(model, **kwargs):
+    """The fastattn equivalent of a timm model (same configuration, weights loaded, head included).
+    ``kwargs`` go to the family's converter (e.g. ``vocab_size=`` for the encoder-decoder)."""
+    return _convert("timm", model, **kwargs)
 
 
-def from_transformers(model):
+def from_transformers(model, **kwargs):
     """The fastattn equivalent of a transformers model (same configuration, weights loaded; heads included
     where the source has them, e.g. ``*ForImageClassification``, ``BertForPreTraining``)."""
-    return _convert("transformers", model)
+    return _convert("transformers", model, **kwargs)
 
 
-def from_torch(model):
+def from_torch(model, **kwargs):
     """The fastattn equivalent of a ``torch.nn.Transformer`` (the encoder-decoder)."""
-    return _convert("torch", model)
+    return _convert("torch", model, **kwargs)
