@@ -172,6 +172,8 @@ def test_converter_refuses_what_it_cannot_represent():
         fm.from_transformers(transformers.BertModel(_hf_config(hidden_act="silu")))
     with pytest.raises(ValueError, match="decoder"):
         fm.from_transformers(transformers.BertModel(_hf_config(is_decoder=True)))
+    with pytest.raises(ValueError, match="tied"):
+        fm.from_transformers(transformers.BertForMaskedLM(_hf_config(tie_word_embeddings=False)))
     with pytest.raises(TypeError, match="model"):
         fm.from_transformers(torch.nn.Linear(2, 2))
 
@@ -179,30 +181,48 @@ def test_converter_refuses_what_it_cannot_represent():
 # ---------------------------------------------------------------------------------------------------------------
 # 4. Training smoke test: masked-LM on character tokens of scikit-learn's bundled text
 
+def _mask_tokens(x, p, generator=None):
+    """BERT's masking, simplified: each token but [CLS] chosen with probability ``p`` and replaced by [MASK]
+    (no 80/10/10 split); labels are the chosen tokens' ids and -100 (ignored) elsewhere."""
+    chosen = torch.rand(x.shape, generator=generator) < p
+    chosen[:, 0] = False
+    chosen[0, 1] = True  # never an empty loss
+    return x.masked_fill(chosen, MASK), x.masked_fill(~chosen, -100)
+
+
 def test_masked_lm_training_loss_falls():
+    """A tiny BERT learns masked-LM on character windows of scikit-learn's bundled text: the held-out masked-LM
+    loss falls from the untrained model's (about ln(vocab) = 4.6 nats) to the level of the corpus' character
+    frequencies (3.4 nats).  Going further (using the context) takes hundreds of steps: too slow here."""
     torch.manual_seed(0)
-    seq_len, steps, batch = 32, 40, 32
-    ids, vocab = data.char_tokens(data.text_corpus(), seq_len - 1, n=steps * batch, seed=0)
-    ids = torch.cat([torch.full((len(ids), 1), CLS), ids], dim=1)
-    model = Bert(vocab_size=vocab, embed_dim=64, depth=2, num_heads=4, max_position_embeddings=seq_len,
+    seq_len, steps, batch = 16, 80, 64
+    ids, vocab = data.char_tokens(data.text_corpus(), seq_len - 1, n=steps * batch + 256, seed=0)
+    ids = torch.cat([torch.full((len(ids), 1), CLS), ids], dim=1)  # [CLS] + 15 characters
+    held_inputs, held_labels = _mask_tokens(ids[-256:], 0.15, torch.Generator().manual_seed(1))
+    model = Bert(vocab_size=vocab, embed_dim=32, depth=2, num_heads=2, max_position_embeddings=seq_len,
                  drop_rate=0.0, attn_drop_rate=0.0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    losses = []
+
+    def held_out_loss():
+        model.eval()
+        with torch.no_grad():
+            logits = model(held_inputs).mlm_logits
+        model.train()
+        return F.cross_entropy(logits.reshape(-1, vocab), held_labels.reshape(-1), ignore_index=-100).item()
+
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 10))  # post-LN wants one
+    initial = held_out_loss()
     for step in range(steps):
-        x = ids[step * batch:(step + 1) * batch]
-        chosen = torch.rand(x.shape) < 0.15  # BERT's 15% of the tokens...
-        chosen[:, 0] = False
-        chosen[0, 1] = True  # at least one per batch
-        inputs = x.masked_fill(chosen, MASK)  # ...replaced by [MASK] (no 80/10/10 split: a smoke test)
-        labels = x.masked_fill(~chosen, -100)
+        inputs, labels = _mask_tokens(ids[step * batch:(step + 1) * batch], 0.15)
         logits = model(inputs).mlm_logits
         loss = F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.7 * first, f"masked-LM loss did not fall enough: {first:.3f} -> {last:.3f}"
+        warmup.step()
+    final = held_out_loss()
+    # Seeds 0..3 give ratios 0.750..0.756 (the character-frequency level); 0.78 leaves room for noise.
+    assert final < 0.78 * initial, f"held-out masked-LM loss did not fall enough: {initial:.3f} -> {final:.3f}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
