@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fastattn  # noqa: E402
 from fastattn import models  # noqa: E402
 from fastattn.models.swin import PatchMerging, SwinTransformer, window_and_shift  # noqa: E402
-from model_helpers import assert_backends_agree, assert_same_outputs, count_params  # noqa: E402
+from model_helpers import assert_backends_agree, assert_same_outputs, count_params, triton_device  # noqa: E402
 from data import digits_images  # noqa: E402
 
 timm = pytest.importorskip("timm")
@@ -100,14 +100,18 @@ def test_window_and_shift_conventions():
 # ---------------------------------------------------------------------------------------------------------
 # 2. Backends agree (float64 reference oracle vs float32 triton and sdpa, forward + all parameter grads).
 # ---------------------------------------------------------------------------------------------------------
+# On the device the Triton kernels run on (CUDA, or CPU under the interpreter); the fused window kernel serves
+# every block here: padding 6x6 -> 8x8 with and without a shift, and the clamped 3x3 window.
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_backends_agree(train):
-    assert_backends_agree(randomize(tiny()), [image(12)], train=train)
+    dev = triton_device()
+    assert_backends_agree(randomize(tiny()).to(dev), [image(12).to(dev)], train=train)
 
 
 def test_backends_agree_transformers_convention():
     # pad-then-roll: the shift wraps over the padded 8x8 grid.
-    assert_backends_agree(randomize(tiny(window_convention="transformers")), [image(12)])
+    dev = triton_device()
+    assert_backends_agree(randomize(tiny(window_convention="transformers")).to(dev), [image(12).to(dev)])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,12 +221,13 @@ def test_patch_merging_channel_order_matches_timm_and_transformers():
 def test_training_loss_falls():
     torch.manual_seed(0)
     x, y = digits_images(n=256, size=16, channels=1)
+    x = (x - x.mean()) / x.std()  # Swin has no absolute position embedding; raw 0/1 digits plateau for longer
     model = models.create_model("swin_tiny_patch4_window7_224", img_size=16, patch_size=2, in_chans=1,
                                 num_classes=10, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     losses = []
     with fastattn.use_backend("sdpa"):
-        for step in range(40):
+        for step in range(100):
             idx = torch.randint(0, len(y), (64,))
             loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()
