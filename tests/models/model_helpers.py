@@ -56,7 +56,16 @@ def assert_backends_agree(model: torch.nn.Module, inputs, backends=None, loss_fn
     Floating-point ``inputs`` are cast; integer inputs (token ids, masks) are passed unchanged.
     ``train``: run in train mode (the model should have dropout/drop-path rates of 0 for a deterministic run)."""
     backends = backends or fused_backends()
-    cast = lambda xs, dt: [x.to(dt) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in xs]  # noqa: E731
+    # The fused backends run where their kernels run: CUDA when there is a GPU (then without TF32, which would
+    # not be float32 arithmetic), else CPU (Triton under its interpreter).  The oracles run on CPU.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    def cast(xs, dt, dev="cpu"):
+        return [x.to(dev, dt) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                else (x.to(dev) if isinstance(x, torch.Tensor) else x) for x in xs]
+    model = model.cpu()
     m64 = copy.deepcopy(model).double().train(train)
     m32 = copy.deepcopy(model).float().train(train)
     torch.manual_seed(0)
@@ -64,9 +73,11 @@ def assert_backends_agree(model: torch.nn.Module, inputs, backends=None, loss_fn
     torch.manual_seed(0)
     out32, g32 = _run(m32, cast(inputs, torch.float32), "reference", loss_fn)
     assert set(g32) == set(g64)
+    m32 = m32.to(device)
     for backend in backends:
         torch.manual_seed(0)
-        outb, gb = _run(m32, cast(inputs, torch.float32), backend, loss_fn)
+        outb, gb = _run(m32, cast(inputs, torch.float32, device), backend, loss_fn)
+        outb, gb = outb.cpu(), {n: g.cpu() for n, g in gb.items()}
         assert set(gb) == set(g64), f"{backend}: gradients of {set(g64) ^ set(gb)} differ in presence"
         scale = max(1.0, out64.abs().max().item())
         err, base = _err(outb, out64), _err(out32, out64)
