@@ -31,6 +31,7 @@ test: setup
 bench: setup
 	$(PY) -m bench.run
 	$(PY) -m bench.ops
+	$(PY) -m bench.models
 
 # registers / shared memory / spills of every Triton kernel configuration, compiled for sm_80 and sm_90
 kernel-report: setup

@@ -4,6 +4,7 @@
 #   bash bench/gpu_session.sh tests   # GPU test suite + kernel resource report      (~5-8 min on an H100)
 #   bash bench/gpu_session.sh bench   # the full benchmark (python -m bench.run)       (~5-9 min)
 #   bash bench/gpu_session.sh ops     # layout variants vs composites (python -m bench.ops)  (~3-5 min)
+#   bash bench/gpu_session.sh models  # model throughput, papers' sizes, bf16 autocast (python -m bench.models)
 #   bash bench/gpu_session.sh quick   # bench.run --quick, a smoke test of the runner
 #
 # The machine's image has its own torch/triton (2.11 / 3.6 at the time of writing) and no internet, so this
@@ -40,8 +41,12 @@ case "$mode" in
     timeout 560 $PY -m bench.ops --dtypes bf16 --out-dir "$OUT" 2>&1 | tee "$OUT/ops.log" | tail -60
     cp "$OUT"/ops-*.json bench/results/ 2>/dev/null || true
     ;;
+  models)
+    timeout 560 $PY -m bench.models --out-dir "$OUT" 2>&1 | tee "$OUT/models.log" | tail -60
+    cp "$OUT"/models-*.json bench/results/ 2>/dev/null || true
+    ;;
   quick)
     timeout 300 $PY -m bench.run --quick --out-dir "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
     ;;
-  *) echo "usage: $0 tests|bench|ops|quick"; exit 2 ;;
+  *) echo "usage: $0 tests|bench|ops|models|quick"; exit 2 ;;
 esac
