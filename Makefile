@@ -12,10 +12,13 @@ PYTEST_ARGS ?=
 
 .PHONY: setup test bench kernel-report bench-cpu clean
 
-$(STAMP): requirements.txt setup.py
+# The C++/CUDA sources: the editable install compiles them into fastattn/_C*.so (setup.py), so edits reinstall.
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
+
+$(STAMP): requirements.txt setup.py $(CSRC)
 ifeq ($(SYSTEM_TORCH),1)
 	python3 -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q pytest pytest-benchmark numpy matplotlib || true
+	$(PY) -m pip install -q pytest pytest-benchmark numpy matplotlib ninja || true
 else
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
@@ -42,4 +45,4 @@ bench-cpu: setup
 	$(PY) -m pytest bench/test_cpu_benchmarks.py --benchmark-only -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache fastattn/_C*.so

@@ -176,6 +176,8 @@ def flex_backend(shape: Shape, causal: bool, device: torch.device) -> AttnFn:
 
 BACKENDS: Dict[str, Callable[[Shape, bool, torch.device], AttnFn]] = {
     "triton": fastattn_backend("triton"),
+    "cuda": fastattn_backend("cuda"),
+    "cpu": fastattn_backend("cpu"),
     "sdpa": fastattn_backend("sdpa"),
     "reference": fastattn_backend("reference"),
     "torch-sdpa": torch_sdpa_backend(None),
@@ -186,11 +188,11 @@ BACKENDS: Dict[str, Callable[[Shape, bool, torch.device], AttnFn]] = {
     "flex": flex_backend,
 }
 DEFAULT_BACKENDS = {
-    "cuda": ["triton", "sdpa", "reference", "torch-sdpa", "torch-flash", "torch-efficient", "torch-cudnn",
+    "cuda": ["triton", "cuda", "sdpa", "reference", "torch-sdpa", "torch-flash", "torch-efficient", "torch-cudnn",
              "torch-math", "flex"],
     # triton runs on CPU only under the Triton interpreter (far too slow to time); flex and the pinned SDPA
     # kernels are GPU comparisons (pass --backends to time them on CPU anyway).
-    "cpu": ["sdpa", "reference", "torch-sdpa"],
+    "cpu": ["cpu", "sdpa", "reference", "torch-sdpa"],
 }
 
 

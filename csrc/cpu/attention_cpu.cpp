@@ -1,0 +1,912 @@
+// Fused attention on the CPU: FlashAttention-2's algorithm with BLAS block products.
+//
+// Forward.  Work items are (batch, head, block of kFwdBlockM queries), spread over threads by at::parallel_for.
+// Each walks the keys in blocks of kFwdBlockN:
+//     S = scale * Q_blk K_blk^T          (BLAS; [BM, BN] scores of this block pair, the only score buffer)
+//     S += mask; S = -inf where causal hides the key
+//     online softmax per query row (running max m, running sum l, accumulator acc):
+//         m_new = max(m, rowmax S);   P = exp(S - m_new);   alpha = exp(m - m_new)
+//         l = alpha * l + rowsum P;   acc = alpha * acc      (rescale what was summed against the old max)
+//         P = P * keep / (1 - p)      (dropout after the normaliser: as the reference and Triton kernels)
+//     acc += P V_blk                     (BLAS)
+// then out = acc / l and lse = m + log l; a row that saw no key gets out = 0 and lse = -inf.
+// Extra memory: O(threads * BM * BN) -- no [Lq, Lk] buffer, so Lq = Lk = 32k runs in a few MB.
+//
+// Backward (deterministic: every output element is written by one work item, in a fixed order; no atomics).
+//     Delta = rowsum(dO * O) - dLse                                     (per query row)
+//     per block pair: P = exp(S - lse), Pd = dropout(P), dP = dO V^T, dS = P * (dP * keep / (1 - p) - Delta)
+//     dV += Pd^T dO,  dK += scale * dS^T Q,  dQ += scale * dS K,  dMask[rows, keys] = dS
+// Schedules, chosen by the shape and the thread count (choose_backward_schedule):
+//   single pass: work items (batch, kv head, stripe of key blocks) walk their block pairs once (5 products per
+//     pair); with more than one stripe per head, partial dQs are summed afterwards in a fixed order;
+//   two passes, when the partial dQs would not fit and there are too few heads to keep the threads busy: dK, dV
+//     per (batch, kv head, key block) over the GQA group's query blocks, then dQ per (batch, head, query block)
+//     over the key blocks -- every block pair recomputed in both (7 products per pair).
+//
+// Dtypes.  float32 and float64 compute in their own precision (acc_t); bfloat16 and float16 inputs are
+// converted block by block to float32, computed in float32 and converted back.  The kernels are templates on
+// acc_t only (two instantiations); the input dtype is a run-time switch in the block loaders.
+//
+// Layout.  Inputs are addressed by (batch, head, row) strides with a contiguous last dimension, so [B, L, H, D]
+// buffers viewed as [B, H, L, D] are read in place; an input with a strided last dimension (or rows that
+// overlap) is copied once.  The mask is read through its four strides (stride 0 on broadcast dimensions).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <numeric>
+#include <string>
+#include <limits>
+#include <tuple>
+
+#include "../ops.h"
+#include "../philox.h"
+#include "blas.h"
+#include "row_kernels.h"
+
+namespace fastattn::cpu {
+namespace {
+
+// Block sizes (tuned on a 2-core AMD EPYC with MKL, D = 64, L = 1k-8k).  The forward's [128, 512] float32 score
+// tile (256 KiB) stays in L2 while the two products and the softmax pass over it; larger query blocks make the
+// BLAS calls more efficient (each K and V block is reused by more rows).  The backward holds three [128, 128]
+// tiles (P, dropout(P), dS).
+constexpr int64_t kFwdBlockM = 128;
+constexpr int64_t kFwdBlockN = 512;
+constexpr int64_t kBwdBlockM = 128;
+constexpr int64_t kBwdBlockN = 128;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Work item t of n -> block index, alternating from both ends (0, n-1, 1, n-2, ...).  Under causal masking the
+// cost of a block grows with its index; at::parallel_for hands each thread a contiguous range of work items, so
+// this interleaving gives every thread a similar mix of cheap and expensive blocks.
+int64_t zigzag(int64_t t, int64_t n) { return (t % 2 == 0) ? t / 2 : n - 1 - t / 2; }
+
+// ------------------------------------------------------------------------------------------------------------
+// Raw views of the tensors
+// ------------------------------------------------------------------------------------------------------------
+
+// A [B, H, L, D] tensor whose rows (last dimension) are contiguous; strides in elements.
+struct HeadTensor {
+  char* data = nullptr;
+  at::ScalarType dtype = at::kFloat;
+  int64_t elem = 0, sb = 0, sh = 0, sl = 0, dim = 0;
+
+  char* row(int64_t b, int64_t h, int64_t l) const { return data + (b * sb + h * sh + l * sl) * elem; }
+};
+
+// BLAS reads rows with a leading dimension >= the row length; anything else is copied once.
+at::Tensor with_contiguous_rows(const at::Tensor& t) {
+  const bool last_ok = t.size(3) <= 1 || t.stride(3) == 1;
+  const bool rows_ok = t.size(2) <= 1 || t.stride(2) >= t.size(3);
+  return (last_ok && rows_ok) ? t : t.contiguous();
+}
+
+HeadTensor head_tensor(const at::Tensor& t) {
+  HeadTensor v;
+  v.data = static_cast<char*>(t.data_ptr());
+  v.dtype = t.scalar_type();
+  v.elem = static_cast<int64_t>(t.element_size());
+  v.sb = t.stride(0);
+  v.sh = t.stride(1);
+  v.sl = t.stride(2);
+  v.dim = t.size(3);
+  return v;
+}
+
+template <typename acc_t>
+constexpr at::ScalarType acc_scalar_type() {
+  return std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
+}
+
+template <typename acc_t, typename src_t>
+void convert_row_from(const char* src, acc_t* dst, int64_t n) {
+  const auto* s = reinterpret_cast<const src_t*>(src);
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(static_cast<float>(s[j]));
+}
+
+// src (n elements of `dtype`) -> dst in acc_t.
+template <typename acc_t>
+void convert_row(const char* src, at::ScalarType dtype, acc_t* dst, int64_t n) {
+  switch (dtype) {
+    case at::kBFloat16: convert_row_from<acc_t, c10::BFloat16>(src, dst, n); break;
+    case at::kHalf: convert_row_from<acc_t, c10::Half>(src, dst, n); break;
+    case at::kFloat: {
+      const auto* s = reinterpret_cast<const float*>(src);
+      for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(s[j]);
+      break;
+    }
+    case at::kDouble: {
+      const auto* s = reinterpret_cast<const double*>(src);
+      for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(s[j]);
+      break;
+    }
+    default: TORCH_CHECK(false, "fastattn cpu: unsupported dtype ", dtype);
+  }
+}
+
+// src in acc_t -> dst (n elements of `dtype`).
+template <typename acc_t>
+void store_row(const acc_t* src, at::ScalarType dtype, char* dst, int64_t n) {
+  switch (dtype) {
+    case at::kBFloat16: {
+      auto* d = reinterpret_cast<c10::BFloat16*>(dst);
+      for (int64_t j = 0; j < n; ++j) d[j] = c10::BFloat16(static_cast<float>(src[j]));
+      break;
+    }
+    case at::kHalf: {
+      auto* d = reinterpret_cast<c10::Half*>(dst);
+      for (int64_t j = 0; j < n; ++j) d[j] = c10::Half(static_cast<float>(src[j]));
+      break;
+    }
+    case at::kFloat: {
+      auto* d = reinterpret_cast<float*>(dst);
+      for (int64_t j = 0; j < n; ++j) d[j] = static_cast<float>(src[j]);
+      break;
+    }
+    case at::kDouble: {
+      auto* d = reinterpret_cast<double*>(dst);
+      for (int64_t j = 0; j < n; ++j) d[j] = static_cast<double>(src[j]);
+      break;
+    }
+    default: TORCH_CHECK(false, "fastattn cpu: unsupported dtype ", dtype);
+  }
+}
+
+// Rows [row0, row0 + rows) of head (b, h) as an acc_t matrix with leading dimension *ld: a pointer into the
+// tensor itself when it holds acc_t, else a conversion into `buf` ([rows, dim]).
+template <typename acc_t>
+const acc_t* load_rows(const HeadTensor& t, int64_t b, int64_t h, int64_t row0, int64_t rows, acc_t* buf,
+                       int64_t* ld) {
+  if (t.dtype == acc_scalar_type<acc_t>()) {
+    *ld = rows > 1 ? t.sl : t.dim;  // a single row may have any stride; BLAS wants ld >= its length
+    return reinterpret_cast<const acc_t*>(t.row(b, h, row0));
+  }
+  for (int64_t r = 0; r < rows; ++r) convert_row(t.row(b, h, row0 + r), t.dtype, buf + r * t.dim, t.dim);
+  *ld = t.dim;
+  return buf;
+}
+
+// sum_d a[d] * b[d] of two rows of `dtype`, accumulated in acc_t.
+template <typename acc_t>
+acc_t row_dot(const char* a, const char* b, at::ScalarType dtype, int64_t n, acc_t* tmp_a, acc_t* tmp_b) {
+  const acc_t *x, *y;
+  if (dtype == acc_scalar_type<acc_t>()) {
+    x = reinterpret_cast<const acc_t*>(a);
+    y = reinterpret_cast<const acc_t*>(b);
+  } else {
+    convert_row(a, dtype, tmp_a, n);
+    convert_row(b, dtype, tmp_b, n);
+    x = tmp_a;
+    y = tmp_b;
+  }
+  acc_t s = 0;
+  for (int64_t d = 0; d < n; ++d) s += x[d] * y[d];
+  return s;
+}
+
+// Per-thread scratch: one allocation, carved into aligned pieces (64-byte aligned, as BLAS prefers).
+template <typename acc_t>
+struct Scratch {
+  at::Tensor storage;
+  int64_t used = 0;
+  explicit Scratch(int64_t elements)
+      : storage(at::empty({elements + 64}, at::TensorOptions().dtype(acc_scalar_type<acc_t>()))) {}
+  acc_t* take(int64_t n) {
+    acc_t* p = storage.data_ptr<acc_t>() + used;
+    used += (n + 15) / 16 * 16;
+    TORCH_INTERNAL_ASSERT(used <= storage.numel());
+    return p;
+  }
+  static int64_t rounded(int64_t n) { return (n + 15) / 16 * 16; }
+};
+
+// ------------------------------------------------------------------------------------------------------------
+// The problem as the kernels see it
+// ------------------------------------------------------------------------------------------------------------
+enum MaskKind { kMaskNone = 0, kMaskBool = 1, kMaskFloat = 2 };
+
+struct Problem {
+  int64_t B = 0, Hq = 0, Hkv = 0, group = 1, Lq = 0, Lk = 0, D = 0, Dv = 0;
+  HeadTensor q, k, v;
+  // mask [B, Hq, Lq, Lk] through its strides (in elements)
+  MaskKind mask_kind = kMaskNone;
+  const char* mask = nullptr;
+  at::ScalarType mask_dtype = at::kFloat;
+  int64_t mask_elem = 0, msb = 0, msh = 0, msm = 0, msn = 0;
+  int64_t causal = kCausalNone;
+  int64_t causal_off = 0;  // query i sees key j iff j <= i + causal_off
+  double scale = 1.0;
+  bool dropout = false;
+  uint64_t seed = 0;
+  uint32_t threshold = 0;
+  double drop_scale = 1.0;
+  bool use_blas = true;
+
+  // Keys [0, kv_end) can be visible to the queries [i0, i0 + rows).
+  int64_t kv_end(int64_t i0, int64_t rows) const {
+    if (causal == kCausalNone) return Lk;
+    return std::min(Lk, std::max<int64_t>(0, i0 + rows + causal_off));
+  }
+  // First query that can see a key of [j0, ...).
+  int64_t q_begin(int64_t j0) const {
+    if (causal == kCausalNone) return 0;
+    return std::min(Lq, std::max<int64_t>(0, j0 - causal_off));
+  }
+};
+
+template <typename acc_t, typename mask_t>
+void apply_mask_tile(acc_t* S, int64_t lds, int64_t rows, int64_t cols, const char* base, int64_t s_row,
+                     int64_t s_col) {
+  const auto* m0 = reinterpret_cast<const mask_t*>(base);
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    const mask_t* m = m0 + r * s_row;
+    acc_t* s = S + r * lds;
+    if constexpr (std::is_same<mask_t, bool>::value) {
+      if (s_col == 1) {
+        for (int64_t c = 0; c < cols; ++c) s[c] = m[c] ? s[c] : kNegInf;
+      } else {
+        for (int64_t c = 0; c < cols; ++c) s[c] = m[c * s_col] ? s[c] : kNegInf;
+      }
+    } else {
+      if (s_col == 1) {
+        for (int64_t c = 0; c < cols; ++c) s[c] += static_cast<acc_t>(static_cast<float>(m[c]));
+      } else {
+        for (int64_t c = 0; c < cols; ++c) s[c] += static_cast<acc_t>(static_cast<float>(m[c * s_col]));
+      }
+    }
+  }
+}
+
+template <typename acc_t>
+void apply_mask_tile_f64(acc_t* S, int64_t lds, int64_t rows, int64_t cols, const char* base, int64_t s_row,
+                         int64_t s_col) {  // float64 masks keep their precision
+  const auto* m0 = reinterpret_cast<const double*>(base);
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* s = S + r * lds;
+    for (int64_t c = 0; c < cols; ++c) s[c] += static_cast<acc_t>(m0[r * s_row + c * s_col]);
+  }
+}
+
+// The score modifications of the tile S[rows, cols] at queries i0.., keys j0.. of head (b, h):
+// the mask (bool: -inf where False; float: added) and causal masking (-inf where j > i + causal_off).
+template <typename acc_t>
+void modify_scores(const Problem& p, acc_t* S, int64_t lds, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                   int64_t j0, int64_t cols) {
+  if (p.mask_kind != kMaskNone) {
+    const char* base = p.mask + (b * p.msb + h * p.msh + i0 * p.msm + j0 * p.msn) * p.mask_elem;
+    switch (p.mask_dtype) {
+      case at::kBool: apply_mask_tile<acc_t, bool>(S, lds, rows, cols, base, p.msm, p.msn); break;
+      case at::kFloat: apply_mask_tile<acc_t, float>(S, lds, rows, cols, base, p.msm, p.msn); break;
+      case at::kDouble: apply_mask_tile_f64<acc_t>(S, lds, rows, cols, base, p.msm, p.msn); break;
+      case at::kBFloat16: apply_mask_tile<acc_t, c10::BFloat16>(S, lds, rows, cols, base, p.msm, p.msn); break;
+      case at::kHalf: apply_mask_tile<acc_t, c10::Half>(S, lds, rows, cols, base, p.msm, p.msn); break;
+      default: TORCH_CHECK(false, "mask: unsupported dtype ", p.mask_dtype);
+    }
+  }
+  if (p.causal != kCausalNone) {
+    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t r = 0; r < rows; ++r) {
+      // keys j0 + c with c < visible are allowed for query i0 + r
+      const int64_t visible = std::max<int64_t>(0, i0 + r + p.causal_off + 1 - j0);
+      acc_t* s = S + r * lds;
+      for (int64_t c = visible; c < cols; ++c) s[c] = kNegInf;
+    }
+  }
+}
+
+template <typename acc_t>
+void apply_dropout(const Problem& p, acc_t* row, int64_t n, int64_t bh, int64_t i, int64_t j0) {
+  dropout_row(row, n, p.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i), static_cast<uint32_t>(j0),
+              p.threshold, static_cast<acc_t>(p.drop_scale));
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------------------------
+template <typename acc_t>
+void forward_kernel(const Problem& p, const HeadTensor& out, acc_t* lse) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t BM = kFwdBlockM, BN = kFwdBlockN;
+  const int64_t n_qblocks = ceil_div(p.Lq, BM);
+  const int64_t D = p.D, Dv = p.Dv;
+
+  at::parallel_for(0, p.B * p.Hq * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+    SerialBlasGuard serial_blas;
+    using S_ = Scratch<acc_t>;
+    Scratch<acc_t> scratch(S_::rounded(BM * BN) + S_::rounded(BM * Dv) + 2 * S_::rounded(BM) +
+                           S_::rounded(BM * D) + S_::rounded(BN * D) + S_::rounded(BN * Dv));
+    acc_t* S = scratch.take(BM * BN);     // scores, then probabilities, of one block pair
+    acc_t* acc = scratch.take(BM * Dv);   // unnormalised output rows
+    acc_t* m = scratch.take(BM);          // running row max
+    acc_t* l = scratch.take(BM);          // running row sum of exp(S - m)
+    acc_t* q_buf = scratch.take(BM * D);  // conversion buffers (bf16/fp16 inputs)
+    acc_t* k_buf = scratch.take(BN * D);
+    acc_t* v_buf = scratch.take(BN * Dv);
+
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / n_qblocks;
+      const int64_t qb = p.causal != kCausalNone ? zigzag(t % n_qblocks, n_qblocks) : t % n_qblocks;
+      const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
+      const int64_t i0 = qb * BM, rows = std::min(BM, p.Lq - i0);
+
+      int64_t ldq, ldk, ldv;
+      const acc_t* Q = load_rows(p.q, b, h, i0, rows, q_buf, &ldq);
+      std::fill(acc, acc + rows * Dv, acc_t(0));
+      std::fill(m, m + rows, kNegInf);
+      std::fill(l, l + rows, acc_t(0));
+
+      const int64_t kv_end = p.kv_end(i0, rows);
+      for (int64_t j0 = 0; j0 < kv_end; j0 += BN) {
+        const int64_t cols = std::min(BN, kv_end - j0);
+        const acc_t* K = load_rows(p.k, b, hk, j0, cols, k_buf, &ldk);
+        const acc_t* V = load_rows(p.v, b, hk, j0, cols, v_buf, &ldv);
+
+        mm_nt<acc_t>(p.use_blas, rows, cols, D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S, BN);
+        modify_scores(p, S, BN, b, h, i0, rows, j0, cols);
+
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* s = S + r * BN;
+          const acc_t m_new = std::max(m[r], row_max(s, cols));
+          if (m_new == kNegInf) {  // no visible key so far: nothing to add
+            std::fill(s, s + cols, acc_t(0));
+            continue;
+          }
+          // alpha rescales what was accumulated against the old maximum (0 when nothing was).
+          const acc_t alpha = m[r] == kNegInf ? acc_t(0) : std::exp(m[r] - m_new);
+          const acc_t row_sum = exp_shift_sum(s, cols, m_new);  // s = exp(s - m_new)
+          l[r] = l[r] * alpha + row_sum;                        // the normaliser sees P before dropout
+          m[r] = m_new;
+          if (alpha != acc_t(1)) {
+            acc_t* a = acc + r * Dv;
+            for (int64_t d = 0; d < Dv; ++d) a[d] *= alpha;
+          }
+          if (p.dropout) apply_dropout(p, s, cols, bh, i0 + r, j0);
+        }
+        mm_nn<acc_t>(p.use_blas, rows, Dv, cols, acc_t(1), S, BN, V, ldv, acc_t(1), acc, Dv);
+      }
+
+      // out = acc / l; lse = m + log l.  A row that saw no key: out 0, lse -inf.
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t* a = acc + r * Dv;
+        const int64_t i = i0 + r;
+        if (l[r] > acc_t(0)) {
+          const acc_t inv = acc_t(1) / l[r];
+          for (int64_t d = 0; d < Dv; ++d) a[d] *= inv;
+          lse[bh * p.Lq + i] = m[r] + std::log(l[r]);
+        } else {
+          std::fill(a, a + Dv, acc_t(0));
+          lse[bh * p.Lq + i] = kNegInf;
+        }
+        store_row(a, out.dtype, out.row(b, h, i), Dv);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------------------------
+struct BackwardTensors {
+  HeadTensor out, dout, dq, dk, dv;
+};
+
+// P = exp(S - lse) for the rows of a tile (a row with lse = -inf saw no key: P = 0).
+template <typename acc_t>
+void probabilities(acc_t* S, int64_t lds, int64_t rows, int64_t cols, const acc_t* lse_rows) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* s = S + r * lds;
+    if (lse_rows[r] == -std::numeric_limits<acc_t>::infinity()) {
+      std::fill(s, s + cols, acc_t(0));
+    } else {
+      exp_shift_sum(s, cols, lse_rows[r]);
+    }
+  }
+}
+
+// Pd = dropout(P), into its own buffer (P itself is still needed for dS).
+template <typename acc_t>
+void dropped_probabilities(const Problem& p, const acc_t* P, acc_t* Pd, int64_t ld, int64_t rows, int64_t cols,
+                           int64_t bh, int64_t i0, int64_t j0) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy(P + r * ld, P + r * ld + cols, Pd + r * ld);
+    apply_dropout(p, Pd + r * ld, cols, bh, i0 + r, j0);
+  }
+}
+
+// dS = P * (dP' - Delta), written over dP, where dP' = dP * keep / (1 - p) under dropout.  The keep-mask is read
+// back from Pd (Pd != 0 exactly where the element was kept and P > 0; where P == 0, dS is 0 either way).
+template <typename acc_t>
+void score_gradients(const Problem& p, const acc_t* P, const acc_t* Pd, acc_t* dP, int64_t ld, int64_t rows,
+                     int64_t cols, const acc_t* delta_rows) {
+  const acc_t ds = static_cast<acc_t>(p.drop_scale);
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* pr = P + r * ld;
+    acc_t* g = dP + r * ld;
+    const acc_t delta = delta_rows[r];
+    if (p.dropout) {
+      const acc_t* pd = Pd + r * ld;
+      for (int64_t c = 0; c < cols; ++c) g[c] = pr[c] * ((pd[c] != acc_t(0) ? g[c] * ds : acc_t(0)) - delta);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) g[c] = pr[c] * (g[c] - delta);
+    }
+  }
+}
+
+template <typename acc_t>
+void delta_kernel(const Problem& p, const BackwardTensors& t, const acc_t* dlse, acc_t* delta) {
+  const int64_t rows_total = p.B * p.Hq * p.Lq;
+  at::parallel_for(0, rows_total, 64, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tmp(2 * p.Dv);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t i = idx % p.Lq, bh = idx / p.Lq, b = bh / p.Hq, h = bh % p.Hq;
+      acc_t d = row_dot<acc_t>(t.out.row(b, h, i), t.dout.row(b, h, i), t.out.dtype, p.Dv, tmp.data(),
+                               tmp.data() + p.Dv);
+      if (dlse != nullptr) d -= dlse[idx];
+      delta[idx] = d;
+    }
+  });
+}
+
+// The score tiles of one (query block, key block) pair in the backward, each [BM, BN] with leading dimension BN.
+template <typename acc_t>
+struct PairTiles {
+  acc_t* P;   // probabilities exp(S - lse)
+  acc_t* Pd;  // dropout(P) (only with dropout)
+  acc_t* dS;  // dP = dO V^T, then dS in place
+  const acc_t* dropped() const { return Pd != nullptr ? Pd : P; }
+};
+
+// Recomputes P (and Pd) of the block pair and its score gradient dS; the callers apply the products they need.
+template <typename acc_t>
+void recompute_pair(const Problem& p, const PairTiles<acc_t>& t, const acc_t* Q, int64_t ldq, const acc_t* dO,
+                    int64_t ldo, const acc_t* K, int64_t ldk, const acc_t* V, int64_t ldv, int64_t b, int64_t h,
+                    int64_t i0, int64_t rows, int64_t j0, int64_t cols, const acc_t* lse, const acc_t* delta) {
+  const int64_t BN = kBwdBlockN;
+  const int64_t bh = b * p.Hq + h;
+  mm_nt<acc_t>(p.use_blas, rows, cols, p.D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), t.P, BN);
+  modify_scores(p, t.P, BN, b, h, i0, rows, j0, cols);
+  probabilities(t.P, BN, rows, cols, lse + bh * p.Lq + i0);
+  if (p.dropout) dropped_probabilities(p, t.P, t.Pd, BN, rows, cols, bh, i0, j0);
+  mm_nt<acc_t>(p.use_blas, rows, cols, p.Dv, acc_t(1), dO, ldo, V, ldv, acc_t(0), t.dS, BN);  // dP = dO V^T
+  score_gradients(p, t.P, t.Pd, t.dS, BN, rows, cols, delta + bh * p.Lq + i0);
+}
+
+template <typename acc_t>
+void write_mask_grad(const Problem& p, acc_t* dmask, const acc_t* dS, int64_t bh, int64_t i0, int64_t rows, int64_t j0,
+                     int64_t cols) {
+  if (dmask == nullptr) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy(dS + r * kBwdBlockN, dS + r * kBwdBlockN + cols, dmask + (bh * p.Lq + i0 + r) * p.Lk + j0);
+  }
+}
+
+// Per-thread buffers of the backward kernels.
+template <typename acc_t>
+struct BwdScratch {
+  Scratch<acc_t> scratch;
+  PairTiles<acc_t> tiles;
+  acc_t *q_buf, *do_buf, *k_buf, *v_buf, *dq, *dk, *dv;
+
+  // dk_rows / dv_rows: rows of the dK / dV accumulators (a key block, or every key of a head).
+  BwdScratch(const Problem& p, int64_t dk_rows)
+      : scratch(3 * Scratch<acc_t>::rounded(kBwdBlockM * kBwdBlockN) + Scratch<acc_t>::rounded(kBwdBlockM * p.D) * 2 +
+                Scratch<acc_t>::rounded(kBwdBlockM * p.Dv) + Scratch<acc_t>::rounded(kBwdBlockN * p.D) +
+                Scratch<acc_t>::rounded(kBwdBlockN * p.Dv) + Scratch<acc_t>::rounded(dk_rows * p.D) +
+                Scratch<acc_t>::rounded(dk_rows * p.Dv)) {
+    tiles.P = scratch.take(kBwdBlockM * kBwdBlockN);
+    tiles.Pd = scratch.take(kBwdBlockM * kBwdBlockN);
+    tiles.dS = scratch.take(kBwdBlockM * kBwdBlockN);
+    if (!p.dropout) tiles.Pd = nullptr;
+    q_buf = scratch.take(kBwdBlockM * p.D);
+    dq = scratch.take(kBwdBlockM * p.D);
+    do_buf = scratch.take(kBwdBlockM * p.Dv);
+    k_buf = scratch.take(kBwdBlockN * p.D);
+    v_buf = scratch.take(kBwdBlockN * p.Dv);
+    dk = scratch.take(dk_rows * p.D);
+    dv = scratch.take(dk_rows * p.Dv);
+  }
+};
+
+template <typename acc_t>
+void store_rows(const acc_t* src, int64_t rows, const HeadTensor& dst, int64_t b, int64_t h, int64_t row0) {
+  for (int64_t r = 0; r < rows; ++r) store_row(src + r * dst.dim, dst.dtype, dst.row(b, h, row0 + r), dst.dim);
+}
+
+// Two-pass backward, pass 2: dK, dV for (batch, kv head, block of keys); the GQA group's query heads are summed
+// in a fixed order.
+template <typename acc_t>
+void dkdv_kernel(const Problem& p, const BackwardTensors& t, const acc_t* lse, const acc_t* delta) {
+  const int64_t BM = kBwdBlockM, BN = kBwdBlockN;
+  const int64_t n_kblocks = ceil_div(p.Lk, BN);
+  at::parallel_for(0, p.B * p.Hkv * n_kblocks, 1, [&](int64_t begin, int64_t end) {
+    SerialBlasGuard serial_blas;
+    BwdScratch<acc_t> s(p, BN);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bhk = task / n_kblocks;
+      const int64_t kb = p.causal != kCausalNone ? zigzag(task % n_kblocks, n_kblocks) : task % n_kblocks;
+      const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv;
+      const int64_t j0 = kb * BN, cols = std::min(BN, p.Lk - j0);
+      int64_t ldk, ldv, ldq, ldo;
+      const acc_t* K = load_rows(p.k, b, hk, j0, cols, s.k_buf, &ldk);
+      const acc_t* V = load_rows(p.v, b, hk, j0, cols, s.v_buf, &ldv);
+      std::fill(s.dk, s.dk + cols * p.D, acc_t(0));
+      std::fill(s.dv, s.dv + cols * p.Dv, acc_t(0));
+      for (int64_t g = 0; g < p.group; ++g) {
+        const int64_t h = hk * p.group + g;
+        for (int64_t i0 = p.q_begin(j0); i0 < p.Lq; i0 += BM) {
+          const int64_t rows = std::min(BM, p.Lq - i0);
+          const acc_t* Q = load_rows(p.q, b, h, i0, rows, s.q_buf, &ldq);
+          const acc_t* dO = load_rows(t.dout, b, h, i0, rows, s.do_buf, &ldo);
+          recompute_pair(p, s.tiles, Q, ldq, dO, ldo, K, ldk, V, ldv, b, h, i0, rows, j0, cols, lse, delta);
+          mm_tn<acc_t>(p.use_blas, cols, p.Dv, rows, acc_t(1), s.tiles.dropped(), BN, dO, ldo, acc_t(1), s.dv,
+                       p.Dv);  // dV += Pd^T dO
+          mm_tn<acc_t>(p.use_blas, cols, p.D, rows, static_cast<acc_t>(p.scale), s.tiles.dS, BN, Q, ldq, acc_t(1),
+                       s.dk, p.D);  // dK += scale * dS^T Q
+        }
+      }
+      store_rows(s.dk, cols, t.dk, b, hk, j0);
+      store_rows(s.dv, cols, t.dv, b, hk, j0);
+    }
+  });
+}
+
+// Two-pass backward, pass 3: dQ (and the dense mask gradient) for (batch, head, block of queries).
+template <typename acc_t>
+void dq_kernel(const Problem& p, const BackwardTensors& t, const acc_t* lse, const acc_t* delta, acc_t* dmask) {
+  const int64_t BM = kBwdBlockM, BN = kBwdBlockN;
+  const int64_t n_qblocks = ceil_div(p.Lq, BM);
+  at::parallel_for(0, p.B * p.Hq * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+    SerialBlasGuard serial_blas;
+    BwdScratch<acc_t> s(p, 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / n_qblocks;
+      const int64_t qb = p.causal != kCausalNone ? zigzag(task % n_qblocks, n_qblocks) : task % n_qblocks;
+      const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
+      const int64_t i0 = qb * BM, rows = std::min(BM, p.Lq - i0);
+      int64_t ldq, ldo, ldk, ldv;
+      const acc_t* Q = load_rows(p.q, b, h, i0, rows, s.q_buf, &ldq);
+      const acc_t* dO = load_rows(t.dout, b, h, i0, rows, s.do_buf, &ldo);
+      std::fill(s.dq, s.dq + rows * p.D, acc_t(0));
+      const int64_t kv_end = p.kv_end(i0, rows);
+      for (int64_t j0 = 0; j0 < kv_end; j0 += BN) {
+        const int64_t cols = std::min(BN, kv_end - j0);
+        const acc_t* K = load_rows(p.k, b, hk, j0, cols, s.k_buf, &ldk);
+        const acc_t* V = load_rows(p.v, b, hk, j0, cols, s.v_buf, &ldv);
+        recompute_pair(p, s.tiles, Q, ldq, dO, ldo, K, ldk, V, ldv, b, h, i0, rows, j0, cols, lse, delta);
+        write_mask_grad(p, dmask, s.tiles.dS, bh, i0, rows, j0, cols);
+        mm_nn<acc_t>(p.use_blas, rows, p.D, cols, static_cast<acc_t>(p.scale), s.tiles.dS, BN, K, ldk, acc_t(1),
+                     s.dq, p.D);  // dQ += scale * dS K
+      }
+      store_rows(s.dq, rows, t.dq, b, h, i0);
+    }
+  });
+}
+
+// Single-pass backward: work items (batch, kv head, key stripe) walk each block pair of their keys once (5 block
+// products instead of the two-pass 7), for the whole GQA group of query heads.  Stripe s of S owns the key blocks
+// s, s + S, s + 2S, ... (interleaved, so causal masking costs every stripe about the same); its dK, dV rows are its
+// own.  With one stripe, dQ is accumulated per query block and written directly; with S > 1 each stripe writes
+// its partial dQ to dq_partial[s] and the stripes are summed afterwards in order s = 0..S-1.
+template <typename acc_t>
+void fused_backward_kernel(const Problem& p, const BackwardTensors& t, const acc_t* lse, const acc_t* delta,
+                           acc_t* dmask, int64_t stripes, acc_t* dq_partial) {
+  const int64_t BM = kBwdBlockM, BN = kBwdBlockN;
+  const int64_t n_kblocks = ceil_div(p.Lk, BN);
+  at::parallel_for(0, p.B * p.Hkv * stripes, 1, [&](int64_t begin, int64_t end) {
+    SerialBlasGuard serial_blas;
+    BwdScratch<acc_t> s(p, p.Lk);  // dK, dV accumulators for every key of a head (a stripe uses its blocks)
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bhk = item / stripes, stripe = item % stripes;
+      const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv;
+      for (int64_t kb = stripe; kb < n_kblocks; kb += stripes) {
+        const int64_t j0 = kb * BN, cols = std::min(BN, p.Lk - j0);
+        std::fill(s.dk + j0 * p.D, s.dk + (j0 + cols) * p.D, acc_t(0));
+        std::fill(s.dv + j0 * p.Dv, s.dv + (j0 + cols) * p.Dv, acc_t(0));
+      }
+      for (int64_t g = 0; g < p.group; ++g) {
+        const int64_t h = hk * p.group + g, bh = b * p.Hq + h;
+        for (int64_t i0 = 0; i0 < p.Lq; i0 += BM) {
+          const int64_t rows = std::min(BM, p.Lq - i0);
+          int64_t ldq, ldo, ldk, ldv;
+          const acc_t* Q = load_rows(p.q, b, h, i0, rows, s.q_buf, &ldq);
+          const acc_t* dO = load_rows(t.dout, b, h, i0, rows, s.do_buf, &ldo);
+          std::fill(s.dq, s.dq + rows * p.D, acc_t(0));
+          const int64_t kv_end = p.kv_end(i0, rows);
+          for (int64_t j0 = stripe * BN; j0 < kv_end; j0 += stripes * BN) {
+            const int64_t cols = std::min(BN, kv_end - j0);
+            const acc_t* K = load_rows(p.k, b, hk, j0, cols, s.k_buf, &ldk);
+            const acc_t* V = load_rows(p.v, b, hk, j0, cols, s.v_buf, &ldv);
+            recompute_pair(p, s.tiles, Q, ldq, dO, ldo, K, ldk, V, ldv, b, h, i0, rows, j0, cols, lse, delta);
+            write_mask_grad(p, dmask, s.tiles.dS, bh, i0, rows, j0, cols);
+            mm_tn<acc_t>(p.use_blas, cols, p.Dv, rows, acc_t(1), s.tiles.dropped(), BN, dO, ldo, acc_t(1),
+                         s.dv + j0 * p.Dv, p.Dv);  // dV += Pd^T dO
+            mm_tn<acc_t>(p.use_blas, cols, p.D, rows, static_cast<acc_t>(p.scale), s.tiles.dS, BN, Q, ldq,
+                         acc_t(1), s.dk + j0 * p.D, p.D);  // dK += scale * dS^T Q
+            mm_nn<acc_t>(p.use_blas, rows, p.D, cols, static_cast<acc_t>(p.scale), s.tiles.dS, BN, K, ldk,
+                         acc_t(1), s.dq, p.D);  // dQ += scale * dS K
+          }
+          if (stripes == 1) {
+            store_rows(s.dq, rows, t.dq, b, h, i0);
+          } else {
+            acc_t* part = dq_partial + ((stripe * p.B * p.Hq + bh) * p.Lq + i0) * p.D;
+            std::copy(s.dq, s.dq + rows * p.D, part);
+          }
+        }
+      }
+      for (int64_t kb = stripe; kb < n_kblocks; kb += stripes) {
+        const int64_t j0 = kb * BN, cols = std::min(BN, p.Lk - j0);
+        store_rows(s.dk + j0 * p.D, cols, t.dk, b, hk, j0);
+        store_rows(s.dv + j0 * p.Dv, cols, t.dv, b, hk, j0);
+      }
+    }
+  });
+  if (stripes == 1) return;
+  const int64_t rows_total = p.B * p.Hq * p.Lq;
+  at::parallel_for(0, rows_total, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(p.D);
+    for (int64_t row = begin; row < end; ++row) {
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      for (int64_t st = 0; st < stripes; ++st) {  // fixed order
+        const acc_t* part = dq_partial + (st * rows_total + row) * p.D;
+        for (int64_t d = 0; d < p.D; ++d) sum[d] += part[d];
+      }
+      const int64_t i = row % p.Lq, bh = row / p.Lq;
+      store_row(sum.data(), t.dq.dtype, t.dq.row(bh / p.Hq, bh % p.Hq, i), p.D);
+    }
+  });
+}
+
+// The backward's schedule, from the shape and the thread count T only (so results are bitwise reproducible run to
+// run for a given thread count):
+//   single pass with S key stripes, S = T / gcd(B * Hkv, T) (B * Hkv * S work items, a multiple of T), at most one
+//     stripe per key block, when the partial dQ buffers (S * B * Hq * Lq * D) fit in kMaxPartialBytes;
+//   else the single pass with one stripe if its B * Hkv items keep the threads busy enough
+//     (ceil(B*Hkv / T) * 5 <= B*Hkv * 7 / T), else the two-pass schedule.
+// FASTATTN_CPU_BACKWARD=single|striped|two_pass forces one (tests, benchmarks).
+struct BackwardSchedule {
+  bool two_pass = false;
+  int64_t stripes = 1;
+};
+
+constexpr int64_t kMaxPartialBytes = int64_t(256) << 20;
+
+BackwardSchedule choose_backward_schedule(const Problem& p, int64_t acc_bytes) {
+  BackwardSchedule s;
+  const int64_t heads = std::max<int64_t>(1, p.B * p.Hkv);
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t n_kblocks = std::max<int64_t>(1, ceil_div(p.Lk, kBwdBlockN));
+  const int64_t striped = std::min(n_kblocks, threads / std::gcd(heads, threads));
+  const bool striped_fits = striped * p.B * p.Hq * p.Lq * p.D * acc_bytes <= kMaxPartialBytes;
+  const bool single_busy = ceil_div(heads, threads) * 5 * threads <= heads * 7;
+
+  const char* env = std::getenv("FASTATTN_CPU_BACKWARD");
+  const std::string forced = env != nullptr ? env : "";
+  if (forced == "single") return s;
+  if (forced == "striped") {
+    s.stripes = std::min<int64_t>(n_kblocks, std::max<int64_t>(2, striped));
+    return s;
+  }
+  if (forced == "two_pass") {
+    s.two_pass = true;
+    return s;
+  }
+  TORCH_CHECK(forced.empty() || forced == "auto",
+              "FASTATTN_CPU_BACKWARD: expected auto, single, striped or two_pass, got ", forced);
+  if (striped > 1 && striped_fits) {
+    s.stripes = striped;
+  } else if (!single_busy && striped > 1) {
+    s.two_pass = true;
+  }
+  return s;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// The ops: argument checks, allocation, dispatch on the accumulation type
+// ------------------------------------------------------------------------------------------------------------
+void check_head_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.dim() == 4, name, ": expected a 4-D tensor [batch, heads, seq, head_dim], got shape ", t.sizes());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, name,
+              ": dtype ", dt, " is not supported by the CPU kernels (float32, float64, bfloat16, float16)");
+}
+
+// Checks q, k, v, mask, seed, causal, dropout_p; fills the problem (the tensors it points to must outlive it:
+// the caller keeps q, k, v and mask alive).
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& seed, int64_t causal,
+                     double scale, double dropout_p) {
+  check_head_tensor(q, "q");
+  check_head_tensor(k, "k");
+  check_head_tensor(v, "v");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "k, v: dtypes must match q's (", q.scalar_type(), "), got k ", k.scalar_type(), ", v ",
+              v.scalar_type());
+  Problem p;
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.Lq = q.size(2);
+  p.D = q.size(3);
+  p.Hkv = k.size(1);
+  p.Lk = k.size(2);
+  p.Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == p.B && v.size(0) == p.B, "k, v: batch size must equal q's (", p.B, "), got k ",
+              k.size(0), ", v ", v.size(0));
+  TORCH_CHECK(v.size(1) == p.Hkv, "v: number of heads (", v.size(1), ") must equal k's (", p.Hkv, ")");
+  TORCH_CHECK(p.Hkv > 0 && p.Hq % p.Hkv == 0, "k: number of key/value heads (", p.Hkv,
+              ") must divide q's number of heads (", p.Hq, ")");
+  TORCH_CHECK(v.size(2) == p.Lk, "v: sequence length (", v.size(2), ") must equal k's (", p.Lk, ")");
+  TORCH_CHECK(k.size(3) == p.D, "k: head dim (", k.size(3), ") must equal q's (", p.D, ")");
+  TORCH_CHECK(p.D > 0 && p.Dv > 0, "q, v: head dims must be at least 1, got ", p.D, " and ", p.Dv);
+  TORCH_CHECK(causal == kCausalNone || causal == kCausalTopLeft || causal == kCausalBottomRight,
+              "causal: expected 0 (none), 1 (top-left) or 2 (bottom-right), got ", causal);
+  TORCH_CHECK(std::isfinite(scale), "scale: must be finite, got ", scale);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: must be in [0, 1), got ", dropout_p);
+  p.group = p.Hq / p.Hkv;
+  p.q = head_tensor(q);
+  p.k = head_tensor(k);
+  p.v = head_tensor(v);
+  p.causal = causal;
+  p.causal_off = causal_offset(causal, p.Lq, p.Lk);
+  p.scale = scale;
+
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.device().is_cpu(), "mask: expected a CPU tensor, got one on ", m.device());
+    TORCH_CHECK(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()),
+                "mask: expected bool (True = attend) or a floating dtype (added to the scores), got ",
+                m.scalar_type());
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == p.B && m.size(1) == p.Hq && m.size(2) == p.Lq && m.size(3) == p.Lk,
+                "mask: expected size [B, Hq, Lq, Lk] = [", p.B, ", ", p.Hq, ", ", p.Lq, ", ", p.Lk,
+                "] (broadcast dimensions as stride-0 views: mask.expand(...)), got ", m.sizes());
+    const auto mdt = m.scalar_type();
+    TORCH_CHECK(mdt == at::kBool || mdt == at::kFloat || mdt == at::kDouble || mdt == at::kBFloat16 ||
+                    mdt == at::kHalf,
+                "mask: unsupported dtype ", mdt);
+    p.mask_kind = mdt == at::kBool ? kMaskBool : kMaskFloat;
+    p.mask = static_cast<const char*>(m.data_ptr());
+    p.mask_dtype = mdt;
+    p.mask_elem = static_cast<int64_t>(m.element_size());
+    p.msb = m.stride(0);
+    p.msh = m.stride(1);
+    p.msm = m.stride(2);
+    p.msn = m.stride(3);
+  }
+
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(seed.has_value(), "seed: required when dropout_p > 0 (an int64 tensor of one element)");
+    const at::Tensor& s = *seed;
+    TORCH_CHECK(s.device().is_cpu(), "seed: expected a CPU tensor, got one on ", s.device());
+    TORCH_CHECK(s.scalar_type() == at::kLong && s.numel() == 1,
+                "seed: expected an int64 tensor of one element, got ", s.scalar_type(), " with ", s.numel(),
+                " elements");
+    p.dropout = true;
+    p.seed = static_cast<uint64_t>(s.item<int64_t>());
+    p.threshold = dropout_threshold(dropout_p);
+    p.drop_scale = 1.0 / (1.0 - dropout_p);
+  }
+  p.use_blas = blas_available();
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                     const at::Tensor& v_in, const std::optional<at::Tensor>& mask,
+                                                     const std::optional<at::Tensor>& seed, int64_t causal,
+                                                     double scale, double dropout_p) {
+  check_head_tensor(q_in, "q");
+  check_head_tensor(k_in, "k");
+  check_head_tensor(v_in, "v");
+  const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
+  const Problem p = make_problem(q, k, v, mask, seed, causal, scale, dropout_p);
+
+  at::Tensor out = empty_like_layout(q_in, p.Dv, q.scalar_type());
+  at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(stats_dtype(q.scalar_type())));
+  maybe_poison(out);
+  maybe_poison(lse);
+  if (out.numel() == 0) return {out, lse};
+  const HeadTensor o = head_tensor(out);
+  if (lse.scalar_type() == at::kDouble) {
+    forward_kernel<double>(p, o, lse.data_ptr<double>());
+  } else {
+    forward_kernel<float>(p, o, lse.data_ptr<float>());
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& seed, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const at::Tensor& dout_in, const std::optional<at::Tensor>& dlse_in, int64_t causal, double scale,
+    double dropout_p, bool mask_needs_grad) {
+  check_head_tensor(q_in, "q");
+  check_head_tensor(k_in, "k");
+  check_head_tensor(v_in, "v");
+  check_head_tensor(out_in, "out");
+  check_head_tensor(dout_in, "dout");
+  const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
+  const Problem p = make_problem(q, k, v, mask, seed, causal, scale, dropout_p);
+  const auto stats = stats_dtype(q.scalar_type());
+
+  for (const auto& [t, name] : {std::make_pair(&out_in, "out"), std::make_pair(&dout_in, "dout")}) {
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({p.B, p.Hq, p.Lq, p.Dv}), name, ": expected size [", p.B, ", ",
+                p.Hq, ", ", p.Lq, ", ", p.Dv, "], got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), name, ": dtype must match q's (", q.scalar_type(), "), got ",
+                t->scalar_type());
+  }
+  TORCH_CHECK(lse_in.device().is_cpu() && lse_in.sizes() == at::IntArrayRef({p.B, p.Hq, p.Lq}) &&
+                  lse_in.scalar_type() == stats,
+              "lse: expected a CPU ", stats, " tensor of size [", p.B, ", ", p.Hq, ", ", p.Lq, "], got ",
+              lse_in.scalar_type(), " ", lse_in.sizes(), " on ", lse_in.device());
+  TORCH_CHECK(!mask_needs_grad || p.mask_kind == kMaskFloat,
+              "mask_needs_grad: only a floating-point mask has a gradient");
+  const at::Tensor out = with_contiguous_rows(out_in), dout = with_contiguous_rows(dout_in);
+  const at::Tensor lse = lse_in.contiguous();
+  at::Tensor dlse;
+  if (dlse_in.has_value()) {
+    TORCH_CHECK(dlse_in->device().is_cpu() && dlse_in->sizes() == at::IntArrayRef({p.B, p.Hq, p.Lq}),
+                "dlse: expected a CPU tensor of size [", p.B, ", ", p.Hq, ", ", p.Lq, "], got ", dlse_in->sizes(),
+                " on ", dlse_in->device());
+    dlse = dlse_in->to(stats).contiguous();
+  }
+
+  at::Tensor dq = empty_like_layout(q_in, p.D, q.scalar_type());
+  at::Tensor dk = empty_like_layout(k_in, p.D, q.scalar_type());
+  at::Tensor dv = empty_like_layout(v_in, p.Dv, q.scalar_type());
+  maybe_poison(dq);
+  maybe_poison(dk);
+  maybe_poison(dv);
+  // Key blocks a query block never sees (causal) are not visited: their mask gradient stays 0.
+  at::Tensor dmask = mask_needs_grad ? at::zeros({p.B, p.Hq, p.Lq, p.Lk}, q.options().dtype(stats))
+                                     : at::empty({0}, q.options().dtype(stats));
+  at::Tensor delta = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(stats));
+
+  BackwardTensors t;
+  t.out = head_tensor(out);
+  t.dout = head_tensor(dout);
+  t.dq = head_tensor(dq);
+  t.dk = head_tensor(dk);
+  t.dv = head_tensor(dv);
+
+  auto run = [&](auto zero) {
+    using acc_t = decltype(zero);
+    const acc_t* dlse_ptr = dlse.defined() ? dlse.data_ptr<acc_t>() : nullptr;
+    acc_t* delta_ptr = delta.data_ptr<acc_t>();
+    const acc_t* lse_ptr = lse.data_ptr<acc_t>();
+    acc_t* dmask_ptr = mask_needs_grad ? dmask.data_ptr<acc_t>() : nullptr;
+    if (p.B * p.Hq * p.Lq > 0) delta_kernel<acc_t>(p, t, dlse_ptr, delta_ptr);
+    const BackwardSchedule schedule = choose_backward_schedule(p, sizeof(acc_t));
+    if (schedule.two_pass) {
+      if (p.B * p.Hkv * p.Lk > 0) dkdv_kernel<acc_t>(p, t, lse_ptr, delta_ptr);
+      if (p.B * p.Hq * p.Lq > 0) dq_kernel<acc_t>(p, t, lse_ptr, delta_ptr, dmask_ptr);
+    } else {
+      at::Tensor dq_partial;
+      if (schedule.stripes > 1) {
+        dq_partial = at::empty({schedule.stripes * p.B * p.Hq * p.Lq * p.D}, lse.options());
+      }
+      fused_backward_kernel<acc_t>(p, t, lse_ptr, delta_ptr, dmask_ptr, schedule.stripes,
+                                   schedule.stripes > 1 ? dq_partial.data_ptr<acc_t>() : nullptr);
+    }
+  };
+  if (stats == at::kDouble) {
+    run(0.0);
+  } else {
+    run(0.0f);
+  }
+  return {dq, dk, dv, dmask};
+}
+
+}  // namespace
+}  // namespace fastattn::cpu
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("attention_fwd", &fastattn::cpu::attention_fwd_cpu);
+  m.impl("attention_bwd", &fastattn::cpu::attention_bwd_cpu);
+}

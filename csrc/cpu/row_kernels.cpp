@@ -1,0 +1,227 @@
+// Vectorised float32 row loops of the CPU attention kernels, compiled per ISA and chosen at run time.
+// See row_kernels.h.  The loop bodies are written once, as always-inline templates that the compiler
+// auto-vectorises: each runs over blocks of kLanes independent lanes (partial sums and maxima per lane, combined
+// in a fixed order), so no reassociation (-ffast-math) is needed and results are reproducible run to run.
+#include "row_kernels.h"
+
+// The vector helpers below are always inlined into the per-ISA functions, so no vector crosses a call boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "../philox.h"
+
+#if defined(__GNUC__)
+#define FA_INLINE inline __attribute__((always_inline))
+#else
+#define FA_INLINE inline
+#endif
+
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+#define FA_X86_DISPATCH 1
+#define FA_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define FA_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
+#else
+#define FA_X86_DISPATCH 0
+#endif
+
+namespace fastattn::cpu {
+namespace {
+
+constexpr int kLanes = 16;  // one AVX-512 register of floats, two AVX2 ones, four SSE ones
+
+// GCC/Clang generic vectors: the compiler lowers each operation to the ISA of the function it is inlined into
+// (one zmm, two ymm or four xmm instructions).  Loads and stores go through memcpy (unaligned).
+typedef float vfloat __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vint __attribute__((vector_size(4 * kLanes)));
+
+FA_INLINE vfloat splat(float x) { return vfloat{} + x; }
+
+FA_INLINE vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+FA_INLINE void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Lanes combined in a fixed order (results do not depend on the ISA's register width).
+FA_INLINE float lane_sum(vfloat v) {
+  float s = 0.0f;
+  for (int l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+
+FA_INLINE float lane_max(vfloat v) {
+  float m = v[0];
+  for (int l = 1; l < kLanes; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+
+// exp(x) for the arguments of a softmax (x <= ~0), to about 1 ulp, in straight-line vector code (std::exp is a
+// library call the compiler cannot vectorise).
+//   exp(x) = 2^n * exp(r),  n = round(x / ln 2),  r = x - n ln 2 in [-ln2/2, ln2/2]
+// n is rounded with the 1.5 * 2^23 trick (adding it leaves n in the low mantissa bits), ln 2 is split in a
+// high part with few mantissa bits (n * ln2_hi is exact) and a low part (Cody-Waite), exp(r) is its degree-7
+// Taylor polynomial (truncation error < r^8 / 8! = 3e-8 relative), and 2^n is built in the exponent field.
+// Arguments below -87 (including -inf: masked scores) give 0; exp(-87) = 1.6e-38 is the last normal float.
+constexpr float kExpLo = -87.0f, kExpHi = 88.0f;
+
+FA_INLINE vfloat exp_softmax(vfloat x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693145751953125f;         // 11 significant bits: n * kLn2Hi is exact for |n| < 2^13
+  constexpr float kLn2Lo = 1.428606765330187045e-06f;  // ln 2 - kLn2Hi
+  constexpr float kShifter = 12582912.0f;              // 1.5 * 2^23, whose bit pattern is 0x4B400000
+  vfloat xc = x < kExpLo ? splat(kExpLo) : x;
+  xc = xc > kExpHi ? splat(kExpHi) : xc;
+  const vfloat shifted = xc * kLog2e + kShifter;       // kShifter + round(xc / ln 2), exactly
+  const vfloat n = shifted - kShifter;
+  vint ni;                                             // round(xc / ln 2) as an integer
+  std::memcpy(&ni, &shifted, sizeof(ni));
+  ni -= 0x4B400000;
+  vfloat r = xc - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  vfloat p = splat(1.0f / 5040.0f);
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vint bits = (ni + 127) << 23;                  // 2^n
+  vfloat two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return x < kExpLo ? splat(0.0f) : p * two_n;
+}
+
+FA_INLINE float row_max_body(const float* x, int64_t n) {
+  vfloat lanes = splat(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vfloat v = load(x + j);
+    lanes = v > lanes ? v : lanes;
+  }
+  float m = lane_max(lanes);
+  for (; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+FA_INLINE float exp_shift_sum_body(float* x, int64_t n, float shift) {
+  vfloat lanes = splat(0.0f);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vfloat e = exp_softmax(load(x + j) - shift);
+    store(x + j, e);
+    lanes += e;
+  }
+  if (j < n) {  // the tail, padded: one more vector through a stack copy
+    alignas(64) float tmp[kLanes];
+    const int64_t rest = n - j;
+    for (int l = 0; l < kLanes; ++l) tmp[l] = l < rest ? x[j + l] - shift : -std::numeric_limits<float>::infinity();
+    const vfloat e = exp_softmax(load(tmp));
+    store(tmp, e);
+    for (int64_t l = 0; l < rest; ++l) x[j + l] = tmp[l];
+    lanes += e;  // padded lanes are exp(-inf) = 0
+  }
+  return lane_sum(lanes);
+}
+
+// Philox in lanes: the same rounds as csrc/philox.h, written over arrays so the 32x32->64 multiplies vectorise.
+FA_INLINE void dropout_row_body(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
+                                uint32_t threshold, float scale) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      c0[l] = n0 + static_cast<uint32_t>(j + l);
+      c1[l] = m;
+      c2[l] = bh;
+      c3[l] = 0u;
+    }
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      for (int l = 0; l < kLanes; ++l) {
+        const uint64_t prod_b = static_cast<uint64_t>(kPhiloxRoundB) * c2[l];
+        const uint64_t prod_a = static_cast<uint64_t>(kPhiloxRoundA) * c0[l];
+        const uint32_t new_c0 = static_cast<uint32_t>(prod_b >> 32) ^ c1[l] ^ k0;
+        const uint32_t new_c2 = static_cast<uint32_t>(prod_a >> 32) ^ c3[l] ^ k1;
+        c1[l] = static_cast<uint32_t>(prod_b);
+        c3[l] = static_cast<uint32_t>(prod_a);
+        c0[l] = new_c0;
+        c2[l] = new_c2;
+      }
+      k0 += kPhiloxKeyA;
+      k1 += kPhiloxKeyB;
+    }
+    for (int l = 0; l < kLanes; ++l) p[j + l] = (c0[l] >> 8) >= threshold ? p[j + l] * scale : 0.0f;
+  }
+  for (; j < n; ++j) {
+    const bool keep = dropout_keep(seed, bh, m, n0 + static_cast<uint32_t>(j), threshold);
+    p[j] = keep ? p[j] * scale : 0.0f;
+  }
+}
+
+// --- the three compilations -----------------------------------------------------------------------------------
+float row_max_baseline(const float* x, int64_t n) { return row_max_body(x, n); }
+float exp_shift_sum_baseline(float* x, int64_t n, float shift) { return exp_shift_sum_body(x, n, shift); }
+void dropout_row_baseline(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
+                          uint32_t threshold, float scale) {
+  dropout_row_body(p, n, seed, bh, m, n0, threshold, scale);
+}
+
+#if FA_X86_DISPATCH
+FA_TARGET_AVX2 float row_max_avx2(const float* x, int64_t n) { return row_max_body(x, n); }
+FA_TARGET_AVX2 float exp_shift_sum_avx2(float* x, int64_t n, float shift) { return exp_shift_sum_body(x, n, shift); }
+FA_TARGET_AVX2 void dropout_row_avx2(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
+                                     uint32_t threshold, float scale) {
+  dropout_row_body(p, n, seed, bh, m, n0, threshold, scale);
+}
+
+FA_TARGET_AVX512 float row_max_avx512(const float* x, int64_t n) { return row_max_body(x, n); }
+FA_TARGET_AVX512 float exp_shift_sum_avx512(float* x, int64_t n, float shift) {
+  return exp_shift_sum_body(x, n, shift);
+}
+FA_TARGET_AVX512 void dropout_row_avx512(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
+                                         uint32_t threshold, float scale) {
+  dropout_row_body(p, n, seed, bh, m, n0, threshold, scale);
+}
+#endif
+
+RowKernels choose() {
+  const RowKernels baseline{row_max_baseline, exp_shift_sum_baseline, dropout_row_baseline, "baseline"};
+#if FA_X86_DISPATCH
+  const RowKernels avx2{row_max_avx2, exp_shift_sum_avx2, dropout_row_avx2, "avx2"};
+  const RowKernels avx512{row_max_avx512, exp_shift_sum_avx512, dropout_row_avx512, "avx512"};
+  __builtin_cpu_init();
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  const char* forced = std::getenv("FASTATTN_CPU_ISA");
+  if (forced != nullptr) {  // never more than the CPU has
+    if (std::strcmp(forced, "baseline") == 0) return baseline;
+    if (std::strcmp(forced, "avx2") == 0 && has_avx2) return avx2;
+  }
+  if (has_avx512) return avx512;
+  if (has_avx2) return avx2;
+#endif
+  return baseline;
+}
+
+}  // namespace
+
+const RowKernels& row_kernels() {
+  static const RowKernels chosen = choose();
+  return chosen;
+}
+
+void dropout_row(double* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0, uint32_t threshold,
+                 double scale) {
+  for (int64_t j = 0; j < n; ++j) {
+    const bool keep = dropout_keep(seed, bh, m, n0 + static_cast<uint32_t>(j), threshold);
+    p[j] = keep ? p[j] * scale : 0.0;
+  }
+}
+
+}  // namespace fastattn::cpu

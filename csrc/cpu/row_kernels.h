@@ -1,0 +1,58 @@
+// Row operations on float32 score tiles, vectorised for the CPU found at run time.
+//
+// The GEMMs of the attention kernels run in BLAS; what remains per score is the online-softmax work (row max,
+// exp, row sum) and dropout.  row_kernels.cpp compiles these loops three times -- for the x86-64 baseline
+// (SSE2), AVX2+FMA and AVX-512 -- with GCC/Clang target attributes, and picks one on first use from the CPU's
+// features (like ATen's DispatchStub).  The build needs no -march flag, so one binary runs everywhere.
+// float64 uses the scalar loops at the bottom of this file (float64 is for gradcheck, not for speed).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace fastattn::cpu {
+
+struct RowKernels {
+  // max_j x[j]; -inf for n == 0 or an all -inf row.
+  float (*row_max)(const float* x, int64_t n);
+  // x[j] = exp(x[j] - shift) in place; returns sum_j of the new x[j] (fixed summation order).
+  float (*exp_shift_sum)(float* x, int64_t n, float shift);
+  // Dropout of one row of probabilities: p[j] = keep ? p[j] * scale : 0 with keep from csrc/philox.h for
+  // (seed, bh, query m, key n0 + j).
+  void (*dropout_row)(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
+                      uint32_t threshold, float scale);
+  const char* isa;  // "avx512", "avx2" or "baseline"
+};
+
+// The variant for this CPU (chosen once).  FASTATTN_CPU_ISA=baseline|avx2|avx512 forces one (for tests).
+const RowKernels& row_kernels();
+
+// --- float32: through the dispatch table --------------------------------------------------------------------
+inline float row_max(const float* x, int64_t n) { return row_kernels().row_max(x, n); }
+inline float exp_shift_sum(float* x, int64_t n, float shift) { return row_kernels().exp_shift_sum(x, n, shift); }
+inline void dropout_row(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
+                        uint32_t threshold, float scale) {
+  row_kernels().dropout_row(p, n, seed, bh, m, n0, threshold, scale);
+}
+
+// --- float64: plain loops -----------------------------------------------------------------------------------
+inline double row_max(const double* x, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+inline double exp_shift_sum(double* x, int64_t n, double shift) {
+  double s = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = std::exp(x[j] - shift);
+    s += x[j];
+  }
+  return s;
+}
+
+void dropout_row(double* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0, uint32_t threshold,
+                 double scale);
+
+}  // namespace fastattn::cpu

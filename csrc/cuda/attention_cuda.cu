@@ -1,0 +1,18 @@
+// CUDA implementations of the fastattn::attention_fwd / attention_bwd operators (schemas: csrc/ops.cpp).
+// Kernels: fa_kernels.cuh; argument checks and dispatch: fa_ops.cuh.
+//
+// Instantiations (kept few for build time): {float16, bfloat16} x padded head dim {64, 128} x {forward,
+// dK/dV, dQ} plus the Delta kernel per dtype -- 14 kernels.  Causal, mask kind and dropout are runtime
+// switches (uniform branches), not template parameters.
+#include <torch/library.h>
+
+#include "fa_ops.cuh"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "fastattn CUDA kernels need sm_80 or newer (mma.sync bf16, ldmatrix, cp.async): set FASTATTN_CUDA_ARCHS >= 8.0"
+#endif
+
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  m.impl("attention_fwd", &fastattn_cuda::attention_fwd);
+  m.impl("attention_bwd", &fastattn_cuda::attention_bwd);
+}

@@ -1,0 +1,863 @@
+// FlashAttention-2 forward and backward for fp16/bf16 on tensor cores (mma.sync m16n8k16, sm_80+).
+//
+// Read top to bottom: parameters -> tile helpers (cp.async loads, warp GEMMs on fragments) -> score
+// modifications -> forward kernel -> backward kernels (Delta, dK/dV, dQ) -> launchers.
+//
+// Conventions, the same as the Triton kernels (fastattn/kernels/triton_attention.py):
+//   * scores live in the log2 domain: s2 = (scale * q.k + mask) * log2(e), so the softmax uses exp2;
+//   * a fully masked row (no visible key) outputs 0 and lse = -inf; its gradients are 0;
+//   * key n is visible to query m iff n <= m + causal_offset (0 for top-left, Lk - Lq for bottom-right);
+//   * dropout keeps (query m, key n) of head b*Hq + h iff Philox-4x32-10(seed; n, m, b*Hq + h, 0) says so
+//     (fa_primitives.cuh); the backward regenerates the same bits;
+//   * GQA: query head h reads key/value head h / group; the dK/dV program of a key/value head loops over its
+//     group's query heads and sums in registers (deterministic, no atomics); dQ is a second kernel, also
+//     atomics-free, so the whole backward is bitwise reproducible.
+//
+// Tiles.  A warp computes products 16 rows (one m-tile) at a time, with the C fragment layout of
+// fa_primitives.cuh: lane (g, t) holds rows g and g + 8, columns 2t, 2t + 1 of each 8-column block.
+// Shared-memory tiles are row-major [rows][DT + 8] (DT = 64 or 128, the padded head dim): the 16-byte pad
+// shifts consecutive rows by 4 banks, so the 8 row addresses of every ldmatrix phase hit 8 distinct 16-byte
+// bank groups (conflict-free) without a swizzle.  Head dims below DT are zero-filled on load.
+//   forward:  CTA = 128 queries of one (b, h): 4 warps x 32 rows (DT 64) or 8 warps x 16 rows (DT 128); K/V
+//             tiles of 32 keys, double-buffered through cp.async; Q fragments stay in registers; online
+//             softmax in registers.
+//   dK/dV:    CTA = 64 keys of one (b, kv head), 4 warps x 16 keys; loops over the query tiles (64 rows for
+//             DT 64, 32 for DT 128) of every query head of the group, Q/dO/LSE/Delta double-buffered;
+//             computes the transposed products S^T = K Q^T and dP^T = V dO^T so that P^T and dS^T are
+//             already in the A-operand layout for dV += P^T dO and dK += dS^T Q.
+//   dQ:       CTA = 64 queries of one (b, h), 4 warps x 16 rows; K/V tiles (64 keys, 32 for DT 128)
+//             double-buffered; also writes dS (the float mask's gradient) when asked.
+// Shared memory per CTA stays under 99 KiB (the opt-in limit of sm_86/sm_89; sm_80 and sm_90 allow more):
+// forward 36 KiB (DT 64) / 68 KiB (DT 128), dK/dV 55 / 68.5 KiB, dQ 54 / 68 KiB (static_asserts below).
+// Registers (sm_80, no spills; sm_90 within a few): forward 201 / 166 (DT 64 / 128), dK/dV 217 / 233, dQ 168 / 159.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "fa_primitives.cuh"
+
+#ifdef FASTATTN_EMULATE
+#define FA_SHARED_MEMORY(name) char* name = fa_emu::tls.cta->smem_base()
+#define FA_LAUNCH(kernel, grid, threads, smem_bytes, stream, params) \
+  fa_emu::launch(grid, dim3(threads), smem_bytes, [&] { kernel(params); })
+#else
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+#define FA_SHARED_MEMORY(name) extern __shared__ __align__(16) char name[]
+#define FA_LAUNCH(kernel, grid, threads, smem_bytes, stream, params)                                     \
+  do {                                                                                                    \
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,              \
+                                        static_cast<int>(smem_bytes)));                                  \
+    kernel<<<grid, threads, smem_bytes, stream>>>(params);                                                \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                       \
+  } while (0)
+#endif
+
+namespace fastattn_cuda {
+
+// ==========================================================================================================
+// Parameters (one struct for all kernels; strides in elements, head dims contiguous)
+// ==========================================================================================================
+enum MaskKind : int { kMaskNone = 0, kMaskBool = 1, kMaskFloat = 2 };
+
+struct AttnParams {
+  // q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, D]: (batch, head, row) strides
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_sb, q_sh, q_sm;
+  int64_t k_sb, k_sh, k_sm;
+  int64_t v_sb, v_sh, v_sm;
+  // mask viewed as [B, Hq, Lq, Lk] (stride 0 along broadcast dims): uint8 (bool, nonzero = attend) or float32
+  const void* mask;
+  int64_t mk_sb, mk_sh, mk_sm, mk_sn;
+  int mask_kind;
+  // forward outputs: out [B, Hq, Lq, D] (strided), lse [B, Hq, Lq] contiguous float32 (natural log)
+  void* out;
+  int64_t o_sb, o_sh, o_sm;
+  float* lse;
+  // backward: dout like out; dlse [B, Hq, Lq] contiguous or null; delta workspace [B, Hq, Lq];
+  // dq/dk/dv like q/k/v; dmask dense [B, Hq, Lq, Lk] float32 (zero-initialised) or null
+  const void* dout;
+  int64_t do_sb, do_sh, do_sm;
+  const float* dlse;
+  float* delta;
+  void* dq;
+  int64_t dq_sb, dq_sh, dq_sm;
+  void* dk;
+  int64_t dk_sb, dk_sh, dk_sm;
+  void* dv;
+  int64_t dv_sb, dv_sh, dv_sm;
+  float* dmask;
+  // sizes
+  int B, Hq, Hkv, group, Lq, Lk, D;
+  // score: s2 = q.k * scale_log2 (+ mask * log2 e); visible iff n <= m + causal_offset when causal
+  int causal;
+  int causal_offset;
+  float scale;
+  float scale_log2;
+  // dropout
+  int dropout;
+  uint32_t drop_threshold;
+  float drop_scale;
+  uint64_t seed;
+};
+
+FA_DEVICE int imin(int a, int b) { return a < b ? a : b; }
+FA_DEVICE int imax(int a, int b) { return a > b ? a : b; }
+constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// ==========================================================================================================
+// Tile helpers
+// ==========================================================================================================
+
+// 16-byte vector copy (global <-> shared; both addresses 16-byte aligned).
+FA_DEVICE void copy16(void* dst, const void* src) {
+#ifdef FASTATTN_EMULATE
+  memcpy(dst, src, 16);
+#else
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+FA_DEVICE void store_b32(void* dst, uint32_t v) {
+#ifdef FASTATTN_EMULATE
+  memcpy(dst, &v, 4);
+#else
+  *reinterpret_cast<uint32_t*>(dst) = v;
+#endif
+}
+
+// Asynchronously copies rows [row0, row0 + ROWS) of a [nrows, d] slice (row stride in elements, d contiguous,
+// d % 8 == 0) into the shared tile [ROWS][DT + 8]; rows >= nrows and columns >= d are zero-filled.
+template <typename T, int ROWS, int DT, int NTHREADS>
+FA_DEVICE void load_tile_async(T* tile, const T* slice, int64_t row_stride, int row0, int nrows, int d, int tid) {
+  constexpr int kChunks = DT / 8;  // 16-byte chunks per row
+  constexpr int kStride = DT + 8;
+#pragma unroll
+  for (int i = tid; i < ROWS * kChunks; i += NTHREADS) {
+    const int r = i / kChunks, c = (i % kChunks) * 8;
+    const bool valid = (row0 + r < nrows) && (c < d);
+    const T* src = valid ? slice + static_cast<int64_t>(row0 + r) * row_stride + c : slice;
+    cp_async_16(tile + r * kStride + c, src, valid);
+  }
+}
+
+// Copies the shared tile [ROWS][DT + 8] to rows [row0, row0 + ROWS) of a [nrows, d] slice, 16 bytes at a time,
+// skipping rows >= nrows and columns >= d.
+template <typename T, int ROWS, int DT, int NTHREADS>
+FA_DEVICE void store_tile(T* slice, int64_t row_stride, const T* tile, int row0, int nrows, int d, int tid) {
+  constexpr int kChunks = DT / 8;
+  constexpr int kStride = DT + 8;
+#pragma unroll
+  for (int i = tid; i < ROWS * kChunks; i += NTHREADS) {
+    const int r = i / kChunks, c = (i % kChunks) * 8;
+    if (row0 + r < nrows && c < d)
+      copy16(slice + static_cast<int64_t>(row0 + r) * row_stride + c, tile + r * kStride + c);
+  }
+}
+
+// Writes a warp's 16 x (8 NB) fp32 accumulator fragment, times a per-row factor, into the shared tile rows
+// [0, 16) of `tile` (row stride STRIDE) as T.  Lane (g, t) writes rows g, g + 8, columns 8 nb + 2t, +1.
+template <typename T, int NB, int STRIDE>
+FA_DEVICE void frag_to_smem(T* tile, const float (&c)[NB][4], float mul_row_g, float mul_row_g8, int lane) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+    store_b32(tile + g * STRIDE + nb * 8 + 2 * t, pack2<T>(c[nb][0] * mul_row_g, c[nb][1] * mul_row_g));
+    store_b32(tile + (g + 8) * STRIDE + nb * 8 + 2 * t, pack2<T>(c[nb][2] * mul_row_g8, c[nb][3] * mul_row_g8));
+  }
+}
+
+// A-operand fragments of the 16 x (16 KS) block whose first row is `a` (row-major shared tile).
+// ldmatrix.x4: lane l addresses row (l & 7) + 8 ((l >> 3) & 1), column 8 (l >> 4) of the 16 x 16 block, so the
+// four 8 x 8 matrices are (rows 0-7, cols 0-7) -> a0, (rows 8-15, cols 0-7) -> a1, (rows 0-7, cols 8-15) -> a2,
+// (rows 8-15, cols 8-15) -> a3.
+template <int KS, typename T>
+FA_DEVICE void load_a_frags(uint32_t (&af)[KS][4], const T* a, int stride, int lane) {
+  const int row = (lane & 7) + ((lane >> 3) & 1) * 8, col = (lane >> 4) * 8;
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) ldmatrix_x4(af[ks], a + row * stride + ks * 16 + col);
+}
+
+// B-operand fragments of k-step [k0, k0 + 16) for the two 8-column blocks [n0, n0 + 16):
+//   b[0], b[1] = (b0, b1) of columns n0..n0+7;  b[2], b[3] = (b0, b1) of columns n0+8..n0+15.
+// KMAJOR = false: B[k][n] = X[n][k] with X a row-major shared tile whose rows are n (e.g. K for S = Q K^T).
+//   b0 = B[2t, 2t+1][g] = X[g][2t, 2t+1]: plain ldmatrix of the 8 x 8 blocks of X; lane l addresses row
+//   n0 + (l & 7) + 8 (l >> 4), column k0 + 8 ((l >> 3) & 1): matrices (n 0-7, k 0-7), (n 0-7, k 8-15),
+//   (n 8-15, k 0-7), (n 8-15, k 8-15).
+// KMAJOR = true: B[k][n] = Y[k][n] with Y row-major, rows k (e.g. V for O = P V).  b0 = Y[2t, 2t+1][g]:
+//   ldmatrix.trans; lane l addresses row k0 + (l & 7) + 8 ((l >> 3) & 1), column n0 + 8 (l >> 4): matrices
+//   (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15).
+template <bool KMAJOR, typename T>
+FA_DEVICE void load_b_pair(uint32_t (&b)[4], const T* x, int stride, int n0, int k0, int lane) {
+  const int r = lane & 7, hi8 = (lane >> 4) * 8, mid8 = ((lane >> 3) & 1) * 8;
+  if (!KMAJOR)
+    ldmatrix_x4(b, x + (n0 + r + hi8) * stride + k0 + mid8);
+  else
+    ldmatrix_x4_trans(b, x + (k0 + r + mid8) * stride + n0 + hi8);
+}
+
+// c[16 x 8 NB] += A[16 x 16 KS] * B, A from registers.
+template <typename T, int KS, int NB, bool KMAJOR>
+FA_DEVICE void gemm_rs(float (&c)[NB][4], const uint32_t (&af)[KS][4], const T* bs, int stride, int lane) {
+  static_assert(NB % 2 == 0, "n-blocks come in pairs");
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+    for (int np = 0; np < NB / 2; ++np) {
+      uint32_t b[4];
+      load_b_pair<KMAJOR>(b, bs, stride, np * 16, ks * 16, lane);
+      mma_16816<T>(c[2 * np], af[ks], b[0], b[1]);
+      mma_16816<T>(c[2 * np + 1], af[ks], b[2], b[3]);
+    }
+  }
+}
+
+// c[16 x 8 NB] += A[16 x 16 KS] * B, A read k-step by k-step from the row-major shared tile rows at `as`.
+template <typename T, int KS, int NB, bool KMAJOR>
+FA_DEVICE void gemm_ss(float (&c)[NB][4], const T* as, int a_stride, const T* bs, int b_stride, int lane) {
+  static_assert(NB % 2 == 0, "n-blocks come in pairs");
+  const int row = (lane & 7) + ((lane >> 3) & 1) * 8, col = (lane >> 4) * 8;
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    uint32_t a[4];
+    ldmatrix_x4(a, as + row * a_stride + ks * 16 + col);
+#pragma unroll
+    for (int np = 0; np < NB / 2; ++np) {
+      uint32_t b[4];
+      load_b_pair<KMAJOR>(b, bs, b_stride, np * 16, ks * 16, lane);
+      mma_16816<T>(c[2 * np], a, b[0], b[1]);
+      mma_16816<T>(c[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// The C fragment of a 16 x 16j block is the A fragment of the same block once rounded to T: columns
+// 16j + 2t, +1 of n-block 2j are a0 (row g) and a1 (row g + 8); n-block 2j + 1 gives a2 and a3.  This is how
+// P (and dS) go from one MMA's output to the next one's input without leaving registers.
+template <typename T, int NB>
+FA_DEVICE void c_to_a(uint32_t (&af)[NB / 2][4], const float (&c)[NB][4]) {
+#pragma unroll
+  for (int j = 0; j < NB / 2; ++j) {
+    af[j][0] = pack2<T>(c[2 * j][0], c[2 * j][1]);
+    af[j][1] = pack2<T>(c[2 * j][2], c[2 * j][3]);
+    af[j][2] = pack2<T>(c[2 * j + 1][0], c[2 * j + 1][1]);
+    af[j][3] = pack2<T>(c[2 * j + 1][2], c[2 * j + 1][3]);
+  }
+}
+
+// ==========================================================================================================
+// Score modifications
+// ==========================================================================================================
+
+// Log2-domain score of (query m, key n) from the raw product x = q.k: -inf outside [0, Lq) x [0, Lk), above
+// the causal diagonal or where the bool mask is false; plus the float mask (natural-log units) otherwise.
+// `mask` points at the (b, h) slice of the mask.
+FA_DEVICE float modified_score(const AttnParams& p, const char* mask, float x, int m, int n) {
+  const bool visible = m < p.Lq && n < p.Lk && (!p.causal || n <= m + p.causal_offset);
+  if (!visible) return -INFINITY;
+  float s = x * p.scale_log2;
+  if (p.mask_kind != kMaskNone) {
+    const int64_t off = static_cast<int64_t>(m) * p.mk_sm + static_cast<int64_t>(n) * p.mk_sn;
+    if (p.mask_kind == kMaskBool) {
+      if (reinterpret_cast<const uint8_t*>(mask)[off] == 0) s = -INFINITY;
+    } else {
+      s += reinterpret_cast<const float*>(mask)[off] * kLog2e;
+    }
+  }
+  return s;
+}
+
+// Does the tile [m_lo, m_hi) x [n_lo, n_hi) need per-element work (bounds, causal diagonal, mask)?
+FA_DEVICE bool tile_needs_mods(const AttnParams& p, int m_lo, int m_hi, int n_lo, int n_hi) {
+  (void)n_lo;
+  return p.mask_kind != kMaskNone || m_hi > p.Lq || n_hi > p.Lk || (p.causal && n_hi - 1 > m_lo + p.causal_offset);
+}
+
+FA_DEVICE const char* mask_slice(const AttnParams& p, int b, int h) {
+  if (p.mask_kind == kMaskNone) return nullptr;
+  const int elem = p.mask_kind == kMaskBool ? 1 : 4;
+  const int64_t offset = static_cast<int64_t>(b) * p.mk_sb + static_cast<int64_t>(h) * p.mk_sh;
+  return static_cast<const char*>(p.mask) + offset * elem;
+}
+
+// LSE in log2 units for P = exp2(s2 - lse2); a fully masked row (lse = -inf) becomes +inf so that P = 0.
+FA_DEVICE float lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+
+// Dropout keep-bits of the N <= 32 score elements a lane holds (bit e for element e; row(e), col(e) give its
+// query and key).  A rolled loop: the Philox rounds of one element at a time, instead of N interleaved copies
+// competing for registers with the accumulators; the callers then test constant bit positions.
+template <int N, typename RowFn, typename ColFn>
+FA_DEVICE uint32_t dropout_keep_bits(const AttnParams& p, int bh, RowFn row, ColFn col) {
+  static_assert(N <= 32, "one bit per element");
+  uint32_t bits = 0;
+#pragma unroll 1
+  for (int e = 0; e < N; ++e)
+    bits |= static_cast<uint32_t>(dropout_keep(p.seed, p.drop_threshold, row(e), col(e), bh)) << e;
+  return bits;
+}
+
+// ==========================================================================================================
+// Forward
+// ==========================================================================================================
+template <int DT>
+struct FwdTile {
+  // DT 64: 4 warps x 32 rows (two 16-row m-tiles share every K/V fragment: half the ldmatrix traffic per MMA);
+  // DT 128: 8 warps x 16 rows (two m-tiles would need ~290 registers for O, S and the Q fragments).
+  static constexpr int kMT = DT <= 64 ? 2 : 1;  // 16-row m-tiles per warp
+  static constexpr int kWarps = DT <= 64 ? 4 : 8, kThreads = 32 * kWarps;
+  static constexpr int kBM = 16 * kMT * kWarps;   // queries per CTA (128)
+  static constexpr int kBN = 32;                 // keys per K/V tile
+  static constexpr int kStride = DT + 8;
+  template <typename T>
+  static constexpr size_t smem_bytes() { return size_t(kBM + 4 * kBN) * kStride * sizeof(T); }  // Q, 2 x (K, V)
+};
+
+// c[mt] += A[mt] * B for MT 16-row A tiles held in registers: each B fragment pair is loaded once for all of them.
+template <typename T, int MT, int KS, int NB, bool KMAJOR>
+FA_DEVICE void gemm_rs_mt(float (&c)[MT][NB][4], const uint32_t (&af)[MT][KS][4], const T* bs, int stride, int lane) {
+  static_assert(NB % 2 == 0, "n-blocks come in pairs");
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+    for (int np = 0; np < NB / 2; ++np) {
+      uint32_t b[4];
+      load_b_pair<KMAJOR>(b, bs, stride, np * 16, ks * 16, lane);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<T>(c[mt][2 * np], af[mt][ks], b[0], b[1]);
+        mma_16816<T>(c[mt][2 * np + 1], af[mt][ks], b[2], b[3]);
+      }
+    }
+  }
+}
+
+template <typename T, int DT>
+__global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const AttnParams p) {
+  using Tile = FwdTile<DT>;
+  constexpr int MT = Tile::kMT, BM = Tile::kBM, BN = Tile::kBN, S = Tile::kStride, NT = Tile::kThreads;
+  constexpr int KS = DT / 16;
+  FA_SHARED_MEMORY(smem);
+  T* sQ = reinterpret_cast<T*>(smem);  // [BM][S]; reused to stage the output
+  T* sK = sQ + BM * S;                 // [2][BN][S]
+  T* sV = sK + 2 * BN * S;             // [2][BN][S]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int bh = b * p.Hq + h, hk = h / p.group;
+  const int m0 = m_block * BM;
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const char* mask = mask_slice(p, b, h);
+
+  // Keys any row of this block can see: the last valid row m sees n <= m + causal_offset.
+  int n_end = p.Lk;
+  if (p.causal) n_end = imin(p.Lk, imax(0, imin(m0 + BM, p.Lq) + p.causal_offset));
+  const int n_tiles = ceil_div(n_end, BN);
+
+  // Pipeline prologue: Q (group 0), K/V tile 0 (group 1).
+  load_tile_async<T, BM, DT, NT>(sQ, qg, p.q_sm, m0, p.Lq, p.D, tid);
+  cp_async_commit();
+  if (n_tiles > 0) {
+    load_tile_async<T, BN, DT, NT>(sK, kg, p.k_sm, 0, p.Lk, p.D, tid);
+    load_tile_async<T, BN, DT, NT>(sV, vg, p.v_sm, 0, p.Lk, p.D, tid);
+  }
+  cp_async_commit();
+
+  // This warp owns rows [warp_row0, warp_row0 + 16 MT) of the block: m-tile mt holds rows 16 mt + g and
+  // 16 mt + g + 8 in this lane (index r = 0, 1 below).
+  const int warp_row0 = warp * 16 * MT;
+  float acc[MT][DT / 8][4];  // O (unnormalised)
+  float row_max[MT][2];      // running max of s2 per row (log2 domain)
+  float row_sum[MT][2];      // this lane's part of sum exp2(s2 - row_max) per row
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < DT / 8; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
+  uint32_t qf[MT][KS][4];  // Q fragments, loaded once
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int st = j & 1;
+    // Prefetch tile j + 1 into the other buffer (freed by the __syncthreads at the end of iteration j - 1),
+    // then wait for tile j (and Q): at most the group just committed stays in flight.
+    if (j + 1 < n_tiles) {
+      load_tile_async<T, BN, DT, NT>(sK + (st ^ 1) * BN * S, kg, p.k_sm, (j + 1) * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sV + (st ^ 1) * BN * S, vg, p.v_sm, (j + 1) * BN, p.Lk, p.D, tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (j == 0) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) load_a_frags<KS>(qf[mt], sQ + (warp_row0 + 16 * mt) * S, S, lane);
+    }
+    const T* kt = sK + st * BN * S;
+    const T* vt = sV + st * BN * S;
+    const int n0 = j * BN;
+
+    // S = Q K^T for this warp's rows x BN keys (fp32).
+    float s[MT][BN / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
+    gemm_rs_mt<T, MT, KS, BN / 8, false>(s, qf, kt, S, lane);
+
+    // Element (mt, nb, i) is query m0 + warp_row0 + 16 mt + g + 8 (i / 2), key n0 + 8 nb + 2t + i % 2.
+    if (tile_needs_mods(p, m0, m0 + BM, n0, n0 + BN)) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            s[mt][nb][i] = modified_score(p, mask, s[mt][nb][i], m0 + warp_row0 + 16 * mt + g + 8 * (i / 2),
+                                          n0 + 8 * nb + 2 * t + (i % 2));
+    } else {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) s[mt][nb][i] *= p.scale_log2;
+    }
+
+    // Online softmax.  Row r of an m-tile is spread over the 4 lanes of its quad (same g): reduce the tile max
+    // with two xor-shuffles.  With the new max m_new, everything accumulated so far was relative to the old
+    // max, so O and the partial sums are rescaled by alpha = exp2(m_old - m_new).  A row that has seen only
+    // -inf keeps m_new = -inf; subtracting 0 instead keeps exp2 away from (-inf) - (-inf) = NaN.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * r], s[mt][nb][2 * r + 1]));
+        mx = fmaxf(mx, shfl_xor(mx, 1));
+        mx = fmaxf(mx, shfl_xor(mx, 2));
+        const float m_new = fmaxf(row_max[mt][r], mx);
+        const float m_sub = m_new == -INFINITY ? 0.f : m_new;
+        const float alpha = fast_exp2(row_max[mt][r] - m_sub);
+        row_max[mt][r] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb) {
+          s[mt][nb][2 * r] = fast_exp2(s[mt][nb][2 * r] - m_sub);
+          s[mt][nb][2 * r + 1] = fast_exp2(s[mt][nb][2 * r + 1] - m_sub);
+          sum += s[mt][nb][2 * r] + s[mt][nb][2 * r + 1];
+        }
+        row_sum[mt][r] = row_sum[mt][r] * alpha + sum;  // the normaliser counts probabilities before dropout
+#pragma unroll
+        for (int nb = 0; nb < DT / 8; ++nb) {
+          acc[mt][nb][2 * r] *= alpha;
+          acc[mt][nb][2 * r + 1] *= alpha;
+        }
+      }
+    }
+    if (p.dropout) {  // element e = (mt (BN/8) + nb) 4 + i
+      const uint32_t keep = dropout_keep_bits<MT * BN / 2>(
+          p, bh, [&](int e) { return m0 + warp_row0 + 16 * (e / (BN / 2)) + g + 8 * ((e % 4) / 2); },
+          [&](int e) { return n0 + 8 * ((e / 4) % (BN / 8)) + 2 * t + (e % 2); });
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            s[mt][nb][i] = (keep >> ((mt * (BN / 8) + nb) * 4 + i)) & 1u ? s[mt][nb][i] * p.drop_scale : 0.f;
+    }
+
+    // O += P V: P (rounded to T) goes from C to A fragments in registers; V is the k-major B operand.
+    uint32_t pf[MT][BN / 16][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) c_to_a<T, BN / 8>(pf[mt], s[mt]);
+    gemm_rs_mt<T, MT, BN / 16, DT / 8, true>(acc, pf, vt, S, lane);
+    __syncthreads();  // every warp is done with buffer st before iteration j + 1 prefetches into it
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // sQ is free (when n_tiles == 0, Q's copy may still have been in flight)
+
+  // Normalise, stage the tile through shared memory (16-byte global stores), write the LSE.
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    float inv[2], lse[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float l = row_sum[mt][r];
+      l += shfl_xor(l, 1);
+      l += shfl_xor(l, 2);
+      inv[r] = l > 0.f ? 1.f / l : 0.f;
+      lse[r] = l > 0.f ? (row_max[mt][r] + fast_log2(l)) * kLn2 : -INFINITY;
+    }
+    frag_to_smem<T, DT / 8, S>(sQ + (warp_row0 + 16 * mt) * S, acc[mt], inv[0], inv[1], lane);
+    if (t == 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int m = m0 + warp_row0 + 16 * mt + g + 8 * r;
+        if (m < p.Lq) p.lse[static_cast<int64_t>(bh) * p.Lq + m] = lse[r];
+      }
+    }
+  }
+  __syncthreads();
+  T* og = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
+  store_tile<T, BM, DT, NT>(og, p.o_sm, sQ, m0, p.Lq, p.D, tid);
+}
+
+// ==========================================================================================================
+// Backward
+// ==========================================================================================================
+
+// Delta = rowsum(dO * O) - dLse, so that dS = P * (dP - Delta): the dLse term is the gradient flowing into the
+// returned LSE (d lse / d s = P), folded into the same row constant.  One warp per row, 16 rows per CTA.
+constexpr int kDeltaRows = 16;
+
+template <typename T>
+__global__ void __launch_bounds__(128) attn_bwd_delta_kernel(const AttnParams p) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int h = blockIdx.y, b = blockIdx.z, bh = b * p.Hq + h;
+  const T* og = static_cast<const T*>(p.out) + b * p.o_sb + h * p.o_sh;
+  const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
+  for (int r = warp; r < kDeltaRows; r += 4) {
+    const int m = blockIdx.x * kDeltaRows + r;
+    if (m >= p.Lq) break;  // uniform across the warp
+    const T* o = og + static_cast<int64_t>(m) * p.o_sm;
+    const T* d = dog + static_cast<int64_t>(m) * p.do_sm;
+    float sum = 0.f;
+    for (int c = 2 * lane; c < p.D; c += 64)
+      sum += to_float(o[c]) * to_float(d[c]) + to_float(o[c + 1]) * to_float(d[c + 1]);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) sum += shfl_xor(sum, off);
+    if (lane == 0) {
+      const int64_t row = static_cast<int64_t>(bh) * p.Lq + m;
+      p.delta[row] = sum - (p.dlse != nullptr ? p.dlse[row] : 0.f);
+    }
+  }
+}
+
+template <int DT>
+struct BwdKVTile {
+  static constexpr int kWarps = 4, kThreads = 32 * kWarps;
+  static constexpr int kBN = 16 * kWarps;         // keys per CTA
+  static constexpr int kBM = DT <= 64 ? 64 : 32;  // queries per tile
+  static constexpr int kStride = DT + 8;
+  template <typename T>
+  static constexpr size_t smem_bytes() {  // K, V, 2 x (Q, dO), 2 x (lse2, delta)
+    return size_t(2 * kBN + 4 * kBM) * kStride * sizeof(T) + 4 * kBM * sizeof(float);
+  }
+};
+
+template <typename T, int DT>
+__global__ void __launch_bounds__(BwdKVTile<DT>::kThreads) attn_bwd_dkdv_kernel(const AttnParams p) {
+  using Tile = BwdKVTile<DT>;
+  constexpr int BM = Tile::kBM, BN = Tile::kBN, S = Tile::kStride, NT = Tile::kThreads, KS = DT / 16;
+  FA_SHARED_MEMORY(smem);
+  T* sK = reinterpret_cast<T*>(smem);  // [BN][S]; reused to stage dK
+  T* sV = sK + BN * S;                 // [BN][S]; reused to stage dV
+  T* sQ = sV + BN * S;                 // [2][BM][S]
+  T* sdO = sQ + 2 * BM * S;            // [2][BM][S]
+  float* sLse2 = reinterpret_cast<float*>(sdO + 2 * BM * S);  // [2][BM]
+  float* sDelta = sLse2 + 2 * BM;                             // [2][BM]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int n0 = n_block * BN;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  load_tile_async<T, BN, DT, NT>(sK, kg, p.k_sm, n0, p.Lk, p.D, tid);
+  load_tile_async<T, BN, DT, NT>(sV, vg, p.v_sm, n0, p.Lk, p.D, tid);
+  cp_async_commit();
+
+  // Work items: (query head of the group, query tile).  Query m sees key n iff m >= n - causal_offset, so the
+  // first query that sees any key of this block is n0 - causal_offset.
+  const int m_start = p.causal ? imax(0, n0 - p.causal_offset) : 0;
+  const int mt_lo = m_start / BM;
+  const int mt_count = m_start >= p.Lq ? 0 : ceil_div(p.Lq, BM) - mt_lo;
+  const int items = p.group * mt_count;
+
+  auto issue = [&](int item, int st) {  // start loading item's Q, dO, lse2, Delta into buffer st
+    const int hq = hk * p.group + item / mt_count, m0 = (mt_lo + item % mt_count) * BM;
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + hq * p.q_sh;
+    const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + hq * p.do_sh;
+    load_tile_async<T, BM, DT, NT>(sQ + st * BM * S, qg, p.q_sm, m0, p.Lq, p.D, tid);
+    load_tile_async<T, BM, DT, NT>(sdO + st * BM * S, dog, p.do_sm, m0, p.Lq, p.D, tid);
+    if (tid < BM) {  // plain stores: visible after the next __syncthreads
+      const int m = m0 + tid;
+      const int64_t row = static_cast<int64_t>(b * p.Hq + hq) * p.Lq + m;
+      sLse2[st * BM + tid] = m < p.Lq ? lse_log2(p.lse[row]) : INFINITY;
+      sDelta[st * BM + tid] = m < p.Lq ? p.delta[row] : 0.f;
+    }
+  };
+  if (items > 0) issue(0, 0);
+  cp_async_commit();
+
+  float dk[DT / 8][4], dv[DT / 8][4];
+#pragma unroll
+  for (int i = 0; i < DT / 8; ++i)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dk[i][c] = dv[i][c] = 0.f;
+  const int n_row = n0 + warp * 16 + g;  // this lane's keys (rows of S^T): n_row, n_row + 8
+
+  for (int it = 0; it < items; ++it) {
+    const int st = it & 1;
+    if (it + 1 < items) {
+      issue(it + 1, st ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int hq = hk * p.group + it / mt_count, m0 = (mt_lo + it % mt_count) * BM;
+    const int bh = b * p.Hq + hq;
+    const char* mask = mask_slice(p, b, hq);
+    const T* q_s = sQ + st * BM * S;
+    const T* do_s = sdO + st * BM * S;
+    const float* lse2_s = sLse2 + st * BM;
+    const float* delta_s = sDelta + st * BM;
+
+    // S^T = K Q^T: this warp's 16 keys x BM queries.  Element (nb, i): key n_row + 8 (i / 2),
+    // query m0 + 8 nb + 2t + i % 2.
+    float s[BM / 8][4];
+#pragma unroll
+    for (int i = 0; i < BM / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    gemm_ss<T, KS, BM / 8, false>(s, sK + warp * 16 * S, S, q_s, S, lane);
+    const bool mods = tile_needs_mods(p, m0, m0 + BM, n0, n0 + BN);
+#pragma unroll
+    for (int nb = 0; nb < BM / 8; ++nb)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int ml = 8 * nb + 2 * t + (i % 2);
+        const float x =
+            mods ? modified_score(p, mask, s[nb][i], m0 + ml, n_row + 8 * (i / 2)) : s[nb][i] * p.scale_log2;
+        s[nb][i] = fast_exp2(x - lse2_s[ml]);  // P^T
+      }
+
+    // dP^T = V dO^T (dO as the n-major B operand: its rows are the queries).
+    float dp[BM / 8][4];
+#pragma unroll
+    for (int i = 0; i < BM / 8; ++i) dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+    gemm_ss<T, KS, BM / 8, false>(dp, sV + warp * 16 * S, S, do_s, S, lane);
+
+    // dS^T = P^T * (dP^T (dropped) - Delta[query]) overwrites dP^T; then P^T becomes Pd^T = P^T * keep / (1 - p)
+    // in place (one Philox draw per element serves both).
+    const uint32_t keep = !p.dropout ? 0xffffffffu : dropout_keep_bits<BM / 2>(
+        p, bh, [&](int e) { return m0 + 8 * (e / 4) + 2 * t + (e % 2); },  // element e = 4 nb + i
+        [&](int e) { return n_row + 8 * ((e % 4) / 2); });
+#pragma unroll
+    for (int nb = 0; nb < BM / 8; ++nb)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int ml = 8 * nb + 2 * t + (i % 2);
+        if (p.dropout) {
+          const bool kept = (keep >> (4 * nb + i)) & 1u;
+          dp[nb][i] = s[nb][i] * ((kept ? dp[nb][i] * p.drop_scale : 0.f) - delta_s[ml]);
+          s[nb][i] = kept ? s[nb][i] * p.drop_scale : 0.f;
+        } else {
+          dp[nb][i] = s[nb][i] * (dp[nb][i] - delta_s[ml]);
+        }
+      }
+
+    // dV += Pd^T dO and dK += dS^T Q: P^T and dS^T (rows keys, columns queries) are already A operands with
+    // k = queries, and dO and Q are the k-major B operands (their rows are the queries).
+    uint32_t af[BM / 16][4];
+    c_to_a<T, BM / 8>(af, s);
+    gemm_rs<T, BM / 16, DT / 8, true>(dv, af, do_s, S, lane);
+    c_to_a<T, BM / 8>(af, dp);
+    gemm_rs<T, BM / 16, DT / 8, true>(dk, af, q_s, S, lane);
+    __syncthreads();  // buffer st is free for the prefetch of item it + 2
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // sK, sV free (the K/V copies may still have been in flight when items == 0)
+
+  frag_to_smem<T, DT / 8, S>(sK + warp * 16 * S, dk, p.scale, p.scale, lane);
+  frag_to_smem<T, DT / 8, S>(sV + warp * 16 * S, dv, 1.f, 1.f, lane);
+  __syncthreads();
+  T* dkg = static_cast<T*>(p.dk) + b * p.dk_sb + hk * p.dk_sh;
+  T* dvg = static_cast<T*>(p.dv) + b * p.dv_sb + hk * p.dv_sh;
+  store_tile<T, BN, DT, NT>(dkg, p.dk_sm, sK, n0, p.Lk, p.D, tid);
+  store_tile<T, BN, DT, NT>(dvg, p.dv_sm, sV, n0, p.Lk, p.D, tid);
+}
+
+template <int DT>
+struct BwdQTile {
+  static constexpr int kWarps = 4, kThreads = 32 * kWarps;
+  static constexpr int kBM = 16 * kWarps;         // queries per CTA
+  static constexpr int kBN = DT <= 64 ? 64 : 32;  // keys per K/V tile
+  static constexpr int kStride = DT + 8;
+  template <typename T>
+  static constexpr size_t smem_bytes() { return size_t(2 * kBM + 4 * kBN) * kStride * sizeof(T); }  // Q, dO, 2 x (K, V)
+};
+
+template <typename T, int DT>
+__global__ void __launch_bounds__(BwdQTile<DT>::kThreads) attn_bwd_dq_kernel(const AttnParams p) {
+  using Tile = BwdQTile<DT>;
+  constexpr int BM = Tile::kBM, BN = Tile::kBN, S = Tile::kStride, NT = Tile::kThreads, KS = DT / 16;
+  FA_SHARED_MEMORY(smem);
+  T* sQ = reinterpret_cast<T*>(smem);  // [BM][S]; reused to stage dQ
+  T* sdO = sQ + BM * S;                // [BM][S]
+  T* sK = sdO + BM * S;                // [2][BN][S]
+  T* sV = sK + 2 * BN * S;             // [2][BN][S]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int bh = b * p.Hq + h, hk = h / p.group;
+  const int m0 = m_block * BM;
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const char* mask = mask_slice(p, b, h);
+
+  int n_end = p.Lk;
+  if (p.causal) n_end = imin(p.Lk, imax(0, imin(m0 + BM, p.Lq) + p.causal_offset));
+  const int n_tiles = ceil_div(n_end, BN);
+
+  load_tile_async<T, BM, DT, NT>(sQ, qg, p.q_sm, m0, p.Lq, p.D, tid);
+  load_tile_async<T, BM, DT, NT>(sdO, dog, p.do_sm, m0, p.Lq, p.D, tid);
+  cp_async_commit();
+  if (n_tiles > 0) {
+    load_tile_async<T, BN, DT, NT>(sK, kg, p.k_sm, 0, p.Lk, p.D, tid);
+    load_tile_async<T, BN, DT, NT>(sV, vg, p.v_sm, 0, p.Lk, p.D, tid);
+  }
+  cp_async_commit();
+
+  const int m_row = m0 + warp * 16 + g;  // this lane's rows: m_row, m_row + 8
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int m = m_row + 8 * r;
+    const int64_t row = static_cast<int64_t>(bh) * p.Lq + m;
+    lse2[r] = m < p.Lq ? lse_log2(p.lse[row]) : INFINITY;
+    delta[r] = m < p.Lq ? p.delta[row] : 0.f;
+  }
+  float dq[DT / 8][4];
+#pragma unroll
+  for (int i = 0; i < DT / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int st = j & 1;
+    if (j + 1 < n_tiles) {
+      load_tile_async<T, BN, DT, NT>(sK + (st ^ 1) * BN * S, kg, p.k_sm, (j + 1) * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sV + (st ^ 1) * BN * S, vg, p.v_sm, (j + 1) * BN, p.Lk, p.D, tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* kt = sK + st * BN * S;
+    const T* vt = sV + st * BN * S;
+    const int n0 = j * BN;
+
+    // S = Q K^T and P = exp2(s2 - lse2); element (nb, i): query m_row + 8 (i / 2), key n0 + 8 nb + 2t + i % 2.
+    float s[BN / 8][4];
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    gemm_ss<T, KS, BN / 8, false>(s, sQ + warp * 16 * S, S, kt, S, lane);
+    const bool mods = tile_needs_mods(p, m0, m0 + BM, n0, n0 + BN);
+#pragma unroll
+    for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float x = mods ? modified_score(p, mask, s[nb][i], m_row + 8 * (i / 2), n0 + 8 * nb + 2 * t + (i % 2))
+                             : s[nb][i] * p.scale_log2;
+        s[nb][i] = fast_exp2(x - lse2[i / 2]);
+      }
+
+    // dP = dO V^T (V's rows are the keys: the n-major B operand); dS = P * (dP (dropped) - Delta[row]).
+    float dp[BN / 8][4];
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+    gemm_ss<T, KS, BN / 8, false>(dp, sdO + warp * 16 * S, S, vt, S, lane);
+    const uint32_t keep = !p.dropout ? 0xffffffffu : dropout_keep_bits<BN / 2>(
+        p, bh, [&](int e) { return m_row + 8 * ((e % 4) / 2); },  // element e = 4 nb + i
+        [&](int e) { return n0 + 8 * (e / 4) + 2 * t + (e % 2); });
+#pragma unroll
+    for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float d = (keep >> (4 * nb + i)) & 1u ? dp[nb][i] * (p.dropout ? p.drop_scale : 1.f) : 0.f;
+        s[nb][i] = s[nb][i] * (d - delta[i / 2]);
+      }
+    if (p.dmask != nullptr) {  // dS is the gradient of the additive mask (scores outside every tile stay 0)
+#pragma unroll
+      for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int m = m_row + 8 * (i / 2), n = n0 + 8 * nb + 2 * t + (i % 2);
+          if (m < p.Lq && n < p.Lk) p.dmask[(static_cast<int64_t>(bh) * p.Lq + m) * p.Lk + n] = s[nb][i];
+        }
+    }
+
+    // dQ += dS K (K as the k-major B operand: its rows are the keys).
+    uint32_t af[BN / 16][4];
+    c_to_a<T, BN / 8>(af, s);
+    gemm_rs<T, BN / 16, DT / 8, true>(dq, af, kt, S, lane);
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  frag_to_smem<T, DT / 8, S>(sQ + warp * 16 * S, dq, p.scale, p.scale, lane);
+  __syncthreads();
+  T* dqg = static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh;
+  store_tile<T, BM, DT, NT>(dqg, p.dq_sm, sQ, m0, p.Lq, p.D, tid);
+}
+
+constexpr size_t kSmemLimit = 99 * 1024;  // opt-in dynamic shared memory per block on sm_86 / sm_89
+static_assert(FwdTile<64>::smem_bytes<__half>() <= kSmemLimit, "forward, DT 64");
+static_assert(FwdTile<128>::smem_bytes<__half>() <= kSmemLimit, "forward, DT 128");
+static_assert(BwdKVTile<64>::smem_bytes<__half>() <= kSmemLimit, "dK/dV, DT 64");
+static_assert(BwdKVTile<128>::smem_bytes<__half>() <= kSmemLimit, "dK/dV, DT 128");
+static_assert(BwdQTile<64>::smem_bytes<__half>() <= kSmemLimit, "dQ, DT 64");
+static_assert(BwdQTile<128>::smem_bytes<__half>() <= kSmemLimit, "dQ, DT 128");
+
+// ==========================================================================================================
+// Launchers (grids: x = row tiles, y = heads, z = batch)
+// ==========================================================================================================
+#ifdef FASTATTN_EMULATE
+using Stream = void*;
+#else
+using Stream = cudaStream_t;
+#endif
+
+template <typename T, int DT>
+void launch_fwd(const AttnParams& p, Stream stream) {
+  using Tile = FwdTile<DT>;
+  if (p.B == 0 || p.Hq == 0 || p.Lq == 0) return;
+  const dim3 grid(ceil_div(p.Lq, Tile::kBM), p.Hq, p.B);
+  auto kernel = attn_fwd_kernel<T, DT>;
+  FA_LAUNCH(kernel, grid, Tile::kThreads, Tile::template smem_bytes<T>(), stream, p);
+}
+
+template <typename T, int DT>
+void launch_bwd(const AttnParams& p, Stream stream) {
+  if (p.B == 0 || p.Hq == 0) return;
+  if (p.Lq > 0) {
+    const dim3 grid(ceil_div(p.Lq, kDeltaRows), p.Hq, p.B);
+    auto kernel = attn_bwd_delta_kernel<T>;
+    FA_LAUNCH(kernel, grid, 128, 0, stream, p);
+  }
+  if (p.Lk > 0) {
+    using Tile = BwdKVTile<DT>;
+    const dim3 grid(ceil_div(p.Lk, Tile::kBN), p.Hkv, p.B);
+    auto kernel = attn_bwd_dkdv_kernel<T, DT>;
+    FA_LAUNCH(kernel, grid, Tile::kThreads, Tile::template smem_bytes<T>(), stream, p);
+  }
+  if (p.Lq > 0) {
+    using Tile = BwdQTile<DT>;
+    const dim3 grid(ceil_div(p.Lq, Tile::kBM), p.Hq, p.B);
+    auto kernel = attn_bwd_dq_kernel<T, DT>;
+    FA_LAUNCH(kernel, grid, Tile::kThreads, Tile::template smem_bytes<T>(), stream, p);
+  }
+}
+
+}  // namespace fastattn_cuda

@@ -1,0 +1,268 @@
+// The fastattn::attention_fwd / attention_bwd operators on top of the kernels in fa_kernels.cuh: argument
+// checks (TORCH_CHECK naming the argument), output allocation, parameter set-up and dispatch over
+// dtype x padded head dim.  Device-agnostic except where marked, so that the same code also runs with the
+// host-emulated kernels (FASTATTN_EMULATE, CPU tensors; see fa_emulate_ops.cuh).
+//
+// Supported: float16 / bfloat16; head dims 8..128 in steps of 8 (Dv == Dqk), padded to 64 or 128; GQA/MQA;
+// causal top-left (1) / bottom-right (2); bool or float masks broadcastable to [B, Hq, Lq, Lk] (with the float
+// mask's gradient); dropout with the Philox stream of the Triton kernels; any (batch, head, row) strides of
+// q/k/v with a contiguous head dim.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <optional>
+#include <tuple>
+
+#include "fa_kernels.cuh"
+#include "ops.h"  // csrc/ops.h: the output layouts shared with the fake implementations
+
+#ifndef FASTATTN_EMULATE
+// (c10's light CUDA headers only: ATen/cuda/CUDAContext.h would pull in the cuBLAS/cuSPARSE headers)
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace fastattn_cuda {
+
+constexpr int64_t kMaxHeadDim = 128;
+
+inline Stream current_stream(const at::Tensor& q) {
+#ifdef FASTATTN_EMULATE
+  (void)q;
+  return nullptr;
+#else
+  return c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
+#endif
+}
+
+inline void check_device(const at::Tensor& q) {
+#ifdef FASTATTN_EMULATE
+  TORCH_CHECK(q.device().is_cpu(), "q: the emulated CUDA kernels take CPU tensors, got ", q.device());
+#else
+  TORCH_CHECK(q.is_cuda(), "q: expected a CUDA tensor, got one on ", q.device());
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
+  TORCH_CHECK(major >= 8, "fastattn CUDA kernels need compute capability >= 8.0 (tensor-core mma.sync for "
+              "fp16/bf16, cp.async); device ", q.get_device(), " has ", major, ".", minor);
+#endif
+}
+
+// The kernels copy 16-byte chunks with cp.async: the head dim must be contiguous and the other strides and the
+// data pointer 16-byte aligned.  Anything else (rare: odd views) is copied to a contiguous tensor.
+inline at::Tensor kernel_layout(const at::Tensor& t) {
+  const int64_t align = 16 / static_cast<int64_t>(t.element_size());
+  bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int i = 0; i < 3; ++i)
+    if (t.size(i) > 1 && t.stride(i) % align != 0) ok = false;
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+inline void check_operand(const char* name, const at::Tensor& t, const at::Tensor& q) {
+  TORCH_CHECK(t.defined(), name, ": expected a tensor");
+  TORCH_CHECK(t.dim() == 4, name, ": expected a 4-D tensor [batch, heads, seq, head_dim], got ", t.dim(), " dims");
+  TORCH_CHECK(t.device() == q.device(), name, ": expected a tensor on q's device ", q.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, ": dtype ", t.scalar_type(), " differs from q's ",
+              q.scalar_type());
+}
+
+struct Problem {
+  at::Tensor q, k, v, mask;  // mask: expanded view or undefined
+  int64_t B, Hq, Hkv, Lq, Lk, D;
+};
+
+// Checks q/k/v/mask/seed/causal/scale/dropout_p and fills the shared part of the kernel parameters.
+inline Problem prepare(AttnParams& p, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                       const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& seed,
+                       int64_t causal, double scale, double dropout_p) {
+  TORCH_CHECK(q_in.defined() && q_in.dim() == 4, "q: expected a 4-D tensor [batch, heads, seq, head_dim]");
+  check_device(q_in);
+  TORCH_CHECK(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16,
+              "q: the CUDA kernels take float16 or bfloat16, got ", q_in.scalar_type());
+  check_operand("k", k_in, q_in);
+  check_operand("v", v_in, q_in);
+  Problem pr;
+  pr.B = q_in.size(0), pr.Hq = q_in.size(1), pr.Lq = q_in.size(2), pr.D = q_in.size(3);
+  pr.Hkv = k_in.size(1), pr.Lk = k_in.size(2);
+  TORCH_CHECK(k_in.size(0) == pr.B && v_in.size(0) == pr.B, "k, v: batch size must equal q's (", pr.B, "), got ",
+              k_in.size(0), " and ", v_in.size(0));
+  TORCH_CHECK(v_in.size(1) == pr.Hkv && v_in.size(2) == pr.Lk, "v: [batch, heads, seq] must equal k's ",
+              k_in.sizes().slice(0, 3), ", got ", v_in.sizes().slice(0, 3));
+  TORCH_CHECK(pr.Hkv > 0 && pr.Hq % pr.Hkv == 0, "k: the number of key/value heads (", pr.Hkv,
+              ") must divide q's number of heads (", pr.Hq, ")");
+  TORCH_CHECK(k_in.size(3) == pr.D, "k: head dim ", k_in.size(3), " must equal q's (", pr.D, ")");
+  TORCH_CHECK(v_in.size(3) == pr.D, "v: head dim ", v_in.size(3), " must equal q's (", pr.D,
+              "): the CUDA kernels need Dv == Dqk");
+  TORCH_CHECK(pr.D >= 8 && pr.D <= kMaxHeadDim && pr.D % 8 == 0, "q: head dim ", pr.D,
+              " is not supported by the CUDA kernels (multiples of 8 up to ", kMaxHeadDim, ")");
+  TORCH_CHECK(pr.B <= 65535 && pr.Hq <= 65535, "q: batch (", pr.B, ") and heads (", pr.Hq,
+              ") must each be at most 65535 (CUDA grid dimensions)");
+  TORCH_CHECK(pr.Lq < (int64_t(1) << 31) && pr.Lk < (int64_t(1) << 31), "q, k: sequence lengths must fit in int32");
+  TORCH_CHECK(causal >= 0 && causal <= 2, "causal: expected 0 (none), 1 (top-left) or 2 (bottom-right), got ", causal);
+  TORCH_CHECK(std::isfinite(scale), "scale: must be finite, got ", scale);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: must be in [0, 1), got ", dropout_p);
+
+  pr.q = kernel_layout(q_in);
+  pr.k = kernel_layout(k_in);
+  pr.v = kernel_layout(v_in);
+
+  p = AttnParams{};
+  p.q = pr.q.data_ptr();
+  p.k = pr.k.data_ptr();
+  p.v = pr.v.data_ptr();
+  p.q_sb = pr.q.stride(0), p.q_sh = pr.q.stride(1), p.q_sm = pr.q.stride(2);
+  p.k_sb = pr.k.stride(0), p.k_sh = pr.k.stride(1), p.k_sm = pr.k.stride(2);
+  p.v_sb = pr.v.stride(0), p.v_sh = pr.v.stride(1), p.v_sm = pr.v.stride(2);
+  p.B = static_cast<int>(pr.B), p.Hq = static_cast<int>(pr.Hq), p.Hkv = static_cast<int>(pr.Hkv);
+  p.group = static_cast<int>(pr.Hq / pr.Hkv);
+  p.Lq = static_cast<int>(pr.Lq), p.Lk = static_cast<int>(pr.Lk), p.D = static_cast<int>(pr.D);
+  p.causal = causal != 0;
+  p.causal_offset = static_cast<int>(fastattn::causal_offset(causal, pr.Lq, pr.Lk));
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+
+  p.mask_kind = kMaskNone;
+  if (mask.has_value() && mask->defined()) {
+    at::Tensor m = *mask;
+    TORCH_CHECK(m.device() == q_in.device(), "mask: expected a tensor on q's device ", q_in.device(), ", got ",
+                m.device());
+    TORCH_CHECK(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()),
+                "mask: expected a bool (True = attend) or floating-point (added to the scores) tensor, got ",
+                m.scalar_type());
+    const std::vector<int64_t> target{pr.B, pr.Hq, pr.Lq, pr.Lk};
+    bool ok = m.dim() <= 4;
+    for (int64_t i = 0; ok && i < m.dim(); ++i) {
+      const int64_t s = m.size(m.dim() - 1 - i), want = target[3 - i];
+      ok = s == want || s == 1;
+    }
+    TORCH_CHECK(ok, "mask: shape ", m.sizes(), " is not broadcastable to [batch, heads, Lq, Lk] = ", target);
+    if (m.scalar_type() != at::kBool && m.scalar_type() != at::kFloat) m = m.to(at::kFloat);
+    pr.mask = m.expand(target);
+    p.mask = pr.mask.data_ptr();
+    p.mk_sb = pr.mask.stride(0), p.mk_sh = pr.mask.stride(1), p.mk_sm = pr.mask.stride(2), p.mk_sn = pr.mask.stride(3);
+    p.mask_kind = m.scalar_type() == at::kBool ? kMaskBool : kMaskFloat;
+  }
+
+  p.dropout = dropout_p > 0.0;
+  if (p.dropout) {
+    TORCH_CHECK(seed.has_value() && seed->defined(), "seed: required when dropout_p > 0");
+    TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong, "seed: expected one int64 element, got ",
+                seed->numel(), " of ", seed->scalar_type());
+    p.seed = static_cast<uint64_t>(seed->item<int64_t>());
+    // the reference's dropout_threshold: round(p * 2^24), ties to even like Python's round
+    p.drop_threshold = static_cast<uint32_t>(std::nearbyint(dropout_p * 16777216.0));
+    p.drop_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  }
+  return pr;
+}
+
+template <typename T>
+void dispatch_fwd_dtype(const AttnParams& p, Stream stream) {
+  if (p.D <= 64)
+    launch_fwd<T, 64>(p, stream);
+  else
+    launch_fwd<T, 128>(p, stream);
+}
+
+template <typename T>
+void dispatch_bwd_dtype(const AttnParams& p, Stream stream) {
+  if (p.D <= 64)
+    launch_bwd<T, 64>(p, stream);
+  else
+    launch_bwd<T, 128>(p, stream);
+}
+
+// fastattn::attention_fwd(q, k, v, mask?, seed?, causal, scale, dropout_p) -> (out, lse)
+inline std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        const std::optional<at::Tensor>& mask,
+                                                        const std::optional<at::Tensor>& seed, int64_t causal,
+                                                        double scale, double dropout_p) {
+#ifndef FASTATTN_EMULATE
+  const c10::cuda::OptionalCUDAGuard guard(q.device());
+#endif
+  AttnParams p;
+  Problem pr = prepare(p, q, k, v, mask, seed, causal, scale, dropout_p);
+  at::Tensor out = fastattn::empty_like_layout(q, pr.D, q.scalar_type());
+  at::Tensor lse = at::empty({pr.B, pr.Hq, pr.Lq}, q.options().dtype(at::kFloat));
+  fastattn::maybe_poison(out);
+  fastattn::maybe_poison(lse);
+  p.out = out.data_ptr();
+  p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sm = out.stride(2);
+  p.lse = lse.data_ptr<float>();
+  const Stream stream = current_stream(q);
+  if (q.scalar_type() == at::kHalf)
+    dispatch_fwd_dtype<__half>(p, stream);
+  else
+    dispatch_fwd_dtype<__nv_bfloat16>(p, stream);
+  return {out, lse};
+}
+
+// fastattn::attention_bwd(q, k, v, mask?, seed?, out, lse, dout, dlse?, causal, scale, dropout_p,
+//                         mask_needs_grad) -> (dq, dk, dv, dmask)
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& seed, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const at::Tensor& dout_in, const std::optional<at::Tensor>& dlse_in, int64_t causal, double scale,
+    double dropout_p, bool mask_needs_grad) {
+#ifndef FASTATTN_EMULATE
+  const c10::cuda::OptionalCUDAGuard guard(q.device());
+#endif
+  AttnParams p;
+  Problem pr = prepare(p, q, k, v, mask, seed, causal, scale, dropout_p);
+  const std::vector<int64_t> out_shape{pr.B, pr.Hq, pr.Lq, pr.D};
+  check_operand("out", out_in, q);
+  check_operand("dout", dout_in, q);
+  TORCH_CHECK(out_in.sizes() == out_shape, "out: expected shape ", out_shape, ", got ", out_in.sizes());
+  TORCH_CHECK(dout_in.sizes() == out_shape, "dout: expected shape ", out_shape, ", got ", dout_in.sizes());
+  const std::vector<int64_t> row_shape{pr.B, pr.Hq, pr.Lq};
+  TORCH_CHECK(lse_in.defined() && lse_in.sizes() == row_shape && lse_in.scalar_type() == at::kFloat &&
+                  lse_in.device() == q.device(),
+              "lse: expected a float32 tensor of shape ", row_shape, " on ", q.device());
+  at::Tensor out = kernel_layout(out_in), dout = kernel_layout(dout_in), lse = lse_in.contiguous();
+  at::Tensor dlse;
+  if (dlse_in.has_value() && dlse_in->defined()) {
+    TORCH_CHECK(dlse_in->sizes() == row_shape && dlse_in->device() == q.device() &&
+                    at::isFloatingType(dlse_in->scalar_type()),
+                "dlse: expected a floating-point tensor of shape ", row_shape, " on ", q.device());
+    dlse = dlse_in->to(at::kFloat).contiguous();
+  }
+  TORCH_CHECK(!mask_needs_grad || p.mask_kind == kMaskFloat,
+              "mask_needs_grad: only a floating-point mask has a gradient");
+
+  at::Tensor dq = fastattn::empty_like_layout(q, pr.D, q.scalar_type());
+  at::Tensor dk = fastattn::empty_like_layout(k, pr.D, q.scalar_type());
+  at::Tensor dv = fastattn::empty_like_layout(v, pr.D, q.scalar_type());
+  fastattn::maybe_poison(dq);
+  fastattn::maybe_poison(dk);
+  fastattn::maybe_poison(dv);
+  at::Tensor delta = at::empty({pr.B, pr.Hq, pr.Lq}, q.options().dtype(at::kFloat));
+  at::Tensor dmask = mask_needs_grad ? at::zeros({pr.B, pr.Hq, pr.Lq, pr.Lk}, q.options().dtype(at::kFloat))
+                                     : at::empty({0}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sm = out.stride(2);
+  p.dout = dout.data_ptr();
+  p.do_sb = dout.stride(0), p.do_sh = dout.stride(1), p.do_sm = dout.stride(2);
+  p.lse = lse.data_ptr<float>();
+  p.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dq_sb = dq.stride(0), p.dq_sh = dq.stride(1), p.dq_sm = dq.stride(2);
+  p.dk = dk.data_ptr();
+  p.dk_sb = dk.stride(0), p.dk_sh = dk.stride(1), p.dk_sm = dk.stride(2);
+  p.dv = dv.data_ptr();
+  p.dv_sb = dv.stride(0), p.dv_sh = dv.stride(1), p.dv_sm = dv.stride(2);
+  p.dmask = mask_needs_grad ? dmask.data_ptr<float>() : nullptr;
+  const Stream stream = current_stream(q);
+  if (q.scalar_type() == at::kHalf)
+    dispatch_bwd_dtype<__half>(p, stream);
+  else
+    dispatch_bwd_dtype<__nv_bfloat16>(p, stream);
+  return {dq, dk, dv, dmask};
+}
+
+}  // namespace fastattn_cuda

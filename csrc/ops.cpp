@@ -1,0 +1,64 @@
+// The fastattn operator schemas (torch.library), and the Python module init of fastattn._C.
+//
+// Implementations register per device: csrc/cpu/attention_cpu.cpp (TORCH_LIBRARY_IMPL(fastattn, CPU, m)) and
+// csrc/cuda/ (TORCH_LIBRARY_IMPL(fastattn, CUDA, m)); the fake (meta) implementations, used by torch.compile
+// and torch.library.opcheck, are registered in Python by fastattn/_ext.py once the library is loaded.
+//
+// TORCH_LIBRARY (a "DEF" library) may exist once per namespace; the Python custom ops of the Triton backend
+// (fastattn::triton_attention_forward, ...) are defined through torch.library "FRAGMENT" libraries, which
+// coexist with it in the same namespace.  No other C++ file may use TORCH_LIBRARY(fastattn, ...): add
+// definitions here, or use TORCH_LIBRARY_FRAGMENT.
+//
+// attention_fwd(q, k, v, mask, seed, causal, scale, dropout_p) -> (out, lse)
+//   q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv]: one dtype (CPU: float32, float64, bfloat16,
+//     float16), any strides (a strided head dim or overlapping rows are copied once); Hq % Hkv == 0 (GQA: query
+//     head h reads key/value head h / (Hq / Hkv)).
+//   mask: None, bool (True = attend) or floating (added to the scaled scores, any float dtype), of size
+//     [B, Hq, Lq, Lk] with any strides -- broadcast dimensions as stride-0 views, never materialised.
+//   seed: int64, one element (on the CPU); required when dropout_p > 0 (csrc/philox.h: the keep-mask stream).
+//   causal: 0 none, 1 top-left (j <= i), 2 bottom-right (j <= i + Lk - Lq).
+//   scale: multiplies q k^T.  dropout_p in [0, 1): kept probabilities are scaled by 1 / (1 - dropout_p).
+//   out: [B, Hq, Lq, Dv] in q's dtype and memory order (csrc/ops.h empty_like_layout).
+//   lse: [B, Hq, Lq] float32 (float64 for float64 inputs), contiguous, natural log; -inf for a row that sees no
+//     key (its output row is 0).
+//
+// attention_bwd(q, k, v, mask, seed, out, lse, dout, dlse, causal, scale, dropout_p, mask_needs_grad)
+//     -> (dq, dk, dv, dmask)
+//   out, lse: the forward's results; dout: like out; dlse: None or [B, Hq, Lq] (the gradient of lse).
+//   Delta = rowsum(dout * out) - dlse;  dS = P * (dP - Delta)  (the lse gradient folds into Delta).
+//   dq, dk, dv: in the dtype and memory order of q, k, v.  dmask: when mask_needs_grad, the dense
+//   [B, Hq, Lq, Lk] gradient of the additive mask (= dS; float32, float64 for float64 inputs, contiguous; the
+//   caller sums it over the broadcast dimensions), else an empty tensor of shape [0].
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastattn, m) {
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? seed, int causal, float scale, "
+      "float dropout_p) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_bwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? seed, Tensor out, Tensor lse, "
+      "Tensor dout, Tensor? dlse, int causal, float scale, float dropout_p, bool mask_needs_grad) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+}
+
+// `import fastattn._C` (setup.py) needs a module init function; the ops themselves are registered by the
+// static initialisers above when the library is loaded.  The JIT build (fastattn/_ext.py) loads the library
+// with torch.ops.load_library instead, which does not need it.
+#ifdef TORCH_EXTENSION_NAME
+#define FASTATTN_CONCAT_(a, b) a##b
+#define FASTATTN_CONCAT(a, b) FASTATTN_CONCAT_(a, b)
+#define FASTATTN_STR_(a) #a
+#define FASTATTN_STR(a) FASTATTN_STR_(a)
+
+PyMODINIT_FUNC FASTATTN_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      FASTATTN_STR(TORCH_EXTENSION_NAME),
+      "fastattn's compiled kernels; the ops are torch.ops.fastattn.attention_fwd / attention_bwd",
+      -1,
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+#endif

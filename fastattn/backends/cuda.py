@@ -1,0 +1,125 @@
+"""The `cuda` backend: FlashAttention-2 CUDA C++ kernels on tensor cores (csrc/cuda/, through fastattn._C).
+
+Forward: one CTA per 128 queries of a (batch, head), 32-key K/V tiles double-buffered through shared memory with
+cp.async, S = Q K^T and O += P V on mma.sync m16n8k16 (fp16/bf16 in, fp32 accumulators), the online softmax in
+registers (exp2 with log2(e) folded into the scale), the row log-sum-exp saved.  Backward: Delta =
+rowsum(dO * O) - dLSE, then a dK/dV kernel per key tile looping over the query tiles of every query head of its
+GQA group, and a separate dQ kernel -- no atomics, so the backward is bitwise reproducible.
+
+Supported: CUDA tensors on compute capability >= 8.0; float16 and bfloat16; head dims 8..128 in steps of 8
+(kernels for padded head dims 64 and 128), Dv == Dqk; GQA/MQA; causal top-left and bottom-right; bool and float
+masks broadcast by strides (the float mask's gradient too); dropout with the Philox stream of the other backends
+(bit-identical keep-masks); the log-sum-exp and its gradient; any (batch, head, sequence) strides with a
+contiguous head dim.  Declined, with the reason: other devices and dtypes (float32/float64: the triton backend),
+other head dims, Dv != Dqk.
+
+The ops are ``torch.ops.fastattn.attention_fwd`` / ``attention_bwd`` (schemas in csrc/ops.cpp, fake
+implementations in fastattn/_ext.py), so torch.compile sees them as opaque ops.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from .. import _ext
+from ..problem import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, AttentionProblem
+from .base import Backend
+
+CAUSAL_CODES = {CAUSAL_NONE: 0, CAUSAL_TOP_LEFT: 1, CAUSAL_BOTTOM_RIGHT: 2}
+DTYPES = (torch.float16, torch.bfloat16)
+MIN_HEAD_DIM, MAX_HEAD_DIM, HEAD_DIM_STEP = 8, 128, 8
+MAX_GRID_DIM = 65535  # batch and heads are CUDA grid dimensions (z, y)
+
+
+_registered = []  # [True] once the CUDA kernels were found registered (it cannot change afterwards)
+
+
+def has_cuda_kernels() -> bool:
+    """Are CUDA implementations of the ops registered (the extension was built with csrc/cuda)?"""
+    if _registered:
+        return True
+    if not _ext.load():
+        return False
+    if torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::attention_fwd", "CUDA"):
+        _registered.append(True)
+        return True
+    return False
+
+
+def device_reasons(device: torch.device) -> List[str]:
+    if device.type != "cuda":
+        return [f"runs on CUDA tensors only, got {device.type} tensors"]
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return [f"needs compute capability >= 8.0 (mma.sync for fp16/bf16, cp.async), the device has {major}.{minor}"]
+    return []
+
+
+def head_dim_reasons(dim_qk: int, dim_v: int) -> List[str]:
+    why = []
+    if not (MIN_HEAD_DIM <= dim_qk <= MAX_HEAD_DIM and dim_qk % HEAD_DIM_STEP == 0):
+        why.append(f"q: head dim {dim_qk} is not supported by the CUDA kernels (multiples of {HEAD_DIM_STEP} from "
+                   f"{MIN_HEAD_DIM} to {MAX_HEAD_DIM})")
+    if dim_v != dim_qk:
+        why.append(f"v: head dim {dim_v} differs from q's {dim_qk} (the CUDA kernels need Dv == Dqk)")
+    return why
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    summary = ("FlashAttention-2 CUDA C++ kernels (fastattn._C, mma.sync tensor cores): sm_80+, fp16/bf16, head "
+               "dims 8..128 (multiples of 8), Dv == Dqk, any strides, GQA, masks with gradient, dropout, both causal "
+               "alignments, LSE, deterministic backward")
+
+    def reasons(self, p: AttentionProblem) -> List[str]:
+        why = device_reasons(p.device)
+        if p.dtype not in DTYPES:
+            why.append(f"dtype {p.dtype} is not supported (float16, bfloat16; float32/float64 run on the triton "
+                       "backend)")
+        why += head_dim_reasons(p.dim_qk, p.dim_v)
+        if p.batch > MAX_GRID_DIM or p.heads_q > MAX_GRID_DIM:
+            why.append(f"q: batch ({p.batch}) and heads ({p.heads_q}) must each be at most {MAX_GRID_DIM}")
+        if not why:  # load (or build) the extension only for inputs it would serve
+            err = _ext.error()
+            if err is not None:
+                why.append(err)
+            elif not has_cuda_kernels():
+                why.append("fastattn._C was built without the CUDA kernels (needs a CUDA build of torch and nvcc at "
+                           "build time, and FASTATTN_SKIP_CUDA unset); rebuild with "
+                           "`pip install --no-deps --no-build-isolation -e .`")
+        return why
+
+    def plan(self, p: AttentionProblem) -> str:
+        """The launch configuration, for fastattn.explain."""
+        padded = 64 if p.dim_qk <= 64 else 128
+        warps = "4 warps x 32 rows" if padded == 64 else "8 warps x 16 rows"
+        return (f"CUDA FlashAttention-2, head dim {p.dim_qk} padded to {padded}: forward CTAs of 128 queries "
+                f"({warps}) over 32-key tiles; backward dK/dV CTAs of 64 keys x {64 if padded == 64 else 32}-query "
+                f"tiles, dQ CTAs of 64 queries x {64 if padded == 64 else 32}-key tiles (4 warps)")
+
+    @staticmethod
+    def _mask(p: AttentionProblem):
+        """[B, Hq, Lq, Lk] as a view (stride 0 along broadcast dimensions).  The kernels read bool or float32
+        masks: other float dtypes are converted before the expand, so nothing [Lq, Lk]-sized is materialised."""
+        if p.mask is None:
+            return None
+        m = p.mask
+        if m.dtype != torch.bool and m.dtype != torch.float32:
+            m = m.to(torch.float32)
+        return m.expand(p.scores_shape)
+
+    def forward(self, p, seed):
+        return _ext.ops().attention_fwd(p.q, p.k, p.v, self._mask(p), seed, CAUSAL_CODES[p.causal], p.scale,
+                                        p.dropout_p)
+
+    def backward(self, p, seed, out, lse, dout, dlse):
+        dq, dk, dv, dmask = _ext.ops().attention_bwd(p.q, p.k, p.v, self._mask(p), seed, out, lse, dout, dlse,
+                                                     CAUSAL_CODES[p.causal], p.scale, p.dropout_p,
+                                                     p.mask_needs_grad)
+        if p.mask_needs_grad:
+            # dS summed over the dimensions along which the mask was broadcast.
+            dmask = dmask.sum_to_size(p.mask.shape).to(p.mask.dtype)
+        else:
+            dmask = None
+        return dq, dk, dv, dmask

@@ -1,0 +1,345 @@
+"""The fused CPU kernels (csrc/cpu, the `cpu` backend) against the float64 reference.
+
+gradcheck in float64, parity on odd sizes in float32/bfloat16/float16 (the tolerance rule of helpers.py), masks,
+GQA, dropout (the same Philox keep-mask as the reference, so compared exactly), LSE and its gradient, strided
+layouts, torch.library.opcheck of both ops, a bitwise-deterministic backward, L = 32k in O(L) memory, the BLAS-less
+and baseline-ISA code paths, argument errors, and dispatch.  Everything skips, with the reason, when the
+extension can neither be imported nor JIT-built here.
+"""
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import _ext, dispatch
+from fastattn.problem import make_problem
+from helpers import make_qkv, run_with_grads
+from test_attention import GRADCHECK_CASES, MASK_KINDS, _mask, check_against_reference
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ops():
+    err = _ext.error()
+    if err is not None:
+        pytest.skip(f"the CPU kernels are not available here: {err}")
+    return torch.ops.fastattn
+
+
+def _attn(q, k, v, mask=None, **kw):
+    return fastattn.attention(q, k, v, attn_mask=mask, **kw)
+
+
+def _check(dtype, shape, **kw):
+    return check_against_reference("cpu", "cpu", dtype, shape, **kw)
+
+
+# --- gradcheck in float64 --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", sorted(GRADCHECK_CASES))
+def test_gradcheck_float64(ops, case):
+    cfg = GRADCHECK_CASES[case]
+    B, Hq, Hkv, Lq, Lk, Dqk, Dv = cfg["shape"]
+    q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, Dqk, Dv, dtype=torch.float64)
+    inputs = [q, k, v]
+    mask = None
+    if cfg.get("mask") == "bool":
+        mask = torch.rand(B, 1, Lq, Lk) > 0.3
+    elif cfg.get("mask") == "float":
+        inputs.append(torch.randn(Hq, 1, Lk, dtype=torch.float64, requires_grad=True))
+
+    def f(q, k, v, *m):
+        torch.manual_seed(7)  # the same dropout seed for every evaluation
+        return fastattn.attention(q, k, v, attn_mask=m[0] if m else mask, causal=cfg.get("causal", False),
+                                  dropout_p=cfg.get("dropout_p", 0.0), return_lse=cfg.get("return_lse", False),
+                                  backend="cpu")
+
+    assert torch.autograd.gradcheck(f, inputs, atol=1e-7, rtol=1e-5)
+
+
+def test_gradcheck_float64_gqa_mask_dropout_lse(ops):
+    """Everything at once, with two query blocks and two key blocks in the backward (L > 128)."""
+    q, k, v = make_qkv(1, 4, 2, 130, 133, 3, 2, dtype=torch.float64)
+    bias = torch.randn(1, 4, 1, 133, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, v, bias):
+        torch.manual_seed(3)
+        out, lse = fastattn.attention(q, k, v, attn_mask=bias, causal="bottom_right", dropout_p=0.2,
+                                      return_lse=True, backend="cpu")
+        return out, lse
+
+    assert torch.autograd.gradcheck(f, [q, k, v, bias], atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+# --- parity on odd sizes ----------------------------------------------------------------------------------------
+LENGTHS = [(1, 1), (7, 7), (97, 129), (129, 97), (1, 129), (129, 1)]
+HEAD_DIMS = [24, 40, 80, 96, 160]
+CAUSALS = [False, "top_left", "bottom_right"]
+ODD = [(lq, lk, d, CAUSALS[i % 3]) for i, ((lq, lk), d) in enumerate(itertools.product(LENGTHS, HEAD_DIMS))]
+
+
+@pytest.mark.parametrize("lq,lk,d,causal", ODD)
+def test_odd_sizes_float32(ops, lq, lk, d, causal):
+    _check(torch.float32, (1, 2, 1, lq, lk, d, d), causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lq,lk,d,causal", ODD[::3])
+def test_odd_sizes_low_precision(ops, dtype, lq, lk, d, causal):
+    _check(dtype, (2, 2, 1, lq, lk, d, d), causal=causal, return_lse=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 300, 700, 64, 64), (1, 6, 1, 130, 77, 40, 96)])
+@pytest.mark.parametrize("causal", [False, "top_left", "bottom_right"])
+def test_several_blocks(ops, dtype, shape, causal):
+    """More than one query block (128) and key block (forward 512, backward 128); Dv != Dqk; GQA and MQA."""
+    _check(dtype, shape, causal=causal)
+
+
+@pytest.mark.parametrize("schedule", ["single", "striped", "two_pass"])
+@pytest.mark.parametrize("shape", [(1, 3, 1, 150, 300, 32, 40), (2, 2, 2, 70, 260, 16, 16)])
+def test_backward_schedules(ops, schedule, shape, monkeypatch):
+    """The three backward schedules of csrc/cpu (choose_backward_schedule; FASTATTN_CPU_BACKWARD forces one)
+    against the reference, with GQA, a mask gradient, dropout and the LSE gradient."""
+    monkeypatch.setenv("FASTATTN_CPU_BACKWARD", schedule)
+    _check(torch.float32, shape, causal="bottom_right", dropout_p=0.2, return_lse=True,
+           mask=torch.randn(shape[0], shape[1], shape[3], shape[4], dtype=torch.float64).requires_grad_())
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("causal", [False, "bottom_right"])
+def test_masks(ops, kind, causal):
+    from test_attention import B, H, LK, LQ
+    _check(torch.float32, (B, H, 2, LQ, LK, 32, 24), causal=causal, mask=_mask(kind))
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bfloat16, torch.float64])
+def test_float_mask_of_another_dtype(ops, mask_dtype):
+    """A float mask in another dtype than q is read as is (no conversion copy) and gets its gradient."""
+    q, k, v = make_qkv(2, 2, 2, 20, 30, 16, 16)
+    mask = torch.randn(2, 1, 20, 30).to(mask_dtype).requires_grad_()
+    g = torch.randn(2, 2, 20, 16)
+    got = run_with_grads(_attn, [q, k, v, mask], g, backend="cpu")
+    want = run_with_grads(_attn, [q, k, v, mask], g, backend="reference")
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(got[2], want[2]):
+        assert a.dtype == b.dtype
+        tol = dict(atol=1e-2, rtol=1.6e-2) if a.dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_fully_masked_rows(ops):
+    q, k, v = make_qkv(1, 2, 2, 9, 12, 16, 16)
+    mask = torch.ones(9, 12, dtype=torch.bool)
+    mask[3] = False
+    bias = torch.zeros(9, 12)
+    bias[5] = float("-inf")
+    for m, dead in ((mask, 3), (bias, 5)):
+        out, lse, (dq, dk, dv) = run_with_grads(_attn, [q, k, v], mask=m, backend="cpu",
+                                                return_lse=True, grad_lse=torch.randn(1, 2, 9))
+        assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in (dq, dk, dv))
+        assert (out[:, :, dead] == 0).all() and (dq[:, :, dead] == 0).all()
+        assert torch.isneginf(lse[:, :, dead]).all()
+    # bottom-right causal with Lq > Lk: the first Lq - Lk queries see no key
+    _check(torch.float32, (1, 2, 2, 40, 30, 16, 16), causal="bottom_right", return_lse=True)
+    # no keys at all: every row is dead
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 1, 9, 0, 16, 8))
+    out, lse = ops.attention_fwd(q, k, v, None, None, 0, 0.25, 0.0)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (6, 1), (8, 8)])
+def test_gqa(ops, hq, hkv):
+    _check(torch.float32, (2, hq, hkv, 21, 26, 32, 32), causal=True)
+
+
+def test_return_lse_and_its_gradient(ops):
+    _check(torch.float32, (2, 2, 1, 13, 30, 16, 24), causal="bottom_right", return_lse=True,
+           mask=torch.randn(2, 1, 30, dtype=torch.float64).requires_grad_())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_dropout_matches_reference_rng(ops, dtype):
+    """The kernels regenerate the reference's Philox keep-mask, so dropout compares like everything else."""
+    _check(dtype, (2, 2, 1, 21, 600, 16, 16), dropout_p=0.3, causal="top_left",
+           mask=torch.randn(2, 1, 600, dtype=torch.float64).requires_grad_())
+
+
+def test_dropout_threshold_rounding(ops):
+    """round(p * 2^24) ties to even, like the reference (p = 2^-25 -> 0.5 -> 0; p = 3 * 2^-25 -> 1.5 -> 2)."""
+    for p in (2.0 ** -25, 3 * 2.0 ** -25, 0.1, 0.5):
+        q, k, v = make_qkv(1, 1, 1, 3, 5, 4, 4, requires_grad=False)
+        seed = torch.tensor([12345], dtype=torch.int64)
+        from fastattn.backends.reference import reference_attention
+        got, _ = ops.attention_fwd(q, k, v, None, seed, 0, 0.5, p)
+        want, _ = reference_attention(q, k, v, None, "none", 0.5, p, seed)
+        torch.testing.assert_close(got, want)
+
+
+def test_layouts(ops):
+    # [B, L, H, D] storage viewed as [B, H, L, D]: read in place, outputs in the same memory order
+    _check(torch.float32, (2, 3, 3, 17, 20, 40, 40), layout="blhd")
+    q, k, v = make_qkv(2, 3, 3, 17, 20, 40, 40, requires_grad=False)
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)
+    out = fastattn.attention(q_t, k, v, backend="cpu")
+    assert out.stride() == q_t.stride()
+    # a strided head dim, and key rows that overlap (an expanded single key): copied once, still correct
+    q_s = torch.randn(2, 3, 17, 80)[..., ::2]
+    k_e = torch.randn(2, 3, 1, 40).expand(2, 3, 20, 40)
+    got = fastattn.attention(q_s, k_e, v, backend="cpu")
+    want = fastattn.attention(q_s, k_e, v, backend="reference")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# --- op-level checks ----------------------------------------------------------------------------------------------
+def _op_samples():
+    torch.manual_seed(0)
+    q, k, v = (t.detach() for t in make_qkv(2, 4, 2, 13, 21, 16, 8))
+    seed = torch.tensor([42], dtype=torch.int64)
+    fmask = torch.randn(1, 4, 1, 21).expand(2, 4, 13, 21)
+    bmask = (torch.rand(2, 1, 13, 21) > 0.2).expand(2, 4, 13, 21)
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)
+    return [
+        (q, k, v, None, None, 0, 0.25, 0.0),
+        (q_t, k, v, fmask, None, 1, 0.25, 0.0),
+        (q, k, v, bmask, seed, 2, 0.3, 0.2),
+        (q.double(), k.double(), v.double(), None, seed, 1, 0.25, 0.1),
+        (q.bfloat16(), k.bfloat16(), v.bfloat16(), fmask, None, 2, 0.25, 0.0),
+    ]
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_opcheck(ops, i):
+    q, k, v, mask, seed, causal, scale, p = _op_samples()[i]
+    torch.library.opcheck(ops.attention_fwd.default, (q, k, v, mask, seed, causal, scale, p))
+    out, lse = ops.attention_fwd(q, k, v, mask, seed, causal, scale, p)
+    dout = torch.randn_like(out)
+    dlse = torch.randn_like(lse) if i % 2 else None
+    needs = mask is not None and mask.dtype != torch.bool
+    torch.library.opcheck(ops.attention_bwd.default,
+                          (q, k, v, mask, seed, out, lse, dout, dlse, causal, scale, p, needs))
+
+
+@pytest.mark.parametrize("batch,schedule", [(2, "auto"), (1, "auto"), (1, "two_pass")])
+def test_backward_is_deterministic(ops, batch, schedule, monkeypatch):
+    """Bitwise equal gradients run to run (no atomics; each gradient element has one writer and a fixed order),
+    with each backward schedule (B * Hkv = 1 on several threads stripes the keys)."""
+    monkeypatch.setenv("FASTATTN_CPU_BACKWARD", schedule)
+    torch.manual_seed(1)
+    q, k, v = make_qkv(batch, 4, 2 // batch, 333, 517, 64, 48)
+    bias = torch.randn(1, 4, 333, 517, requires_grad=True)
+    g_out, g_lse = torch.randn(batch, 4, 333, 48), torch.randn(batch, 4, 333)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        runs.append(run_with_grads(_attn, [q, k, v, bias], g_out, g_lse, causal=True, dropout_p=0.1,
+                                   return_lse=True, backend="cpu"))
+    (o1, l1, g1), (o2, l2, g2) = runs
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_argument_errors_name_the_argument(ops):
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 1, 5, 6, 8, 8))
+    with pytest.raises(RuntimeError, match="k: head dim"):
+        ops.attention_fwd(q, k[..., :4], v, None, None, 0, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="seed: required"):
+        ops.attention_fwd(q, k, v, None, None, 0, 1.0, 0.5)
+    with pytest.raises(RuntimeError, match="mask: expected size"):
+        ops.attention_fwd(q, k, v, torch.zeros(5, 6), None, 0, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="causal"):
+        ops.attention_fwd(q, k, v, None, None, 3, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="k, v: dtypes"):
+        ops.attention_fwd(q, k.double(), v, None, None, 0, 1.0, 0.0)
+    out, lse = ops.attention_fwd(q, k, v, None, None, 0, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="lse: expected"):
+        ops.attention_bwd(q, k, v, None, None, out, lse.double(), out, None, 0, 1.0, 0.0, False)
+
+
+# --- long sequences, other code paths (in a child process: its own peak memory, its own environment) ------------
+def _run_child(code: str, env_extra=None, timeout=600):
+    env = dict(os.environ, **(env_extra or {}))
+    env["FASTATTN_NO_JIT"] = "1" if _ext.how_loaded() == "prebuilt fastattn._C" else env.get("FASTATTN_NO_JIT", "0")
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_long_sequence_32k_runs_in_linear_memory(ops):
+    """L = 32k, D = 64, fp32 forward: an [L, L] float32 buffer would be 4 GiB; the kernels need a few MB."""
+    res = _run_child("""
+        import json, resource, torch, fastattn
+        from fastattn.backends.reference import reference_attention
+        torch.manual_seed(0)
+        L, D = 32768, 64
+        q, k, v = (torch.randn(1, 1, L, D) for _ in range(3))
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out, lse = fastattn.attention(q, k, v, causal=True, return_lse=True, backend="cpu")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # causal: row i sees keys <= i; compare a few rows with the reference, each on its own
+        err = 0.0
+        for i in (0, 1, 4097, L - 1):
+            r, _ = reference_attention(q[:, :, i:i + 1].double(), k[:, :, :i + 1].double(), v[:, :, :i + 1].double(),
+                                       None, "none", D ** -0.5)
+            err = max(err, (out[0, 0, i].double() - r[0, 0, 0]).abs().max().item())
+        print(json.dumps({"extra_mib": (peak - base) / 1024, "err": err, "finite": bool(torch.isfinite(out).all())}))
+    """)
+    assert res["finite"] and res["err"] < 1e-4, res
+    assert res["extra_mib"] < 1024, f"the 32k forward grew the peak RSS by {res['extra_mib']:.0f} MiB"
+
+
+def test_fallback_paths_without_blas_and_vector_isa(ops):
+    """FASTATTN_CPU_BLAS=0 (the plain-loop products of a torch without BLAS symbols) and the x86-64 baseline row
+    loops (FASTATTN_CPU_ISA=baseline) give the reference's results too."""
+    code = """
+        import json, torch, fastattn
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(2, 2, 150, 40, requires_grad=True) for _ in range(3))
+        bias = torch.randn(1, 2, 150, 150, requires_grad=True)
+        res = {}
+        for name in ("cpu", "reference"):
+            torch.manual_seed(1)  # the same dropout seed
+            out = fastattn.attention(q, k, v, attn_mask=bias, causal=True, dropout_p=0.1, backend=name)
+            grads = torch.autograd.grad(out, (q, k, v, bias), torch.ones_like(out))
+            res[name] = [out] + list(grads)
+        err = max((a - b).abs().max().item() for a, b in zip(res["cpu"], res["reference"]))
+        print(json.dumps({"err": err}))
+    """
+    for env in ({"FASTATTN_CPU_BLAS": "0"}, {"FASTATTN_CPU_ISA": "baseline"}):
+        res = _run_child(code, env)
+        assert res["err"] < 1e-4, (env, res)
+
+
+# --- dispatch ------------------------------------------------------------------------------------------------------
+def test_dispatch_picks_cpu_when_built(ops):
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        q, k, v = make_qkv(1, 2, 2, 8, 8, 16, 16, dtype=dtype)
+        p = make_problem(q, k, v, causal=True, return_lse=True)
+        assert dispatch.select(p).name == "cpu"
+        assert "chosen: cpu" in fastattn.explain(q, k, v)
+
+
+def test_dispatch_explains_when_not_built(monkeypatch):
+    monkeypatch.setitem(_ext._state, "done", True)
+    monkeypatch.setitem(_ext._state, "ok", False)
+    monkeypatch.setitem(_ext._state, "error", "the C++ extension is not available: (test) " + _ext.BUILD_HINT)
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16, 16)
+    p = make_problem(q, k, v)
+    assert dispatch.select(p).name == "sdpa"
+    text = fastattn.explain(q, k, v)
+    assert "cpu: rejected: the C++ extension is not available" in text and "pip install" in text
+    with pytest.raises(RuntimeError, match="cpu: the C\\+\\+ extension is not available"):
+        fastattn.attention(q, k, v, backend="cpu")
+    # other devices: declined without touching the extension
+    meta = [t.detach().to("meta") for t in (q, k, v)]
+    from fastattn.backends import BACKENDS
+    assert BACKENDS["cpu"].reasons(make_problem(*meta)) == ["runs on CPU tensors only, got meta tensors"]
