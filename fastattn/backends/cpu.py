@@ -24,23 +24,9 @@ CAUSAL_CODES = {CAUSAL_NONE: 0, CAUSAL_TOP_LEFT: 1, CAUSAL_BOTTOM_RIGHT: 2}
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-class CpuBackend(Backend):
-    name = "cpu"
-    summary = ("fused C++ CPU kernels (fastattn._C): tiled online softmax with BLAS blocks, at::parallel_for, "
-               "deterministic backward; fp32/fp64/bf16/fp16, any strides, GQA, masks with gradient, dropout, "
-               "both causal alignments, LSE")
-
-    def reasons(self, p: AttentionProblem) -> List[str]:
-        why = []
-        if p.device.type != "cpu":
-            why.append(f"runs on CPU tensors only, got {p.device.type} tensors")
-        if p.dtype not in DTYPES:
-            why.append(f"dtype {p.dtype} is not supported (float32, float64, bfloat16, float16)")
-        if not why:  # load (or build) the extension only for inputs it would serve
-            err = _ext.error()
-            if err is not None:
-                why.append(err)
-        return why
+class ExtensionBackend(Backend):
+    """The calls into fastattn._C's ops, shared by the cpu and cuda backends (which differ in reasons() and in
+    how they pass the mask: ``_mask``)."""
 
     @staticmethod
     def _mask(p: AttentionProblem):
@@ -61,3 +47,22 @@ class CpuBackend(Backend):
         else:
             dmask = None
         return dq, dk, dv, dmask
+
+
+class CpuBackend(ExtensionBackend):
+    name = "cpu"
+    summary = ("fused C++ CPU kernels (fastattn._C): tiled online softmax with BLAS blocks, at::parallel_for, "
+               "deterministic backward; fp32/fp64/bf16/fp16, any strides, GQA, masks with gradient, dropout, "
+               "both causal alignments, LSE")
+
+    def reasons(self, p: AttentionProblem) -> List[str]:
+        why = []
+        if p.device.type != "cpu":
+            why.append(f"runs on CPU tensors only, got {p.device.type} tensors")
+        if p.dtype not in DTYPES:
+            why.append(f"dtype {p.dtype} is not supported (float32, float64, bfloat16, float16)")
+        if not why:  # load (or build) the extension only for inputs it would serve
+            err = _ext.error()
+            if err is not None:
+                why.append(err)
+        return why

@@ -23,10 +23,9 @@ from typing import List
 import torch
 
 from .. import _ext
-from ..problem import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, AttentionProblem
-from .base import Backend
+from ..problem import AttentionProblem
+from .cpu import ExtensionBackend
 
-CAUSAL_CODES = {CAUSAL_NONE: 0, CAUSAL_TOP_LEFT: 1, CAUSAL_BOTTOM_RIGHT: 2}
 DTYPES = (torch.float16, torch.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM, HEAD_DIM_STEP = 8, 128, 8
 MAX_GRID_DIM = 65535  # batch and heads are CUDA grid dimensions (z, y)
@@ -66,7 +65,7 @@ def head_dim_reasons(dim_qk: int, dim_v: int) -> List[str]:
     return why
 
 
-class CudaBackend(Backend):
+class CudaBackend(ExtensionBackend):
     name = "cuda"
     summary = ("FlashAttention-2 CUDA C++ kernels (fastattn._C, mma.sync tensor cores): sm_80+, fp16/bf16, head "
                "dims 8..128 (multiples of 8), Dv == Dqk, any strides, GQA, masks with gradient, dropout, both causal "
@@ -108,18 +107,3 @@ class CudaBackend(Backend):
         if m.dtype != torch.bool and m.dtype != torch.float32:
             m = m.to(torch.float32)
         return m.expand(p.scores_shape)
-
-    def forward(self, p, seed):
-        return _ext.ops().attention_fwd(p.q, p.k, p.v, self._mask(p), seed, CAUSAL_CODES[p.causal], p.scale,
-                                        p.dropout_p)
-
-    def backward(self, p, seed, out, lse, dout, dlse):
-        dq, dk, dv, dmask = _ext.ops().attention_bwd(p.q, p.k, p.v, self._mask(p), seed, out, lse, dout, dlse,
-                                                     CAUSAL_CODES[p.causal], p.scale, p.dropout_p,
-                                                     p.mask_needs_grad)
-        if p.mask_needs_grad:
-            # dS summed over the dimensions along which the mask was broadcast.
-            dmask = dmask.sum_to_size(p.mask.shape).to(p.mask.dtype)
-        else:
-            dmask = None
-        return dq, dk, dv, dmask
