@@ -260,43 +260,47 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
     out: List[Case] = []
     gpu = device.type == "cuda"
 
-    for name, (B, HW, heads) in {"swin-t-s1": (1 if small else 64, 56, 3),
-                                 "swin-t-s3": (2 if small else 64, 14, 12)}.items():
+    for name, (B, HW, heads) in {"swin-t-s1": (1 if quick else 4 if small else 64, 56, 3),
+                                 "swin-t-s3": (2 if quick else 8 if small else 64, 14, 12)}.items():
         window, d = 7, 32
         for shift in (0, 3):
             nW, N = (HW // window) ** 2, window * window
-            impls = {"fastattn": lambda x, s=shift: swin_fastattn(x, window, s),
-                     "composite": lambda x, s=shift: swin_composite(x, window, s),
-                     "eager": lambda x, s=shift: swin_composite(x, window, s, eager=True)}
+            impls = {"fastattn": lambda x, s=shift, w=window: swin_fastattn(x, w, s),
+                     "composite": lambda x, s=shift, w=window: swin_composite(x, w, s),
+                     "eager": lambda x, s=shift, w=window: swin_composite(x, w, s, eager=True)}
             if gpu:
                 impls["flex"] = swin_flex(window, shift, HW, HW, heads, device)
             out.append(Case(
                 f"{name} shift{shift}", f"B={B} {HW}x{HW} window {window} shift {shift} heads {heads}x{d}",
-                lambda dt, dev, g, B=B, HW=HW, heads=heads: swin_inputs(B, HW, HW, heads, d, window, dt, dev, g),
+                lambda dt, dev, g, B=B, HW=HW, heads=heads, d=d, w=window: swin_inputs(B, HW, HW, heads, d, w, dt, dev, g),
                 impls, 4.0 * B * nW * heads * N * N * d, 4.0 * B * HW * HW * heads * d, ["qkv", "table"]))
 
-    B, T, N, heads, d = (1 if small else 8), (4 if small else 8), 196, 12, 64
+    # Every lambda binds its sizes as default arguments: a closure would read the variables at call time, after
+    # the later cases have reassigned them (an earlier version of this file ran the TimeSformer cases with the
+    # Perceiver case's N).
+    B, T, N, heads, d = (1 if small else 8), 8, 196, 12, 64
     out.append(Case("tsf-temporal", f"B={B} T={T} N={N} heads {heads}x{d} (patches only)",
-                    lambda dt, dev, g: tsf_inputs(B, T, N, heads, d, dt, dev, g, with_cls=False),
-                    {"fastattn": lambda x: tsf_temporal_fastattn(x, T),
-                     "composite": lambda x: tsf_temporal_composite(x, T)},
+                    lambda dt, dev, g, B=B, T=T, N=N, h=heads, d=d: tsf_inputs(B, T, N, h, d, dt, dev, g, with_cls=False),
+                    {"fastattn": lambda x, T=T: tsf_temporal_fastattn(x, T),
+                     "composite": lambda x, T=T: tsf_temporal_composite(x, T)},
                     4.0 * B * N * heads * T * T * d, 4.0 * B * T * N * heads * d, ["qkv"]))
     out.append(Case("tsf-spatial", f"B={B} T={T} N={N}+cls heads {heads}x{d}",
-                    lambda dt, dev, g: tsf_inputs(B, T, N, heads, d, dt, dev, g, with_cls=True),
-                    {"fastattn": lambda x: tsf_spatial_fastattn(x, T),
-                     "composite": lambda x: tsf_spatial_composite(x, T)},
+                    lambda dt, dev, g, B=B, T=T, N=N, h=heads, d=d: tsf_inputs(B, T, N, h, d, dt, dev, g, with_cls=True),
+                    {"fastattn": lambda x, T=T: tsf_spatial_fastattn(x, T),
+                     "composite": lambda x, T=T: tsf_spatial_composite(x, T)},
                     4.0 * B * T * heads * (N + 1) ** 2 * d, 4.0 * B * (T * N + 1) * heads * d, ["qkv"]))
 
     B, grid, heads, d = (1 if small else 4), ((4 if small else 16), 14, 14), 12, 64
     T, S = grid[0], grid[1] * grid[2]
     out.append(Case("vivit-fdp", f"B={B} grid {grid} heads {heads}x{d} (half time, half space)",
-                    lambda dt, dev, g: tsf_inputs(B, T, S, heads, d, dt, dev, g, with_cls=False),
-                    {"fastattn": lambda x: vivit_fastattn(x, grid), "composite": lambda x: vivit_composite(x, grid)},
+                    lambda dt, dev, g, B=B, T=T, S=S, h=heads, d=d: tsf_inputs(B, T, S, h, d, dt, dev, g, with_cls=False),
+                    {"fastattn": lambda x, grid=grid: vivit_fastattn(x, grid),
+                     "composite": lambda x, grid=grid: vivit_composite(x, grid)},
                     4.0 * B * (heads // 2) * (S * T * T + T * S * S) * d, 4.0 * B * T * S * heads * d, ["qkv"]))
 
     B, N, M, dqk, dv = (1 if small else 8), (64 if small else 512), (4096 if small else 50176), 261, 261
     out.append(Case("perceiver", f"B={B} latents {N} inputs {M} 1 head qk {dqk} v {dv}",
-                    lambda dt, dev, g: perceiver_inputs(B, N, M, dqk, dv, dt, dev, g),
+                    lambda dt, dev, g, B=B, N=N, M=M, dqk=dqk, dv=dv: perceiver_inputs(B, N, M, dqk, dv, dt, dev, g),
                     {"fastattn": perceiver_fastattn, "composite": perceiver_composite},
                     2.0 * B * N * M * (dqk + dv), 1.0 * B * (N * dqk + M * (dqk + dv) + N * dv), ["q", "k", "v"]))
     return out

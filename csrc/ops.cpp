@@ -29,6 +29,21 @@
 //   dq, dk, dv: in the dtype and memory order of q, k, v.  dmask: when mask_needs_grad, the dense
 //   [B, Hq, Lq, Lk] gradient of the additive mask (= dS; float32, float64 for float64 inputs, contiguous; the
 //   caller sums it over the broadcast dimensions), else an empty tensor of shape [0].
+//
+// window_fwd(q, k, v, table, seed, geometry, scale, dropout_p) -> (out, lse)        (Swin W-MSA / SW-MSA)
+//   q, k [B, H, W, heads, d], v [B, H, W, heads, dv]: image layout, one dtype, any strides (a strided head dim is
+//     copied once).  geometry = [H, W, wh, ww, sh, sw, uh, uw]: window, cyclic shift (torch.roll by (-sh, -sw)
+//     within the top-left uh x uw region; uh = H, uw = W unless timm's roll-then-pad order) -- the layout of
+//     fastattn.window_attention, whose docstring has the semantics.
+//   table: None or the relative-position bias table [(2wh-1)(2ww-1), heads] (any float dtype), added to the scaled
+//     scores with timm's relative_position_index; -100 between tokens of different shift regions when shifted.
+//   out: [B, H, W, heads, dv] contiguous, q's dtype.  lse: [B * windows, heads, wh * ww] (float32/float64).
+//   Dropout's Philox coordinate bh = (b * windows + w) * heads + h (as the Triton kernels).
+//
+// window_bwd(q, k, v, table, seed, out, lse, dout, geometry, scale, dropout_p, table_needs_grad)
+//     -> (dq, dk, dv, dtable)
+//   dq, dk, dv: contiguous, in q's dtype.  dtable: the table's gradient (table's shape, float32/float64) when
+//   table_needs_grad, else an empty tensor of shape [0].
 #include <Python.h>
 #include <torch/library.h>
 
@@ -40,6 +55,13 @@ TORCH_LIBRARY(fastattn, m) {
       "attention_bwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? seed, Tensor out, Tensor lse, "
       "Tensor dout, Tensor? dlse, int causal, float scale, float dropout_p, bool mask_needs_grad) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+  m.def(
+      "window_fwd(Tensor q, Tensor k, Tensor v, Tensor? table, Tensor? seed, int[] geometry, float scale, "
+      "float dropout_p) -> (Tensor out, Tensor lse)");
+  m.def(
+      "window_bwd(Tensor q, Tensor k, Tensor v, Tensor? table, Tensor? seed, Tensor out, Tensor lse, Tensor dout, "
+      "int[] geometry, float scale, float dropout_p, bool table_needs_grad) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dtable)");
 }
 
 // `import fastattn._C` (setup.py) needs a module init function; the ops themselves are registered by the

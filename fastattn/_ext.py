@@ -1,4 +1,5 @@
-"""The compiled extension: the ops ``torch.ops.fastattn.attention_fwd`` / ``attention_bwd`` (csrc/).
+"""The compiled extension: the ops ``torch.ops.fastattn.attention_fwd`` / ``attention_bwd`` / ``window_fwd`` /
+``window_bwd`` (csrc/ops.cpp).
 
 ``load()`` makes them available, once per process:
 
@@ -29,14 +30,17 @@ _CSRC = os.path.join(_ROOT, "csrc")
 BUILD_HINT = ("build it with `pip install --no-deps --no-build-isolation -e .` in the fastattn checkout "
               "(or let fastattn JIT-build it on first use: unset FASTATTN_NO_JIT; needs a C++ compiler and ninja)")
 
+# Every op of csrc/ops.cpp: an older build without one of them counts as absent (and is rebuilt).
+OPS = ("attention_fwd", "attention_bwd", "window_fwd", "window_bwd")
+
 _lock = threading.Lock()
 _state = {"done": False, "ok": False, "error": None, "how": None}
 
 
 def _ops_registered() -> bool:
     try:
-        torch.ops.fastattn.attention_fwd
-        torch.ops.fastattn.attention_bwd
+        for name in OPS:
+            getattr(torch.ops.fastattn, name)
         return True
     except (AttributeError, RuntimeError):
         return False
@@ -178,3 +182,16 @@ def _register_fakes():
         dmask_shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if mask_needs_grad else (0,)
         return (_empty_like_layout(q, q.shape[-1], q.dtype), _empty_like_layout(k, k.shape[-1], k.dtype),
                 _empty_like_layout(v, v.shape[-1], v.dtype), q.new_empty(dmask_shape, dtype=_stats_dtype(q.dtype)))
+
+    @torch.library.register_fake("fastattn::window_fwd")
+    def _(q, k, v, table, seed, geometry, scale, dropout_p):
+        B, H, W, heads, _ = q.shape
+        windows, tokens = (H // geometry[2]) * (W // geometry[3]), geometry[2] * geometry[3]
+        return (q.new_empty(q.shape[:4] + (v.shape[-1],)),
+                q.new_empty((B * windows, heads, tokens), dtype=_stats_dtype(q.dtype)))
+
+    @torch.library.register_fake("fastattn::window_bwd")
+    def _(q, k, v, table, seed, out, lse, dout, geometry, scale, dropout_p, table_needs_grad):
+        dtable_shape = tuple(table.shape) if table_needs_grad else (0,)
+        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+                q.new_empty(dtable_shape, dtype=_stats_dtype(q.dtype)))

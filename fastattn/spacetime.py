@@ -397,11 +397,16 @@ def _are_views(tensors, seq_dims) -> bool:
 def _lse_path(patches, n_dim, scale, dropout_p, backend) -> bool:
     """Whether the spatial op merges the cls key by the LSE: no dropout, the patch views are read in place
     (otherwise concatenating the cls token costs fewer copies), and the backend dispatch picks for the plain
-    call also returns the LSE (Triton, reference)."""
+    call also returns the LSE (Triton, reference) -- but not on the "cpu" backend: there the merge's
+    elementwise passes over the [B, T*N, heads, d] outputs (and their autograd) cost more than concatenating
+    the cls token (TimeSformer-B, T = 8, 2 cores: forward 10.9 ms merged vs 8.8 ms concatenated, forward +
+    backward 45 vs 32 ms; bench/NOTES.md entry 7)."""
     if dropout_p > 0.0 or not _are_views(patches, [n_dim]):
         return False
     probe = [t[(slice(0, 1),) * (t.dim() - 1)].reshape(1, 1, 1, t.shape[-1]) for t in patches]  # 1-token views
     chosen = dispatch.select(make_problem(*probe, None, False, scale, 0.0, False), backend)
+    if chosen.name == "cpu":
+        return False
     return not chosen.reasons(make_problem(*probe, None, False, scale, 0.0, True))
 
 

@@ -39,15 +39,24 @@ window -- not of this op.
 
 Implementation: two paths
 -------------------------
-**Fused (the "triton" backend: on CUDA by default, on CPU tensors under Triton's interpreter when asked
-for).**  The FlashAttention-2 kernels of ``fastattn.kernels.triton_attention`` in their window layout: a
-program owns one (batch, window, head) group; token i of window w is addressed at its pixel through the shift
-and partition index map (no roll, no partition copy, no output reverse); the bias is read from the table by
-the in-window coordinate difference and the region mask computed from coordinates, inside the kernel (no
-mask tensor); the backward kernels write the score gradient of each (batch, window, head), which is summed
-over batch and windows and scattered into the table's gradient.
+**Fused.**  The same layout in two kernel families, picked by the backend dispatch (``_fused_impl``):
 
-**Composite (any other backend: "sdpa", "reference", or "triton" where the kernels cannot run).**
+* ``triton`` (CUDA by default; CPU tensors under Triton's interpreter when asked for): the FlashAttention-2
+  kernels of ``fastattn.kernels.triton_attention`` in their window layout: a program owns one (batch, window,
+  head) group; token i of window w is addressed at its pixel through the shift and partition index map (no
+  roll, no partition copy, no output reverse); the bias is read from the table by the in-window coordinate
+  difference and the region mask computed from coordinates, inside the kernel (no mask tensor); the backward
+  kernels write the score gradient of each (batch, window, head), which is summed over batch and windows and
+  scattered into the table's gradient.
+* ``cpu`` (the default on CPU when fastattn._C is built): the C++ kernels of csrc/cpu/window_cpu.cpp (ops
+  ``fastattn::window_fwd`` / ``window_bwd``), the same index map, bias lookup and region mask; a work item is
+  one window (all its heads: each token's rows are gathered once), its [N, N] scores one tile; the table's
+  gradient is summed in the kernel, deterministically (fixed chunks of windows, independent of the thread
+  count).
+* ``cuda``: fastattn._C's CUDA kernels serve the same ops for CUDA tensors when they are built with the window
+  layout (``fastattn.backends.cuda.window_reasons`` says why not otherwise).
+
+**Composite (any other backend: "sdpa", "reference", or a fused kernel that cannot run).**
 PyTorch ops around one ``fastattn.attention`` call; it makes these copies:
 
 * q, k, v: one gather each (advanced indexing with a precomputed token index), which performs the roll,
@@ -170,31 +179,48 @@ def _region_mask(H, W, wh, ww, sh, sw, dtype, device):
 # read by coordinate difference and the region mask computed from coordinates inside the kernels; the
 # table's gradient is reduced from the kernels' score gradient.  No roll, no partition copy, no mask tensor.
 # ---------------------------------------------------------------------------------------------------------
+def _fused_ops(impl: str):
+    """(forward, backward) ops of a fused window implementation; both have the signatures of the C++ schemas
+    ``fastattn::window_fwd`` / ``window_bwd`` (csrc/ops.cpp)."""
+    if impl == "triton":
+        from .backends.triton import _window_backward_op, _window_forward_op
+        return _window_forward_op, _window_backward_op
+    from . import _ext
+    ops = _ext.ops()
+    return ops.window_fwd, ops.window_bwd
+
+
 class _FusedWindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, table, seed, geometry, scale, dropout_p):
-        from .backends.triton import _window_forward_op
-        out, lse = _window_forward_op(q, k, v, table, seed, geometry, scale, dropout_p)
+    def forward(ctx, q, k, v, table, seed, geometry, scale, dropout_p, impl):
+        forward_op, _ = _fused_ops(impl)
+        out, lse = forward_op(q, k, v, table, seed, geometry, scale, dropout_p)
         ctx.save_for_backward(q, k, v, table, seed, out, lse)
-        ctx.args = (geometry, scale, dropout_p)
+        ctx.args = (geometry, scale, dropout_p, impl)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        from .backends.triton import _window_backward_op
         q, k, v, table, seed, out, lse = ctx.saved_tensors
-        geometry, scale, dropout_p = ctx.args
+        geometry, scale, dropout_p, impl = ctx.args
+        _, backward_op = _fused_ops(impl)
         table_needs_grad = bool(ctx.needs_input_grad[3])
-        dq, dk, dv, dtable = _window_backward_op(q, k, v, table, seed, out, lse, dout.contiguous(), geometry,
-                                                 scale, dropout_p, table_needs_grad)
+        dq, dk, dv, dtable = backward_op(q, k, v, table, seed, out, lse, dout.contiguous(), geometry, scale,
+                                         dropout_p, table_needs_grad)
         dtable = dtable.to(table.dtype) if table_needs_grad else None
-        return dq, dk, dv, dtable, None, None, None, None
+        return dq, dk, dv, dtable, None, None, None, None, None
 
 
-def _use_fused_kernel(q, k, v, backend) -> bool:
+_EXTENSION_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _fused_impl(q, k, v, backend) -> Optional[str]:
     """Dispatch for the window op: walk the allowed backends (``backend=``, ``use_backend``,
-    ``FASTATTN_BACKEND``, else the device's priority list); "triton" means the fused kernel, when it can serve;
-    any other name means the composite, which hands the same restriction to ``fastattn.attention``."""
+    ``FASTATTN_BACKEND``, else the device's priority list) and return the first fused implementation that can
+    serve -- "triton" (the Triton kernels' window layout), "cpu" or "cuda" (fastattn._C's C++ / CUDA kernels,
+    ops fastattn::window_fwd / window_bwd) -- or None for the composite, which hands the same restriction to
+    ``fastattn.attention``.  "reference" and "sdpa" mean the composite; so does "cuda" on a CUDA tensor its
+    window kernels decline (float32, other head dims: the dense CUDA kernels may still serve the composite)."""
     from .backends.triton import device_reasons, tensor_reasons
     allowed, _ = dispatch._allowed(backend)
     order = allowed if allowed is not None else dispatch._PRIORITY.get(q.device.type, dispatch._DEFAULT_PRIORITY)
@@ -203,10 +229,20 @@ def _use_fused_kernel(q, k, v, backend) -> bool:
             reasons = device_reasons(q.device) + tensor_reasons(
                 (("q", q), ("k", k), ("v", v)), (("q", q.shape[-1]), ("v", v.shape[-1])))
             if not reasons:
-                return True
+                return "triton"
+        elif name == "cpu":
+            from . import _ext
+            if q.device.type == "cpu" and q.dtype in _EXTENSION_DTYPES and _ext.error() is None:
+                return "cpu"
+        elif name == "cuda":
+            from .backends.cuda import window_reasons
+            if not window_reasons(q, k, v):
+                return "cuda"
+            if q.device.type == "cuda":
+                return None
         elif name in ("reference", "sdpa"):
-            return False
-    return False
+            return None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -290,11 +326,12 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, windo
     B, H, W, heads, _ = q.shape
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if _use_fused_kernel(q, k, v, backend):
+    impl = _fused_impl(q, k, v, backend)
+    if impl is not None:
         geometry = [H, W, wh, ww, sh, sw, uh, uw]
         seed = _draw_seed(float(dropout_p))
         return _FusedWindowAttention.apply(q, k, v, rel_pos_bias_table, seed, geometry, float(scale),
-                                           float(dropout_p))
+                                           float(dropout_p), impl)
     dv = v.shape[-1]
     N, nW = wh * ww, (H // wh) * (W // ww)
     device = q.device

@@ -111,7 +111,7 @@ CASES = {  # B, H, W, heads, d, dv, window, shift
 }
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "cpu"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_naive_float64(case, backend):
     B, H, W, heads, d, dv, window, shift = CASES[case]
@@ -168,8 +168,9 @@ def test_composite_passes_broadcast_masks_and_views(monkeypatch):
 
     monkeypatch.setattr(window_mod, "attention", spy)
     _, (q, k, v), table = make_inputs(3, 8, 16, 2, 8, 8, (4, 8))
-    window_attention(q, k, v, window_size=(4, 8), rel_pos_bias_table=table)
-    window_attention(q, k, v, window_size=(4, 8), shift_size=(2, 4), rel_pos_bias_table=table)
+    # backend="sdpa": the composite (on CPU the default is the fused C++ kernels, which never call attention)
+    window_attention(q, k, v, window_size=(4, 8), rel_pos_bias_table=table, backend="sdpa")
+    window_attention(q, k, v, window_size=(4, 8), shift_size=(2, 4), rel_pos_bias_table=table, backend="sdpa")
     assert seen == [((12, 2, 32, 8), (1, 2, 32, 32)), ((3, 8, 32, 8), (1, 8, 32, 32))]
 
 

@@ -65,6 +65,23 @@ def head_dim_reasons(dim_qk: int, dim_v: int) -> List[str]:
     return why
 
 
+def window_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> List[str]:
+    """Why the CUDA window kernels (ops fastattn::window_fwd / window_bwd on CUDA; fastattn.window_attention's
+    fused path) cannot serve these [B, H, W, heads, d] inputs -- empty when they can."""
+    why = device_reasons(q.device)
+    if q.dtype not in DTYPES:
+        why.append(f"dtype {q.dtype} is not supported by the CUDA window kernels (float16, bfloat16)")
+    why += head_dim_reasons(q.shape[-1], v.shape[-1])
+    if not why:
+        err = _ext.error()
+        if err is not None:
+            why.append(err)
+        elif not torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::window_fwd", "CUDA"):
+            why.append("fastattn._C has no CUDA window kernels (built without csrc/cuda, or from older sources); "
+                       "rebuild with `pip install --no-deps --no-build-isolation -e .`")
+    return why
+
+
 class CudaBackend(ExtensionBackend):
     name = "cuda"
     summary = ("FlashAttention-2 CUDA C++ kernels (fastattn._C, mma.sync tensor cores): sm_80+, fp16/bf16, head "
