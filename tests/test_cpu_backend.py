@@ -198,6 +198,39 @@ def test_layouts(ops):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+# --- key splits of the forward (few query blocks against many keys: Perceiver's latents, decoding) ----------------
+@pytest.mark.parametrize("threads", [2, 4])
+@pytest.mark.parametrize("lq,lk,causal,masked,dropout_p", [
+    (64, 2100, False, False, 0.0),       # Perceiver-like: one query block, five key blocks
+    (5, 1500, "bottom_right", True, 0.2),  # decoding-like, with a mask hiding whole splits of some rows
+    (128, 1100, "top_left", False, 0.0),   # top-left causal: the later splits see no key of any row
+])
+def test_forward_key_splits(ops, threads, lq, lk, causal, masked, dropout_p):
+    """With fewer (batch, head, query block) items than threads the forward splits the keys and merges the
+    splits by their LSE; float64 against the reference (outputs, LSE and -- through the backward -- gradients)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(lq + lk)
+        q, k, v = (torch.randn(1, 1, n, 24, dtype=torch.float64, generator=g, requires_grad=True)
+                   for n in (lq, lk, lk))
+        mask = None
+        if masked:
+            mask = torch.randn(1, 1, lq, lk, dtype=torch.float64, generator=g)
+            mask[:, :, ::2, : lk // 2] = float("-inf")  # even rows: the first half of the keys hidden
+        res = {}
+        for name in ("cpu", "reference"):
+            torch.manual_seed(11)
+            out, lse = fastattn.attention(q, k, v, attn_mask=mask, causal=causal, dropout_p=dropout_p,
+                                          return_lse=True, backend=name)
+            grads = torch.autograd.grad((out * out).sum() + lse.sum(), (q, k, v))
+            res[name] = (out, lse, *grads)
+        for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], res["cpu"], res["reference"]):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+    finally:
+        torch.set_num_threads(previous)
+
+
 # --- op-level checks ----------------------------------------------------------------------------------------------
 def _op_samples():
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
 // Fused attention on the CPU: FlashAttention-2's algorithm with BLAS block products.
 //
-// Forward.  Work items are (batch, head, block of kFwdBlockM queries), spread over threads by at::parallel_for.
+// Forward.  Work items are (batch, head, block of kFwdBlockM queries), spread over threads by at::parallel_for
+// (with fewer items than threads, also split along the keys and merged by the LSE: forward_key_splits).
 // Each walks the keys in blocks of kFwdBlockN:
 //     S = scale * Q_blk K_blk^T          (BLAS; [BM, BN] scores of this block pair, the only score buffer)
 //     S += mask; S = -inf where causal hides the key
@@ -43,6 +44,7 @@
 #include <string>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "../ops.h"
 #include "../philox.h"
@@ -172,81 +174,167 @@ void apply_dropout(const Problem& p, acc_t* row, int64_t n, int64_t bh, int64_t 
 // ------------------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------------------
+// Key splits of the forward (flash-decoding on the CPU): when (batch, head, query block) work items are fewer
+// than the threads -- few queries against many keys: Perceiver's latents, decoding -- each item's keys are cut
+// into splits that run in parallel; each split leaves its unnormalised rows (acc, m, l), and a merge pass
+// combines them in split order (deterministic).  1 = no split.
+int64_t forward_key_splits(const Problem& p, int64_t items) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t key_blocks = ceil_div(p.Lk, kFwdBlockN);
+  if (items >= threads || key_blocks < 2) return 1;
+  return std::min(key_blocks, ceil_div(2 * threads, items));  // about two splits per thread
+}
+
+// The per-thread buffers of the forward and the online-softmax loop over the keys [j_begin, j_end) of the query
+// rows [i0, i0 + rows) of head (b, h): on return acc holds the unnormalised output rows, m the row maxima and
+// l the row sums of exp(S - m).
+template <typename acc_t>
+struct ForwardTile {
+  Scratch<acc_t> scratch;
+  acc_t *S, *acc, *m, *l, *q_buf, *k_buf, *v_buf;
+
+  explicit ForwardTile(const Problem& p)
+      : scratch(Scratch<acc_t>::rounded(kFwdBlockM * kFwdBlockN) + Scratch<acc_t>::rounded(kFwdBlockM * p.Dv) +
+                2 * Scratch<acc_t>::rounded(kFwdBlockM) + Scratch<acc_t>::rounded(kFwdBlockM * p.D) +
+                Scratch<acc_t>::rounded(kFwdBlockN * p.D) + Scratch<acc_t>::rounded(kFwdBlockN * p.Dv)) {
+    S = scratch.take(kFwdBlockM * kFwdBlockN);  // scores, then probabilities, of one block pair
+    acc = scratch.take(kFwdBlockM * p.Dv);      // unnormalised output rows
+    m = scratch.take(kFwdBlockM);               // running row max
+    l = scratch.take(kFwdBlockM);               // running row sum of exp(S - m)
+    q_buf = scratch.take(kFwdBlockM * p.D);     // conversion buffers (bf16/fp16 inputs)
+    k_buf = scratch.take(kFwdBlockN * p.D);
+    v_buf = scratch.take(kFwdBlockN * p.Dv);
+  }
+
+  void run(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j_begin, int64_t j_end) {
+    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+    const int64_t BN = kFwdBlockN, D = p.D, Dv = p.Dv, hk = h / p.group, bh = b * p.Hq + h;
+    int64_t ldq, ldk, ldv;
+    const acc_t* Q = load_rows(p.q, b, h, i0, rows, q_buf, &ldq);
+    std::fill(acc, acc + rows * Dv, acc_t(0));
+    std::fill(m, m + rows, kNegInf);
+    std::fill(l, l + rows, acc_t(0));
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += BN) {
+      const int64_t cols = std::min(BN, j_end - j0);
+      const acc_t* K = load_rows(p.k, b, hk, j0, cols, k_buf, &ldk);
+      const acc_t* V = load_rows(p.v, b, hk, j0, cols, v_buf, &ldv);
+
+      mm_nt<acc_t>(p.use_blas, rows, cols, D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S, BN);
+      modify_scores(p, S, BN, b, h, i0, rows, j0, cols);
+
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t* s = S + r * BN;
+        const acc_t m_new = std::max(m[r], row_max(s, cols));
+        if (m_new == kNegInf) {  // no visible key so far: nothing to add
+          std::fill(s, s + cols, acc_t(0));
+          continue;
+        }
+        // alpha rescales what was accumulated against the old maximum (0 when nothing was).
+        const acc_t alpha = m[r] == kNegInf ? acc_t(0) : std::exp(m[r] - m_new);
+        const acc_t row_sum = exp_shift_sum(s, cols, m_new);  // s = exp(s - m_new)
+        l[r] = l[r] * alpha + row_sum;                        // the normaliser sees P before dropout
+        m[r] = m_new;
+        if (alpha != acc_t(1)) {
+          acc_t* a = acc + r * Dv;
+          for (int64_t d = 0; d < Dv; ++d) a[d] *= alpha;
+        }
+        if (p.dropout) apply_dropout(p, s, cols, bh, i0 + r, j0);
+      }
+      mm_nn<acc_t>(p.use_blas, rows, Dv, cols, acc_t(1), S, BN, V, ldv, acc_t(1), acc, Dv);
+    }
+  }
+};
+
+// out = acc / l and lse = m + log l for one row (a row that saw no key: out 0, lse -inf).
+template <typename acc_t>
+void finish_row(const Problem& p, acc_t* a, acc_t m, acc_t l, const HeadTensor& out, int64_t b, int64_t h, int64_t i,
+                acc_t* lse) {
+  if (l > acc_t(0)) {
+    const acc_t inv = acc_t(1) / l;
+    for (int64_t d = 0; d < p.Dv; ++d) a[d] *= inv;
+    lse[(b * p.Hq + h) * p.Lq + i] = m + std::log(l);
+  } else {
+    std::fill(a, a + p.Dv, acc_t(0));
+    lse[(b * p.Hq + h) * p.Lq + i] = -std::numeric_limits<acc_t>::infinity();
+  }
+  store_row(a, out.dtype, out.row(b, h, i), p.Dv);
+}
+
 template <typename acc_t>
 void forward_kernel(const Problem& p, const HeadTensor& out, acc_t* lse) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t BM = kFwdBlockM, BN = kFwdBlockN;
+  const int64_t BM = kFwdBlockM;
   const int64_t n_qblocks = ceil_div(p.Lq, BM);
-  const int64_t D = p.D, Dv = p.Dv;
+  const int64_t items = p.B * p.Hq * n_qblocks;
+  // work item t -> (b, h, query block); causal blocks alternate from both ends (zigzag) to balance the threads
+  auto locate = [&](int64_t t, int64_t* b, int64_t* h, int64_t* i0, int64_t* rows) {
+    const int64_t bh = t / n_qblocks;
+    const int64_t qb = p.causal != kCausalNone ? zigzag(t % n_qblocks, n_qblocks) : t % n_qblocks;
+    *b = bh / p.Hq;
+    *h = bh % p.Hq;
+    *i0 = qb * BM;
+    *rows = std::min(BM, p.Lq - *i0);
+  };
+  const int64_t splits = forward_key_splits(p, items);
 
-  at::parallel_for(0, p.B * p.Hq * n_qblocks, 1, [&](int64_t begin, int64_t end) {
-    SerialBlasGuard serial_blas;
-    using S_ = Scratch<acc_t>;
-    Scratch<acc_t> scratch(S_::rounded(BM * BN) + S_::rounded(BM * Dv) + 2 * S_::rounded(BM) +
-                           S_::rounded(BM * D) + S_::rounded(BN * D) + S_::rounded(BN * Dv));
-    acc_t* S = scratch.take(BM * BN);     // scores, then probabilities, of one block pair
-    acc_t* acc = scratch.take(BM * Dv);   // unnormalised output rows
-    acc_t* m = scratch.take(BM);          // running row max
-    acc_t* l = scratch.take(BM);          // running row sum of exp(S - m)
-    acc_t* q_buf = scratch.take(BM * D);  // conversion buffers (bf16/fp16 inputs)
-    acc_t* k_buf = scratch.take(BN * D);
-    acc_t* v_buf = scratch.take(BN * Dv);
-
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / n_qblocks;
-      const int64_t qb = p.causal != kCausalNone ? zigzag(t % n_qblocks, n_qblocks) : t % n_qblocks;
-      const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
-      const int64_t i0 = qb * BM, rows = std::min(BM, p.Lq - i0);
-
-      int64_t ldq, ldk, ldv;
-      const acc_t* Q = load_rows(p.q, b, h, i0, rows, q_buf, &ldq);
-      std::fill(acc, acc + rows * Dv, acc_t(0));
-      std::fill(m, m + rows, kNegInf);
-      std::fill(l, l + rows, acc_t(0));
-
-      const int64_t kv_end = p.kv_end(i0, rows);
-      for (int64_t j0 = 0; j0 < kv_end; j0 += BN) {
-        const int64_t cols = std::min(BN, kv_end - j0);
-        const acc_t* K = load_rows(p.k, b, hk, j0, cols, k_buf, &ldk);
-        const acc_t* V = load_rows(p.v, b, hk, j0, cols, v_buf, &ldv);
-
-        mm_nt<acc_t>(p.use_blas, rows, cols, D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), S, BN);
-        modify_scores(p, S, BN, b, h, i0, rows, j0, cols);
-
-        for (int64_t r = 0; r < rows; ++r) {
-          acc_t* s = S + r * BN;
-          const acc_t m_new = std::max(m[r], row_max(s, cols));
-          if (m_new == kNegInf) {  // no visible key so far: nothing to add
-            std::fill(s, s + cols, acc_t(0));
-            continue;
-          }
-          // alpha rescales what was accumulated against the old maximum (0 when nothing was).
-          const acc_t alpha = m[r] == kNegInf ? acc_t(0) : std::exp(m[r] - m_new);
-          const acc_t row_sum = exp_shift_sum(s, cols, m_new);  // s = exp(s - m_new)
-          l[r] = l[r] * alpha + row_sum;                        // the normaliser sees P before dropout
-          m[r] = m_new;
-          if (alpha != acc_t(1)) {
-            acc_t* a = acc + r * Dv;
-            for (int64_t d = 0; d < Dv; ++d) a[d] *= alpha;
-          }
-          if (p.dropout) apply_dropout(p, s, cols, bh, i0 + r, j0);
-        }
-        mm_nn<acc_t>(p.use_blas, rows, Dv, cols, acc_t(1), S, BN, V, ldv, acc_t(1), acc, Dv);
+  if (splits == 1) {
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      SerialBlasGuard serial_blas;
+      ForwardTile<acc_t> tile(p);
+      for (int64_t t = begin; t < end; ++t) {
+        int64_t b, h, i0, rows;
+        locate(t, &b, &h, &i0, &rows);
+        tile.run(p, b, h, i0, rows, 0, p.kv_end(i0, rows));
+        for (int64_t r = 0; r < rows; ++r) finish_row(p, tile.acc + r * p.Dv, tile.m[r], tile.l[r], out, b, h, i0 + r, lse);
       }
+    });
+    return;
+  }
 
-      // out = acc / l; lse = m + log l.  A row that saw no key: out 0, lse -inf.
+  // Split keys: split s of item t covers the key blocks [s * per_split, (s + 1) * per_split).
+  const int64_t per_split = ceil_div(ceil_div(p.Lk, kFwdBlockN), splits) * kFwdBlockN;
+  const auto opts = at::TensorOptions().dtype(acc_scalar_type<acc_t>());
+  at::Tensor part_acc = at::empty({items * splits, BM, p.Dv}, opts);
+  at::Tensor part_ml = at::empty({items * splits, 2, BM}, opts);
+  acc_t* pa = part_acc.data_ptr<acc_t>();
+  acc_t* pml = part_ml.data_ptr<acc_t>();
+  at::parallel_for(0, items * splits, 1, [&](int64_t begin, int64_t end) {
+    SerialBlasGuard serial_blas;
+    ForwardTile<acc_t> tile(p);
+    for (int64_t u = begin; u < end; ++u) {
+      int64_t b, h, i0, rows;
+      locate(u / splits, &b, &h, &i0, &rows);
+      const int64_t kv_end = p.kv_end(i0, rows), s = u % splits;
+      const int64_t j_begin = std::min(kv_end, s * per_split), j_end = std::min(kv_end, (s + 1) * per_split);
+      tile.run(p, b, h, i0, rows, j_begin, j_end);
+      std::copy(tile.acc, tile.acc + rows * p.Dv, pa + u * BM * p.Dv);
+      std::copy(tile.m, tile.m + rows, pml + u * 2 * BM);
+      std::copy(tile.l, tile.l + rows, pml + u * 2 * BM + BM);
+    }
+  });
+  // Merge (the LSE merge): M = max_s m_s;  l = sum_s l_s exp(m_s - M);  acc = sum_s acc_s exp(m_s - M).
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> a(p.Dv);
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t b, h, i0, rows;
+      locate(t, &b, &h, &i0, &rows);
       for (int64_t r = 0; r < rows; ++r) {
-        acc_t* a = acc + r * Dv;
-        const int64_t i = i0 + r;
-        if (l[r] > acc_t(0)) {
-          const acc_t inv = acc_t(1) / l[r];
-          for (int64_t d = 0; d < Dv; ++d) a[d] *= inv;
-          lse[bh * p.Lq + i] = m[r] + std::log(l[r]);
-        } else {
-          std::fill(a, a + Dv, acc_t(0));
-          lse[bh * p.Lq + i] = kNegInf;
+        acc_t M = kNegInf;
+        for (int64_t s = 0; s < splits; ++s) M = std::max(M, pml[(t * splits + s) * 2 * BM + r]);
+        std::fill(a.begin(), a.end(), acc_t(0));
+        acc_t l = 0;
+        if (M != kNegInf) {
+          for (int64_t s = 0; s < splits; ++s) {
+            const int64_t u = t * splits + s;
+            const acc_t ms = pml[u * 2 * BM + r];
+            if (ms == kNegInf) continue;  // this split saw no visible key of the row
+            const acc_t w = std::exp(ms - M);
+            l += pml[u * 2 * BM + BM + r] * w;
+            const acc_t* src = pa + (u * BM + r) * p.Dv;
+            for (int64_t d = 0; d < p.Dv; ++d) a[d] += src[d] * w;
+          }
         }
-        store_row(a, out.dtype, out.row(b, h, i), Dv);
+        finish_row(p, a.data(), M, l, out, b, h, i0 + r, lse);
       }
     }
   });
