@@ -6,6 +6,10 @@
 #   bash bench/gpu_session.sh ops     # layout variants vs composites (python -m bench.ops)  (~3-5 min)
 #   bash bench/gpu_session.sh models  # model throughput, papers' sizes, bf16 autocast (python -m bench.models)
 #   bash bench/gpu_session.sh quick   # bench.run --quick, a smoke test of the runner
+#   bash bench/gpu_session.sh lease   # everything that fits one short lease (~6-8 min on an H200): the extension
+#                                     # build (sm_90) overlapped with the Triton GPU tests, then the CUDA C++ GPU
+#                                     # tests, a bf16 subset of bench.run (triton vs cuda vs torch's kernels) and
+#                                     # bench.ops (Triton vs CUDA vs the composites); each stage time-limited
 #
 # The machine's image has its own torch/triton (2.11 / 3.6 at the time of writing) and no internet, so this
 # uses its python3 and installs only fastattn itself (editable, no dependencies).  Logs and JSON go to $OUT
@@ -24,7 +28,9 @@ PY=python3
   git rev-parse HEAD 2>/dev/null || true
 } | tee "$OUT/env.txt"
 
-$PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ "$mode" != lease ]; then  # lease builds the extension itself, overlapped with the Triton tests
+  $PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 case "$mode" in
   tests)
@@ -48,5 +54,8 @@ case "$mode" in
   quick)
     timeout 300 $PY -m bench.run --quick --out-dir "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
     ;;
-  *) echo "usage: $0 tests|bench|ops|models|quick"; exit 2 ;;
+  lease)
+    bash bench/gpu_lease.sh "$OUT"
+    ;;
+  *) echo "usage: $0 tests|bench|ops|models|quick|lease"; exit 2 ;;
 esac

@@ -17,7 +17,9 @@ Cases (GPU shapes; --quick and CPU runs shrink the batch / frames, the per-windo
                   batch 8
 Implementations (rows):
     fastattn      the fused op (fastattn.window_attention / temporal_attention / spatial_attention /
-                  factorised_dot_product_attention / attention), default dispatch
+                  factorised_dot_product_attention / attention), default dispatch (the Triton kernels on a GPU)
+    fastattn-cuda the same op on the CUDA C++ kernels (backend="cuda"; GPU only; Perceiver's head dim 261 is
+                  beyond them, so that case has no such row)
     composite     what a user writes today with torch's fused SDPA: Swin = timm's block (roll, window partition,
                   SDPA with the bias + shift-mask tensor, window reverse, roll back); space-time = TimeSformer's
                   rearrange + SDPA + rearrange (with cls repeat + cat + mean for the spatial half); ViViT model 4 =
@@ -67,9 +69,10 @@ def swin_inputs(B, H, W, heads, d, window, dtype, device, gen):
     return dict(qkv=qkv, table=table)
 
 
-def swin_fastattn(x, window, shift):
+def swin_fastattn(x, window, shift, backend=None):
     q, k, v = x["qkv"].unbind(3)
-    return fastattn.window_attention(q, k, v, window_size=window, shift_size=shift, rel_pos_bias_table=x["table"])
+    return fastattn.window_attention(q, k, v, window_size=window, shift_size=shift, rel_pos_bias_table=x["table"],
+                                     backend=backend)
 
 
 def _swin_bias_and_mask(table, window, shift, H, W):
@@ -163,9 +166,9 @@ def tsf_inputs(B, T, N, heads, d, dtype, device, gen, with_cls):
     return dict(qkv=torch.randn(B, L, 3, heads, d, generator=gen).to(device, dtype))
 
 
-def tsf_temporal_fastattn(x, T):
+def tsf_temporal_fastattn(x, T, backend=None):
     q, k, v = x["qkv"].unbind(2)
-    return fastattn.temporal_attention(q, k, v, num_frames=T)
+    return fastattn.temporal_attention(q, k, v, num_frames=T, backend=backend)
 
 
 def tsf_temporal_composite(x, T):
@@ -178,9 +181,9 @@ def tsf_temporal_composite(x, T):
     return out.view(B, N, h, T, d).permute(0, 1, 3, 2, 4).reshape(B, L, h, d)
 
 
-def tsf_spatial_fastattn(x, T):
+def tsf_spatial_fastattn(x, T, backend=None):
     q, k, v = x["qkv"].unbind(2)
-    return fastattn.spatial_attention(q, k, v, num_frames=T)
+    return fastattn.spatial_attention(q, k, v, num_frames=T, backend=backend)
 
 
 def tsf_spatial_composite(x, T):
@@ -199,9 +202,9 @@ def tsf_spatial_composite(x, T):
     return torch.cat([cls, patches], dim=1)
 
 
-def vivit_fastattn(x, grid):
+def vivit_fastattn(x, grid, backend=None):
     q, k, v = x["qkv"].unbind(2)
-    return fastattn.factorised_dot_product_attention(q, k, v, grid=grid)
+    return fastattn.factorised_dot_product_attention(q, k, v, grid=grid, backend=backend)
 
 
 def vivit_composite(x, grid):
@@ -233,8 +236,8 @@ def perceiver_inputs(B, N, M, dqk, dv, dtype, device, gen):
                 v=torch.randn(B, 1, M, dv, generator=gen).to(device, dtype))
 
 
-def perceiver_fastattn(x):
-    return fastattn.attention(x["q"], x["k"], x["v"])
+def perceiver_fastattn(x, backend=None):
+    return fastattn.attention(x["q"], x["k"], x["v"], backend=backend)
 
 
 def perceiver_composite(x):
@@ -260,6 +263,12 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
     out: List[Case] = []
     gpu = device.type == "cuda"
 
+    def with_cuda(impls, cuda_impl):
+        """On a GPU, also the CUDA C++ kernels (backend="cuda"); "fastattn" is the default dispatch (Triton)."""
+        if gpu:
+            impls["fastattn-cuda"] = cuda_impl
+        return impls
+
     for name, (B, HW, heads) in {"swin-t-s1": (1 if quick else 4 if small else 64, 56, 3),
                                  "swin-t-s3": (2 if quick else 8 if small else 64, 14, 12)}.items():
         window, d = 7, 32
@@ -269,6 +278,7 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
                      "composite": lambda x, s=shift, w=window: swin_composite(x, w, s),
                      "eager": lambda x, s=shift, w=window: swin_composite(x, w, s, eager=True)}
             if gpu:
+                impls["fastattn-cuda"] = lambda x, s=shift, w=window: swin_fastattn(x, w, s, backend="cuda")
                 impls["flex"] = swin_flex(window, shift, HW, HW, heads, device)
             out.append(Case(
                 f"{name} shift{shift}", f"B={B} {HW}x{HW} window {window} shift {shift} heads {heads}x{d}",
@@ -281,21 +291,24 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
     B, T, N, heads, d = (1 if small else 8), 8, 196, 12, 64
     out.append(Case("tsf-temporal", f"B={B} T={T} N={N} heads {heads}x{d} (patches only)",
                     lambda dt, dev, g, B=B, T=T, N=N, h=heads, d=d: tsf_inputs(B, T, N, h, d, dt, dev, g, with_cls=False),
-                    {"fastattn": lambda x, T=T: tsf_temporal_fastattn(x, T),
-                     "composite": lambda x, T=T: tsf_temporal_composite(x, T)},
+                    with_cuda({"fastattn": lambda x, T=T: tsf_temporal_fastattn(x, T),
+                               "composite": lambda x, T=T: tsf_temporal_composite(x, T)},
+                              lambda x, T=T: tsf_temporal_fastattn(x, T, backend="cuda")),
                     4.0 * B * N * heads * T * T * d, 4.0 * B * T * N * heads * d, ["qkv"]))
     out.append(Case("tsf-spatial", f"B={B} T={T} N={N}+cls heads {heads}x{d}",
                     lambda dt, dev, g, B=B, T=T, N=N, h=heads, d=d: tsf_inputs(B, T, N, h, d, dt, dev, g, with_cls=True),
-                    {"fastattn": lambda x, T=T: tsf_spatial_fastattn(x, T),
-                     "composite": lambda x, T=T: tsf_spatial_composite(x, T)},
+                    with_cuda({"fastattn": lambda x, T=T: tsf_spatial_fastattn(x, T),
+                               "composite": lambda x, T=T: tsf_spatial_composite(x, T)},
+                              lambda x, T=T: tsf_spatial_fastattn(x, T, backend="cuda")),
                     4.0 * B * T * heads * (N + 1) ** 2 * d, 4.0 * B * (T * N + 1) * heads * d, ["qkv"]))
 
     B, grid, heads, d = (1 if small else 4), ((4 if small else 16), 14, 14), 12, 64
     T, S = grid[0], grid[1] * grid[2]
     out.append(Case("vivit-fdp", f"B={B} grid {grid} heads {heads}x{d} (half time, half space)",
                     lambda dt, dev, g, B=B, T=T, S=S, h=heads, d=d: tsf_inputs(B, T, S, h, d, dt, dev, g, with_cls=False),
-                    {"fastattn": lambda x, grid=grid: vivit_fastattn(x, grid),
-                     "composite": lambda x, grid=grid: vivit_composite(x, grid)},
+                    with_cuda({"fastattn": lambda x, grid=grid: vivit_fastattn(x, grid),
+                               "composite": lambda x, grid=grid: vivit_composite(x, grid)},
+                              lambda x, grid=grid: vivit_fastattn(x, grid, backend="cuda")),
                     4.0 * B * (heads // 2) * (S * T * T + T * S * S) * d, 4.0 * B * T * S * heads * d, ["qkv"]))
 
     B, N, M, dqk, dv = (1 if small else 8), (64 if small else 512), (4096 if small else 50176), 261, 261

@@ -107,10 +107,11 @@ class Shape:
         return self.batch * self.heads * self.seqlen * self.seqlen
 
 
-def gpu_shapes(quick: bool) -> List[Shape]:
-    """FlashAttention-2's benchmark convention: 16k tokens (B = 16384 // L), width 2048 (H = 2048 // D)."""
-    seqlens = (1024, 4096) if quick else (1024, 2048, 4096, 8192, 16384)
-    return [Shape(16384 // L, 2048 // D, L, D) for D in (64, 128) for L in seqlens]
+def gpu_shapes(quick: bool, seqlens: Optional[Sequence[int]] = None,
+               head_dims: Optional[Sequence[int]] = None) -> List[Shape]:
+    """FlashAttention-2's benchmark convention: 16k tokens (B = max(1, 16384 // L)), width 2048 (H = 2048 // D)."""
+    seqlens = seqlens or ((1024, 4096) if quick else (1024, 2048, 4096, 8192, 16384))
+    return [Shape(max(1, 16384 // L), max(1, 2048 // D), L, D) for D in (head_dims or (64, 128)) for L in seqlens]
 
 
 def cpu_shapes(quick: bool) -> List[Shape]:
@@ -554,7 +555,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="do not time the naive reference above this size of float32 scores (default 4)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    ap.add_argument("--seqlens", default=None, help="GPU only: comma-separated sequence lengths (default "
+                                                    "1024,2048,4096,8192,16384; --quick 1024,4096)")
+    ap.add_argument("--head-dims", default=None, help="GPU only: comma-separated head dims (default 64,128)")
     return ap.parse_args(argv)
+
+
+def _int_list(spec: Optional[str], name: str) -> Optional[List[int]]:
+    if spec is None:
+        return None
+    try:
+        values = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"{name}: expected comma-separated positive integers, got {spec!r}")
+    if not values or min(values) < 1:
+        raise SystemExit(f"{name}: expected comma-separated positive integers, got {spec!r}")
+    return values
 
 
 def resolve_device(name: str) -> torch.device:
@@ -582,7 +598,8 @@ def parse_dtypes(spec: Optional[str], device: torch.device, quick: bool) -> List
 def run_all(args, device: torch.device, env: Dict[str, object]) -> List[Row]:
     dtypes = parse_dtypes(args.dtypes, device, args.quick)
     backends = selected_backends(device, args.backends)
-    shapes = gpu_shapes(args.quick) if device.type == "cuda" else cpu_shapes(args.quick)
+    shapes = (gpu_shapes(args.quick, _int_list(args.seqlens, "--seqlens"), _int_list(args.head_dims, "--head-dims"))
+              if device.type == "cuda" else cpu_shapes(args.quick))
     env["config"] = {"quick": args.quick, "dtypes": [SHORT_DTYPE[d] for d in dtypes], "backends": backends,
                      "shapes": [str(s) for s in shapes], "naive_max_gib": args.naive_max_gib,
                      "timer": "triton.testing.do_bench median" if device.type == "cuda"

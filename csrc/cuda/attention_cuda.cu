@@ -1,9 +1,9 @@
-// CUDA implementations of the fastattn::attention_fwd / attention_bwd operators (schemas: csrc/ops.cpp).
-// Kernels: fa_kernels.cuh; argument checks and dispatch: fa_ops.cuh.
+// CUDA implementations of the fastattn::attention_fwd / attention_bwd and window_fwd / window_bwd operators
+// (schemas: csrc/ops.cpp).  Kernels: fa_kernels.cuh; argument checks and dispatch: fa_ops.cuh.
 //
 // Instantiations (kept few for build time): {float16, bfloat16} x padded head dim {64, 128} x {forward,
-// dK/dV, dQ} plus the Delta kernel per dtype -- 14 kernels.  Causal, mask kind and dropout are runtime
-// switches (uniform branches), not template parameters.
+// dK/dV, dQ} plus the Delta kernel per dtype -- 14 kernels, shared by the dense and the window ops.  Causal,
+// mask kind, dropout and the Swin window layout are runtime switches (uniform branches), not template parameters.
 #include <torch/library.h>
 
 #include "fa_ops.cuh"
@@ -15,4 +15,6 @@
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("attention_fwd", &fastattn_cuda::attention_fwd);
   m.impl("attention_bwd", &fastattn_cuda::attention_bwd);
+  m.impl("window_fwd", &fastattn_cuda::window_fwd);
+  m.impl("window_bwd", &fastattn_cuda::window_bwd);
 }

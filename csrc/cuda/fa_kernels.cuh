@@ -13,6 +13,15 @@
 //     group's query heads and sums in registers (deterministic, no atomics); dQ is a second kernel, also
 //     atomics-free, so the whole backward is bitwise reproducible.
 //
+// Two layouts, a runtime switch (AttnParams.window; no extra instantiations), as the Triton kernels' LAYOUT 0/1:
+//   dense:  grid z = batch b; a CTA's rows are row m of the (b, h) slice of [B, H, L, D] tensors;
+//   window (Swin W-MSA / SW-MSA, ops window_fwd / window_bwd): grid z = the (batch, window) group b * windows + w,
+//           so lse, Delta and dS are [B * windows, heads, N] (N = win_h * win_w tokens, e.g. 49: rows past N are
+//           masked like any partial tile) and dropout's head index is z * heads + h; q/k/v/out and their gradients
+//           stay images [B, H, W, heads, d], token m read and written at its pixel through the shift + partition
+//           map (row_offset); the score modification adds the relative-position bias, read from the float32 table
+//           by the in-window offset, and Swin's -100 region mask, computed from coordinates.
+//
 // Tiles.  A warp computes products 16 rows (one m-tile) at a time, with the C fragment layout of
 // fa_primitives.cuh: lane (g, t) holds rows g and g + 8, columns 2t, 2t + 1 of each 8-column block.
 // Shared-memory tiles are row-major [rows][DT + 8] (DT = 64 or 128, the padded head dim): the 16-byte pad
@@ -26,10 +35,12 @@
 //             computes the transposed products S^T = K Q^T and dP^T = V dO^T so that P^T and dS^T are
 //             already in the A-operand layout for dV += P^T dO and dK += dS^T Q.
 //   dQ:       CTA = 64 queries of one (b, h), 4 warps x 16 rows; K/V tiles (64 keys, 32 for DT 128)
-//             double-buffered; also writes dS (the float mask's gradient) when asked.
+//             double-buffered; also writes dS (the float mask's or the bias table's gradient) when asked.
 // Shared memory per CTA stays under 99 KiB (the opt-in limit of sm_86/sm_89; sm_80 and sm_90 allow more):
-// forward 36 KiB (DT 64) / 68 KiB (DT 128), dK/dV 55 / 68.5 KiB, dQ 54 / 68 KiB (static_asserts below).
-// Registers (sm_80, no spills; sm_90 within a few): forward 201 / 166 (DT 64 / 128), dK/dV 217 / 233, dQ 168 / 159.
+// forward 36 KiB (DT 64) / 68 KiB (DT 128), dK/dV 55 / 68.5 KiB, dQ 54 / 68 KiB (static_asserts below; the window
+// layout adds none).  Registers, no spills (sm_80 / sm_90): forward 222 / 218 (DT 64), 204 / 207 (DT 128); dK/dV
+// 219 / 226, 230 / 229; dQ 166 / 166, 157 / 158; Delta 32 -- as many CTAs per SM as before the window layout.  dQ
+// DT 64 sits just under 168, the most for 3 CTAs of 128 threads: a version needing more made ptxas spill instead.
 #pragma once
 
 #include <cmath>
@@ -78,7 +89,8 @@ struct AttnParams {
   int64_t o_sb, o_sh, o_sm;
   float* lse;
   // backward: dout like out; dlse [B, Hq, Lq] contiguous or null; delta workspace [B, Hq, Lq];
-  // dq/dk/dv like q/k/v; dmask dense [B, Hq, Lq, Lk] float32 (zero-initialised) or null
+  // dq/dk/dv like q/k/v; dmask dense [B, Hq, Lq, Lk] float32 or null (every element the kernels visit is written:
+  // the dense op zero-initialises it for the tiles causal masking skips)
   const void* dout;
   int64_t do_sb, do_sh, do_sm;
   const float* dlse;
@@ -102,11 +114,69 @@ struct AttnParams {
   uint32_t drop_threshold;
   float drop_scale;
   uint64_t seed;
+  // grids: z = the batch index b (dense) or the group b * windows + w (window layout); a launch covers at most
+  // 65535 of them, z = z0 + blockIdx.z
+  int z0;
+  // Swin window layout (window != 0, the ops window_fwd / window_bwd): B counts groups (batch, window), Hq = Hkv =
+  // heads, Lq = Lk = win_h * win_w tokens.  The tensors are images [batch, img_h, img_w, heads, d]: *_sb, *_sh are
+  // the batch and head strides, *_sm the image-row stride and *_sx the column stride (row_offset maps tokens to
+  // pixels).  Scores get table[relative position, h] (float32 [(2 win_h - 1)(2 win_w - 1), Hq], contiguous; null
+  // without a bias) and, when shifted, Swin's region mask.
+  int window;
+  int windows, windows_w;   // windows per image, per image row
+  int win_h, win_w;
+  int shift_h, shift_w;     // the cyclic shift (the region mask's slices)
+  int roll_h, roll_w;       // shift mod unpadded size (the index map)
+  int un_h, un_w;           // the top-left region the shift wraps in
+  int img_h, img_w;
+  int shifted;              // shift_h > 0 || shift_w > 0: the region mask applies
+  const float* table;
+  int64_t q_sx, k_sx, v_sx, o_sx, do_sx, dq_sx, dk_sx, dv_sx;
 };
 
 FA_DEVICE int imin(int a, int b) { return a < b ? a : b; }
 FA_DEVICE int imax(int a, int b) { return a > b ? a : b; }
 constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// The group of a CTA: z (rows of lse / Delta / dmask and the dropout head index bh = z * Hq + h), the tensors'
+// batch b, and in the window layout the origin of window w = z % windows in the shifted grid.
+struct Group {
+  int z, b;
+  int y0, x0;
+};
+
+FA_DEVICE Group cta_group(const AttnParams& p) {
+  Group grp;
+  grp.z = p.z0 + static_cast<int>(blockIdx.z);
+  if (!p.window) {
+    grp.b = grp.z;
+    grp.y0 = grp.x0 = 0;
+  } else {
+    const int w = grp.z % p.windows;
+    grp.b = grp.z / p.windows;
+    grp.y0 = (w / p.windows_w) * p.win_h;
+    grp.x0 = (w % p.windows_w) * p.win_w;
+  }
+  return grp;
+}
+
+// Element offset of row m of the group's slice, for a tensor with row stride sm (window layout: image-row stride sm,
+// column stride sx).  Window layout: token m sits at (y, x) = (y0 + m / win_w, x0 + m % win_w) of the shifted grid,
+// which holds pixel ((y + shift_h) mod un_h, (x + shift_w) mod un_w) -- torch.roll by (-shift_h, -shift_w) -- inside
+// the un_h x un_w region the shift wraps in, and pixel (y, x) outside it (padding stays in place).  The partition,
+// the shift and their reverse are this map: no copies.
+FA_DEVICE int64_t row_offset(const AttnParams& p, const Group& grp, int64_t sm, int64_t sx, int m) {
+  if (!p.window) return static_cast<int64_t>(m) * sm;
+  const int ty = m / p.win_w;
+  int y = grp.y0 + ty, x = grp.x0 + (m - ty * p.win_w);
+  if (y < p.un_h && x < p.un_w) {  // roll_h < un_h, y < un_h: one subtraction is the mod
+    y += p.roll_h;
+    x += p.roll_w;
+    if (y >= p.un_h) y -= p.un_h;
+    if (x >= p.un_w) x -= p.un_w;
+  }
+  return static_cast<int64_t>(y) * sm + static_cast<int64_t>(x) * sx;
+}
 
 // ==========================================================================================================
 // Tile helpers
@@ -129,32 +199,32 @@ FA_DEVICE void store_b32(void* dst, uint32_t v) {
 #endif
 }
 
-// Asynchronously copies rows [row0, row0 + ROWS) of a [nrows, d] slice (row stride in elements, d contiguous,
-// d % 8 == 0) into the shared tile [ROWS][DT + 8]; rows >= nrows and columns >= d are zero-filled.
-template <typename T, int ROWS, int DT, int NTHREADS>
-FA_DEVICE void load_tile_async(T* tile, const T* slice, int64_t row_stride, int row0, int nrows, int d, int tid) {
+// Asynchronously copies rows [row0, row0 + ROWS) of a [nrows, d] slice (rows(m): row m's element offset, see
+// row_offset; d contiguous, d % 8 == 0) into the shared tile [ROWS][DT + 8]; rows >= nrows and columns >= d are
+// zero-filled.
+template <typename T, int ROWS, int DT, int NTHREADS, typename RowFn>
+FA_DEVICE void load_tile_async(T* tile, const T* slice, RowFn rows, int row0, int nrows, int d, int tid) {
   constexpr int kChunks = DT / 8;  // 16-byte chunks per row
   constexpr int kStride = DT + 8;
 #pragma unroll
   for (int i = tid; i < ROWS * kChunks; i += NTHREADS) {
     const int r = i / kChunks, c = (i % kChunks) * 8;
     const bool valid = (row0 + r < nrows) && (c < d);
-    const T* src = valid ? slice + static_cast<int64_t>(row0 + r) * row_stride + c : slice;
+    const T* src = valid ? slice + rows(row0 + r) + c : slice;
     cp_async_16(tile + r * kStride + c, src, valid);
   }
 }
 
-// Copies the shared tile [ROWS][DT + 8] to rows [row0, row0 + ROWS) of a [nrows, d] slice, 16 bytes at a time,
-// skipping rows >= nrows and columns >= d.
-template <typename T, int ROWS, int DT, int NTHREADS>
-FA_DEVICE void store_tile(T* slice, int64_t row_stride, const T* tile, int row0, int nrows, int d, int tid) {
+// Copies the shared tile [ROWS][DT + 8] to rows [row0, row0 + ROWS) of a [nrows, d] slice (rows(m) as above),
+// 16 bytes at a time, skipping rows >= nrows and columns >= d.
+template <typename T, int ROWS, int DT, int NTHREADS, typename RowFn>
+FA_DEVICE void store_tile(T* slice, RowFn rows, const T* tile, int row0, int nrows, int d, int tid) {
   constexpr int kChunks = DT / 8;
   constexpr int kStride = DT + 8;
 #pragma unroll
   for (int i = tid; i < ROWS * kChunks; i += NTHREADS) {
     const int r = i / kChunks, c = (i % kChunks) * 8;
-    if (row0 + r < nrows && c < d)
-      copy16(slice + static_cast<int64_t>(row0 + r) * row_stride + c, tile + r * kStride + c);
+    if (row0 + r < nrows && c < d) copy16(slice + rows(row0 + r) + c, tile + r * kStride + c);
   }
 }
 
@@ -252,14 +322,37 @@ FA_DEVICE void c_to_a(uint32_t (&af)[NB / 2][4], const float (&c)[NB][4]) {
 // Score modifications
 // ==========================================================================================================
 
+constexpr float kRegionMaskLog2 = -100.f * kLog2e;  // Swin's -100 between shift regions, in log2 units
+
+// Swin's shift regions along one axis of the shifted grid are timm's slices [0, len - win), [len - win, len - shift),
+// [len - shift, len) (a zero shift: one region).  The windows tile the axis, so all of them lie in the first region
+// except the last one, whose tokens split at in-window position win - shift.  Returns that split for the window at
+// `origin` (win, i.e. no split, for the others).
+FA_DEVICE int region_split(int origin, int len, int win, int shift) {
+  return origin + win == len && shift > 0 ? win - shift : win;
+}
+
 // Log2-domain score of (query m, key n) from the raw product x = q.k: -inf outside [0, Lq) x [0, Lk), above
 // the causal diagonal or where the bool mask is false; plus the float mask (natural-log units) otherwise.
-// `mask` points at the (b, h) slice of the mask.
-FA_DEVICE float modified_score(const AttnParams& p, const char* mask, float x, int m, int n) {
+// `mask` is what mask_slice returns for the (group, head).  Window layout: plus the relative-position bias
+// table[(dy + win_h - 1)(2 win_w - 1) + dx + win_w - 1, h] for the in-window offset (dy, dx) of query m from key n
+// (timm's relative_position_index), and -100 between tokens of different shift regions when shifted.
+FA_DEVICE float modified_score(const AttnParams& p, const Group& grp, const char* mask, float x, int m, int n) {
   const bool visible = m < p.Lq && n < p.Lk && (!p.causal || n <= m + p.causal_offset);
   if (!visible) return -INFINITY;
   float s = x * p.scale_log2;
-  if (p.mask_kind != kMaskNone) {
+  if (p.window) {
+    const int qy = m / p.win_w, qx = m - qy * p.win_w, ky = n / p.win_w, kx = n - ky * p.win_w;
+    if (mask != nullptr) {
+      const int row = (qy - ky + p.win_h - 1) * (2 * p.win_w - 1) + (qx - kx + p.win_w - 1);
+      s += reinterpret_cast<const float*>(mask)[row * p.Hq] * kLog2e;
+    }
+    if (p.shifted) {  // the regions of the window's tokens split at the in-window row y_split and column x_split
+      const int y_split = region_split(grp.y0, p.img_h, p.win_h, p.shift_h);
+      const int x_split = region_split(grp.x0, p.img_w, p.win_w, p.shift_w);
+      if ((qy >= y_split) != (ky >= y_split) || (qx >= x_split) != (kx >= x_split)) s += kRegionMaskLog2;
+    }
+  } else if (p.mask_kind != kMaskNone) {
     const int64_t off = static_cast<int64_t>(m) * p.mk_sm + static_cast<int64_t>(n) * p.mk_sn;
     if (p.mask_kind == kMaskBool) {
       if (reinterpret_cast<const uint8_t*>(mask)[off] == 0) s = -INFINITY;
@@ -270,16 +363,21 @@ FA_DEVICE float modified_score(const AttnParams& p, const char* mask, float x, i
   return s;
 }
 
-// Does the tile [m_lo, m_hi) x [n_lo, n_hi) need per-element work (bounds, causal diagonal, mask)?
+// Does the tile [m_lo, m_hi) x [n_lo, n_hi) need per-element work (bounds, causal diagonal, mask, bias table,
+// region mask)?
 FA_DEVICE bool tile_needs_mods(const AttnParams& p, int m_lo, int m_hi, int n_lo, int n_hi) {
   (void)n_lo;
-  return p.mask_kind != kMaskNone || m_hi > p.Lq || n_hi > p.Lk || (p.causal && n_hi - 1 > m_lo + p.causal_offset);
+  return p.mask_kind != kMaskNone || p.table != nullptr || p.shifted || m_hi > p.Lq || n_hi > p.Lk ||
+         (p.causal && n_hi - 1 > m_lo + p.causal_offset);
 }
 
-FA_DEVICE const char* mask_slice(const AttnParams& p, int b, int h) {
+// The (group, head) slice of the mask, or in the window layout the bias table's column of head h (elements
+// Hq apart); null without either.
+FA_DEVICE const char* mask_slice(const AttnParams& p, const Group& grp, int h) {
+  if (p.window) return p.table == nullptr ? nullptr : reinterpret_cast<const char*>(p.table + h);
   if (p.mask_kind == kMaskNone) return nullptr;
   const int elem = p.mask_kind == kMaskBool ? 1 : 4;
-  const int64_t offset = static_cast<int64_t>(b) * p.mk_sb + static_cast<int64_t>(h) * p.mk_sh;
+  const int64_t offset = static_cast<int64_t>(grp.b) * p.mk_sb + static_cast<int64_t>(h) * p.mk_sh;
   return static_cast<const char*>(p.mask) + offset * elem;
 }
 
@@ -345,13 +443,18 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
   T* sV = sK + 2 * BN * S;             // [2][BN][S]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int bh = b * p.Hq + h, hk = h / p.group;
+  const Group grp = cta_group(p);
+  const int m_block = blockIdx.x, h = blockIdx.y, b = grp.b;
+  const int bh = grp.z * p.Hq + h, hk = h / p.group;
   const int m0 = m_block * BM;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
   const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
-  const char* mask = mask_slice(p, b, h);
+  const char* mask = mask_slice(p, grp, h);
+  auto q_rows = [&](int m) { return row_offset(p, grp, p.q_sm, p.q_sx, m); };
+  auto k_rows = [&](int n) { return row_offset(p, grp, p.k_sm, p.k_sx, n); };
+  auto v_rows = [&](int n) { return row_offset(p, grp, p.v_sm, p.v_sx, n); };
+  auto o_rows = [&](int m) { return row_offset(p, grp, p.o_sm, p.o_sx, m); };
 
   // Keys any row of this block can see: the last valid row m sees n <= m + causal_offset.
   int n_end = p.Lk;
@@ -359,11 +462,11 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
   const int n_tiles = ceil_div(n_end, BN);
 
   // Pipeline prologue: Q (group 0), K/V tile 0 (group 1).
-  load_tile_async<T, BM, DT, NT>(sQ, qg, p.q_sm, m0, p.Lq, p.D, tid);
+  load_tile_async<T, BM, DT, NT>(sQ, qg, q_rows, m0, p.Lq, p.D, tid);
   cp_async_commit();
   if (n_tiles > 0) {
-    load_tile_async<T, BN, DT, NT>(sK, kg, p.k_sm, 0, p.Lk, p.D, tid);
-    load_tile_async<T, BN, DT, NT>(sV, vg, p.v_sm, 0, p.Lk, p.D, tid);
+    load_tile_async<T, BN, DT, NT>(sK, kg, k_rows, 0, p.Lk, p.D, tid);
+    load_tile_async<T, BN, DT, NT>(sV, vg, v_rows, 0, p.Lk, p.D, tid);
   }
   cp_async_commit();
 
@@ -387,8 +490,8 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
     // Prefetch tile j + 1 into the other buffer (freed by the __syncthreads at the end of iteration j - 1),
     // then wait for tile j (and Q): at most the group just committed stays in flight.
     if (j + 1 < n_tiles) {
-      load_tile_async<T, BN, DT, NT>(sK + (st ^ 1) * BN * S, kg, p.k_sm, (j + 1) * BN, p.Lk, p.D, tid);
-      load_tile_async<T, BN, DT, NT>(sV + (st ^ 1) * BN * S, vg, p.v_sm, (j + 1) * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sK + (st ^ 1) * BN * S, kg, k_rows, (j + 1) * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sV + (st ^ 1) * BN * S, vg, v_rows, (j + 1) * BN, p.Lk, p.D, tid);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -419,7 +522,7 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
         for (int nb = 0; nb < BN / 8; ++nb)
 #pragma unroll
           for (int i = 0; i < 4; ++i)
-            s[mt][nb][i] = modified_score(p, mask, s[mt][nb][i], m0 + warp_row0 + 16 * mt + g + 8 * (i / 2),
+            s[mt][nb][i] = modified_score(p, grp, mask, s[mt][nb][i], m0 + warp_row0 + 16 * mt + g + 8 * (i / 2),
                                           n0 + 8 * nb + 2 * t + (i % 2));
     } else {
 #pragma unroll
@@ -508,7 +611,7 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
   }
   __syncthreads();
   T* og = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
-  store_tile<T, BM, DT, NT>(og, p.o_sm, sQ, m0, p.Lq, p.D, tid);
+  store_tile<T, BM, DT, NT>(og, o_rows, sQ, m0, p.Lq, p.D, tid);
 }
 
 // ==========================================================================================================
@@ -522,14 +625,15 @@ constexpr int kDeltaRows = 16;
 template <typename T>
 __global__ void __launch_bounds__(128) attn_bwd_delta_kernel(const AttnParams p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int h = blockIdx.y, b = blockIdx.z, bh = b * p.Hq + h;
+  const Group grp = cta_group(p);
+  const int h = blockIdx.y, b = grp.b, bh = grp.z * p.Hq + h;
   const T* og = static_cast<const T*>(p.out) + b * p.o_sb + h * p.o_sh;
   const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
   for (int r = warp; r < kDeltaRows; r += 4) {
     const int m = blockIdx.x * kDeltaRows + r;
     if (m >= p.Lq) break;  // uniform across the warp
-    const T* o = og + static_cast<int64_t>(m) * p.o_sm;
-    const T* d = dog + static_cast<int64_t>(m) * p.do_sm;
+    const T* o = og + row_offset(p, grp, p.o_sm, p.o_sx, m);
+    const T* d = dog + row_offset(p, grp, p.do_sm, p.do_sx, m);
     float sum = 0.f;
     for (int c = 2 * lane; c < p.D; c += 64)
       sum += to_float(o[c]) * to_float(d[c]) + to_float(o[c + 1]) * to_float(d[c + 1]);
@@ -567,12 +671,19 @@ __global__ void __launch_bounds__(BwdKVTile<DT>::kThreads) attn_bwd_dkdv_kernel(
   float* sDelta = sLse2 + 2 * BM;                             // [2][BM]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const Group grp = cta_group(p);
+  const int n_block = blockIdx.x, hk = blockIdx.y, b = grp.b;
   const int n0 = n_block * BN;
   const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
-  load_tile_async<T, BN, DT, NT>(sK, kg, p.k_sm, n0, p.Lk, p.D, tid);
-  load_tile_async<T, BN, DT, NT>(sV, vg, p.v_sm, n0, p.Lk, p.D, tid);
+  auto q_rows = [&](int m) { return row_offset(p, grp, p.q_sm, p.q_sx, m); };
+  auto do_rows = [&](int m) { return row_offset(p, grp, p.do_sm, p.do_sx, m); };
+  auto k_rows = [&](int n) { return row_offset(p, grp, p.k_sm, p.k_sx, n); };
+  auto v_rows = [&](int n) { return row_offset(p, grp, p.v_sm, p.v_sx, n); };
+  auto dk_rows = [&](int n) { return row_offset(p, grp, p.dk_sm, p.dk_sx, n); };
+  auto dv_rows = [&](int n) { return row_offset(p, grp, p.dv_sm, p.dv_sx, n); };
+  load_tile_async<T, BN, DT, NT>(sK, kg, k_rows, n0, p.Lk, p.D, tid);
+  load_tile_async<T, BN, DT, NT>(sV, vg, v_rows, n0, p.Lk, p.D, tid);
   cp_async_commit();
 
   // Work items: (query head of the group, query tile).  Query m sees key n iff m >= n - causal_offset, so the
@@ -586,11 +697,11 @@ __global__ void __launch_bounds__(BwdKVTile<DT>::kThreads) attn_bwd_dkdv_kernel(
     const int hq = hk * p.group + item / mt_count, m0 = (mt_lo + item % mt_count) * BM;
     const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + hq * p.q_sh;
     const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + hq * p.do_sh;
-    load_tile_async<T, BM, DT, NT>(sQ + st * BM * S, qg, p.q_sm, m0, p.Lq, p.D, tid);
-    load_tile_async<T, BM, DT, NT>(sdO + st * BM * S, dog, p.do_sm, m0, p.Lq, p.D, tid);
+    load_tile_async<T, BM, DT, NT>(sQ + st * BM * S, qg, q_rows, m0, p.Lq, p.D, tid);
+    load_tile_async<T, BM, DT, NT>(sdO + st * BM * S, dog, do_rows, m0, p.Lq, p.D, tid);
     if (tid < BM) {  // plain stores: visible after the next __syncthreads
       const int m = m0 + tid;
-      const int64_t row = static_cast<int64_t>(b * p.Hq + hq) * p.Lq + m;
+      const int64_t row = static_cast<int64_t>(grp.z * p.Hq + hq) * p.Lq + m;
       sLse2[st * BM + tid] = m < p.Lq ? lse_log2(p.lse[row]) : INFINITY;
       sDelta[st * BM + tid] = m < p.Lq ? p.delta[row] : 0.f;
     }
@@ -616,8 +727,8 @@ __global__ void __launch_bounds__(BwdKVTile<DT>::kThreads) attn_bwd_dkdv_kernel(
     }
     __syncthreads();
     const int hq = hk * p.group + it / mt_count, m0 = (mt_lo + it % mt_count) * BM;
-    const int bh = b * p.Hq + hq;
-    const char* mask = mask_slice(p, b, hq);
+    const int bh = grp.z * p.Hq + hq;
+    const char* mask = mask_slice(p, grp, hq);
     const T* q_s = sQ + st * BM * S;
     const T* do_s = sdO + st * BM * S;
     const float* lse2_s = sLse2 + st * BM;
@@ -636,7 +747,7 @@ __global__ void __launch_bounds__(BwdKVTile<DT>::kThreads) attn_bwd_dkdv_kernel(
       for (int i = 0; i < 4; ++i) {
         const int ml = 8 * nb + 2 * t + (i % 2);
         const float x =
-            mods ? modified_score(p, mask, s[nb][i], m0 + ml, n_row + 8 * (i / 2)) : s[nb][i] * p.scale_log2;
+            mods ? modified_score(p, grp, mask, s[nb][i], m0 + ml, n_row + 8 * (i / 2)) : s[nb][i] * p.scale_log2;
         s[nb][i] = fast_exp2(x - lse2_s[ml]);  // P^T
       }
 
@@ -682,8 +793,8 @@ __global__ void __launch_bounds__(BwdKVTile<DT>::kThreads) attn_bwd_dkdv_kernel(
   __syncthreads();
   T* dkg = static_cast<T*>(p.dk) + b * p.dk_sb + hk * p.dk_sh;
   T* dvg = static_cast<T*>(p.dv) + b * p.dv_sb + hk * p.dv_sh;
-  store_tile<T, BN, DT, NT>(dkg, p.dk_sm, sK, n0, p.Lk, p.D, tid);
-  store_tile<T, BN, DT, NT>(dvg, p.dv_sm, sV, n0, p.Lk, p.D, tid);
+  store_tile<T, BN, DT, NT>(dkg, dk_rows, sK, n0, p.Lk, p.D, tid);
+  store_tile<T, BN, DT, NT>(dvg, dv_rows, sV, n0, p.Lk, p.D, tid);
 }
 
 template <int DT>
@@ -707,25 +818,31 @@ __global__ void __launch_bounds__(BwdQTile<DT>::kThreads) attn_bwd_dq_kernel(con
   T* sV = sK + 2 * BN * S;             // [2][BN][S]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int bh = b * p.Hq + h, hk = h / p.group;
+  const Group grp = cta_group(p);
+  const int m_block = blockIdx.x, h = blockIdx.y, b = grp.b;
+  const int bh = grp.z * p.Hq + h, hk = h / p.group;
   const int m0 = m_block * BM;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
   const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
   const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
-  const char* mask = mask_slice(p, b, h);
+  const char* mask = mask_slice(p, grp, h);
+  auto q_rows = [&](int m) { return row_offset(p, grp, p.q_sm, p.q_sx, m); };
+  auto do_rows = [&](int m) { return row_offset(p, grp, p.do_sm, p.do_sx, m); };
+  auto k_rows = [&](int n) { return row_offset(p, grp, p.k_sm, p.k_sx, n); };
+  auto v_rows = [&](int n) { return row_offset(p, grp, p.v_sm, p.v_sx, n); };
+  auto dq_rows = [&](int m) { return row_offset(p, grp, p.dq_sm, p.dq_sx, m); };
 
   int n_end = p.Lk;
   if (p.causal) n_end = imin(p.Lk, imax(0, imin(m0 + BM, p.Lq) + p.causal_offset));
   const int n_tiles = ceil_div(n_end, BN);
 
-  load_tile_async<T, BM, DT, NT>(sQ, qg, p.q_sm, m0, p.Lq, p.D, tid);
-  load_tile_async<T, BM, DT, NT>(sdO, dog, p.do_sm, m0, p.Lq, p.D, tid);
+  load_tile_async<T, BM, DT, NT>(sQ, qg, q_rows, m0, p.Lq, p.D, tid);
+  load_tile_async<T, BM, DT, NT>(sdO, dog, do_rows, m0, p.Lq, p.D, tid);
   cp_async_commit();
   if (n_tiles > 0) {
-    load_tile_async<T, BN, DT, NT>(sK, kg, p.k_sm, 0, p.Lk, p.D, tid);
-    load_tile_async<T, BN, DT, NT>(sV, vg, p.v_sm, 0, p.Lk, p.D, tid);
+    load_tile_async<T, BN, DT, NT>(sK, kg, k_rows, 0, p.Lk, p.D, tid);
+    load_tile_async<T, BN, DT, NT>(sV, vg, v_rows, 0, p.Lk, p.D, tid);
   }
   cp_async_commit();
 
@@ -745,8 +862,8 @@ __global__ void __launch_bounds__(BwdQTile<DT>::kThreads) attn_bwd_dq_kernel(con
   for (int j = 0; j < n_tiles; ++j) {
     const int st = j & 1;
     if (j + 1 < n_tiles) {
-      load_tile_async<T, BN, DT, NT>(sK + (st ^ 1) * BN * S, kg, p.k_sm, (j + 1) * BN, p.Lk, p.D, tid);
-      load_tile_async<T, BN, DT, NT>(sV + (st ^ 1) * BN * S, vg, p.v_sm, (j + 1) * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sK + (st ^ 1) * BN * S, kg, k_rows, (j + 1) * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sV + (st ^ 1) * BN * S, vg, v_rows, (j + 1) * BN, p.Lk, p.D, tid);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -767,7 +884,8 @@ __global__ void __launch_bounds__(BwdQTile<DT>::kThreads) attn_bwd_dq_kernel(con
     for (int nb = 0; nb < BN / 8; ++nb)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const float x = mods ? modified_score(p, mask, s[nb][i], m_row + 8 * (i / 2), n0 + 8 * nb + 2 * t + (i % 2))
+        const float x = mods ? modified_score(p, grp, mask, s[nb][i], m_row + 8 * (i / 2),
+                                              n0 + 8 * nb + 2 * t + (i % 2))
                              : s[nb][i] * p.scale_log2;
         s[nb][i] = fast_exp2(x - lse2[i / 2]);
       }
@@ -787,7 +905,7 @@ __global__ void __launch_bounds__(BwdQTile<DT>::kThreads) attn_bwd_dq_kernel(con
         const float d = (keep >> (4 * nb + i)) & 1u ? dp[nb][i] * (p.dropout ? p.drop_scale : 1.f) : 0.f;
         s[nb][i] = s[nb][i] * (d - delta[i / 2]);
       }
-    if (p.dmask != nullptr) {  // dS is the gradient of the additive mask (scores outside every tile stay 0)
+    if (p.dmask != nullptr) {  // dS is the gradient of the additive mask or bias (scores outside every tile stay 0)
 #pragma unroll
       for (int nb = 0; nb < BN / 8; ++nb)
 #pragma unroll
@@ -809,7 +927,7 @@ __global__ void __launch_bounds__(BwdQTile<DT>::kThreads) attn_bwd_dq_kernel(con
   frag_to_smem<T, DT / 8, S>(sQ + warp * 16 * S, dq, p.scale, p.scale, lane);
   __syncthreads();
   T* dqg = static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh;
-  store_tile<T, BM, DT, NT>(dqg, p.dq_sm, sQ, m0, p.Lq, p.D, tid);
+  store_tile<T, BM, DT, NT>(dqg, dq_rows, sQ, m0, p.Lq, p.D, tid);
 }
 
 constexpr size_t kSmemLimit = 99 * 1024;  // opt-in dynamic shared memory per block on sm_86 / sm_89
@@ -821,7 +939,7 @@ static_assert(BwdQTile<64>::smem_bytes<__half>() <= kSmemLimit, "dQ, DT 64");
 static_assert(BwdQTile<128>::smem_bytes<__half>() <= kSmemLimit, "dQ, DT 128");
 
 // ==========================================================================================================
-// Launchers (grids: x = row tiles, y = heads, z = batch)
+// Launchers (grids: x = row tiles, y = heads, z = batch or (batch, window) group)
 // ==========================================================================================================
 #ifdef FASTATTN_EMULATE
 using Stream = void*;
@@ -829,34 +947,41 @@ using Stream = void*;
 using Stream = cudaStream_t;
 #endif
 
+constexpr int kMaxGridZ = 65535;
+
+// Launches `kernel` on the grid (x, y, p.B), in launches of at most kMaxGridZ along z (p.z0: a launch's first z).
+template <typename Kernel>
+void launch_over_z(Kernel kernel, int grid_x, int grid_y, int threads, size_t smem_bytes, const AttnParams& p,
+                   Stream stream) {
+  for (int z0 = 0; z0 < p.B; z0 += kMaxGridZ) {
+    AttnParams chunk = p;
+    chunk.z0 = z0;
+    const dim3 grid(grid_x, grid_y, p.B - z0 < kMaxGridZ ? p.B - z0 : kMaxGridZ);
+    FA_LAUNCH(kernel, grid, threads, smem_bytes, stream, chunk);
+  }
+}
+
 template <typename T, int DT>
 void launch_fwd(const AttnParams& p, Stream stream) {
   using Tile = FwdTile<DT>;
   if (p.B == 0 || p.Hq == 0 || p.Lq == 0) return;
-  const dim3 grid(ceil_div(p.Lq, Tile::kBM), p.Hq, p.B);
-  auto kernel = attn_fwd_kernel<T, DT>;
-  FA_LAUNCH(kernel, grid, Tile::kThreads, Tile::template smem_bytes<T>(), stream, p);
+  launch_over_z(attn_fwd_kernel<T, DT>, ceil_div(p.Lq, Tile::kBM), p.Hq, Tile::kThreads,
+                Tile::template smem_bytes<T>(), p, stream);
 }
 
 template <typename T, int DT>
 void launch_bwd(const AttnParams& p, Stream stream) {
   if (p.B == 0 || p.Hq == 0) return;
-  if (p.Lq > 0) {
-    const dim3 grid(ceil_div(p.Lq, kDeltaRows), p.Hq, p.B);
-    auto kernel = attn_bwd_delta_kernel<T>;
-    FA_LAUNCH(kernel, grid, 128, 0, stream, p);
-  }
+  if (p.Lq > 0) launch_over_z(attn_bwd_delta_kernel<T>, ceil_div(p.Lq, kDeltaRows), p.Hq, 128, 0, p, stream);
   if (p.Lk > 0) {
     using Tile = BwdKVTile<DT>;
-    const dim3 grid(ceil_div(p.Lk, Tile::kBN), p.Hkv, p.B);
-    auto kernel = attn_bwd_dkdv_kernel<T, DT>;
-    FA_LAUNCH(kernel, grid, Tile::kThreads, Tile::template smem_bytes<T>(), stream, p);
+    launch_over_z(attn_bwd_dkdv_kernel<T, DT>, ceil_div(p.Lk, Tile::kBN), p.Hkv, Tile::kThreads,
+                  Tile::template smem_bytes<T>(), p, stream);
   }
   if (p.Lq > 0) {
     using Tile = BwdQTile<DT>;
-    const dim3 grid(ceil_div(p.Lq, Tile::kBM), p.Hq, p.B);
-    auto kernel = attn_bwd_dq_kernel<T, DT>;
-    FA_LAUNCH(kernel, grid, Tile::kThreads, Tile::template smem_bytes<T>(), stream, p);
+    launch_over_z(attn_bwd_dq_kernel<T, DT>, ceil_div(p.Lq, Tile::kBM), p.Hq, Tile::kThreads,
+                  Tile::template smem_bytes<T>(), p, stream);
   }
 }
 

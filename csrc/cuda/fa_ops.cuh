@@ -1,12 +1,13 @@
-// The fastattn::attention_fwd / attention_bwd operators on top of the kernels in fa_kernels.cuh: argument
-// checks (TORCH_CHECK naming the argument), output allocation, parameter set-up and dispatch over
-// dtype x padded head dim.  Device-agnostic except where marked, so that the same code also runs with the
-// host-emulated kernels (FASTATTN_EMULATE, CPU tensors; see fa_emulate_ops.cuh).
+// The fastattn::attention_fwd / attention_bwd and window_fwd / window_bwd operators on top of the kernels in
+// fa_kernels.cuh: argument checks (TORCH_CHECK naming the argument), output allocation, parameter set-up and
+// dispatch over dtype x padded head dim.  Device-agnostic except where marked, so that the same code also runs
+// with the host-emulated kernels (FASTATTN_EMULATE, CPU tensors; see fa_emulate_ops.cuh).
 //
 // Supported: float16 / bfloat16; head dims 8..128 in steps of 8 (Dv == Dqk), padded to 64 or 128; GQA/MQA;
 // causal top-left (1) / bottom-right (2); bool or float masks broadcastable to [B, Hq, Lq, Lk] (with the float
 // mask's gradient); dropout with the Philox stream of the Triton kernels; any (batch, head, row) strides of
-// q/k/v with a contiguous head dim.
+// q/k/v with a contiguous head dim.  Window ops: the same dtypes and head dims, any window / shift / unpadded
+// size, the bias table in any float dtype (read as float32; its gradient float32), any image strides.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -53,12 +54,12 @@ inline void check_device(const at::Tensor& q) {
 #endif
 }
 
-// The kernels copy 16-byte chunks with cp.async: the head dim must be contiguous and the other strides and the
-// data pointer 16-byte aligned.  Anything else (rare: odd views) is copied to a contiguous tensor.
+// The kernels copy 16-byte chunks with cp.async: the head dim (the last) must be contiguous and the other strides
+// and the data pointer 16-byte aligned.  Anything else (rare: odd views) is copied to a contiguous tensor.
 inline at::Tensor kernel_layout(const at::Tensor& t) {
-  const int64_t align = 16 / static_cast<int64_t>(t.element_size());
-  bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  for (int i = 0; i < 3; ++i)
+  const int64_t align = 16 / static_cast<int64_t>(t.element_size()), last = t.dim() - 1;
+  bool ok = t.stride(last) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t i = 0; i < last; ++i)
     if (t.size(i) > 1 && t.stride(i) % align != 0) ok = false;
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
@@ -69,6 +70,20 @@ inline void check_operand(const char* name, const at::Tensor& t, const at::Tenso
   TORCH_CHECK(t.device() == q.device(), name, ": expected a tensor on q's device ", q.device(), ", got ", t.device());
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, ": dtype ", t.scalar_type(), " differs from q's ",
               q.scalar_type());
+}
+
+// Checks seed / dropout_p (already range-checked) and fills the dropout parameters.
+inline void set_dropout(AttnParams& p, const std::optional<at::Tensor>& seed, double dropout_p) {
+  p.dropout = dropout_p > 0.0;
+  if (p.dropout) {
+    TORCH_CHECK(seed.has_value() && seed->defined(), "seed: required when dropout_p > 0");
+    TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong, "seed: expected one int64 element, got ",
+                seed->numel(), " of ", seed->scalar_type());
+    p.seed = static_cast<uint64_t>(seed->item<int64_t>());
+    // the reference's dropout_threshold: round(p * 2^24), ties to even like Python's round
+    p.drop_threshold = static_cast<uint32_t>(std::nearbyint(dropout_p * 16777216.0));
+    p.drop_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  }
 }
 
 struct Problem {
@@ -148,16 +163,7 @@ inline Problem prepare(AttnParams& p, const at::Tensor& q_in, const at::Tensor& 
     p.mask_kind = m.scalar_type() == at::kBool ? kMaskBool : kMaskFloat;
   }
 
-  p.dropout = dropout_p > 0.0;
-  if (p.dropout) {
-    TORCH_CHECK(seed.has_value() && seed->defined(), "seed: required when dropout_p > 0");
-    TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong, "seed: expected one int64 element, got ",
-                seed->numel(), " of ", seed->scalar_type());
-    p.seed = static_cast<uint64_t>(seed->item<int64_t>());
-    // the reference's dropout_threshold: round(p * 2^24), ties to even like Python's round
-    p.drop_threshold = static_cast<uint32_t>(std::nearbyint(dropout_p * 16777216.0));
-    p.drop_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
-  }
+  set_dropout(p, seed, dropout_p);
   return pr;
 }
 
@@ -263,6 +269,219 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   else
     dispatch_bwd_dtype<__nv_bfloat16>(p, stream);
   return {dq, dk, dv, dmask};
+}
+
+// ==========================================================================================================
+// Swin window attention: fastattn::window_fwd / window_bwd (schemas and contract: csrc/ops.cpp; the geometry is
+// documented with the CPU op, csrc/cpu/window_cpu.cpp).  The kernels above in their window layout
+// (AttnParams.window): a CTA's "batch" z is the group b * windows + w, the tensors stay images [B, H, W, heads, d]
+// read and written through the token -> pixel map (no roll or partition copies), the bias table and the region mask
+// are score modifications.  lse and Delta are [B * windows, heads, N] -- the dense [batch, heads, Lq] with batch =
+// groups -- and the dropout coordinate is that layout's head index, bh = (b * windows + w) * heads + h.
+// ==========================================================================================================
+
+struct WindowProblem {
+  at::Tensor q, k, v, table;  // kernel layouts; the table as float32, contiguous (undefined without one)
+  int64_t B, H, W, heads, D, wh, ww, windows, N;
+};
+
+inline void check_image(const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined() && t.dim() == 5, name, ": expected a 5-D tensor [B, H, W, heads, head_dim], got shape ",
+              t.defined() ? t.sizes() : at::IntArrayRef{});
+}
+
+// (batch, head, image row, image column) strides of an image [B, H, W, heads, d].
+inline void image_strides(const at::Tensor& t, int64_t& sb, int64_t& sh, int64_t& sm, int64_t& sx) {
+  sb = t.stride(0), sh = t.stride(3), sm = t.stride(1), sx = t.stride(2);
+}
+
+// Checks q/k/v/table/seed/geometry/scale/dropout_p (the CPU op's messages where they apply) and fills the kernel
+// parameters of the inputs.
+inline WindowProblem prepare_window(AttnParams& p, const at::Tensor& q_in, const at::Tensor& k_in,
+                                    const at::Tensor& v_in, const std::optional<at::Tensor>& table,
+                                    const std::optional<at::Tensor>& seed, at::IntArrayRef geometry, double scale,
+                                    double dropout_p) {
+  check_image("q", q_in);
+  check_device(q_in);
+  TORCH_CHECK(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16,
+              "q: the CUDA kernels take float16 or bfloat16, got ", q_in.scalar_type());
+  check_image("k", k_in);
+  check_image("v", v_in);
+  TORCH_CHECK(k_in.device() == q_in.device() && v_in.device() == q_in.device(), "k, v: expected tensors on q's device ",
+              q_in.device(), ", got ", k_in.device(), " and ", v_in.device());
+  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
+              "k, v: dtypes must match q's (", q_in.scalar_type(), "), got k ", k_in.scalar_type(), ", v ",
+              v_in.scalar_type());
+  TORCH_CHECK(k_in.sizes() == q_in.sizes(), "k: shape ", k_in.sizes(), " must equal q's ", q_in.sizes());
+  TORCH_CHECK(v_in.sizes().slice(0, 4) == q_in.sizes().slice(0, 4), "v: shape ", v_in.sizes(),
+              " must match q's [B, H, W, heads] (only its head dim may differ), got q ", q_in.sizes());
+  WindowProblem wp;
+  wp.B = q_in.size(0), wp.H = q_in.size(1), wp.W = q_in.size(2), wp.heads = q_in.size(3), wp.D = q_in.size(4);
+  TORCH_CHECK(v_in.size(4) == wp.D, "v: head dim ", v_in.size(4), " must equal q's (", wp.D,
+              "): the CUDA kernels need Dv == Dqk");
+  TORCH_CHECK(wp.D >= 8 && wp.D <= kMaxHeadDim && wp.D % 8 == 0, "q: head dim ", wp.D,
+              " is not supported by the CUDA kernels (multiples of 8 up to ", kMaxHeadDim, ")");
+  TORCH_CHECK(geometry.size() == 8, "geometry: expected [H, W, wh, ww, sh, sw, uh, uw] (8 ints), got ",
+              geometry.size(), " values");
+  const int64_t H = geometry[0], W = geometry[1], wh = geometry[2], ww = geometry[3], sh = geometry[4],
+                sw = geometry[5], uh = geometry[6], uw = geometry[7];
+  TORCH_CHECK(H == wp.H && W == wp.W, "geometry: image size (", H, ", ", W, ") must equal q's H, W (", wp.H, ", ",
+              wp.W, ")");
+  TORCH_CHECK(wh >= 1 && ww >= 1 && wh <= H && ww <= W, "geometry: window (", wh, ", ", ww,
+              ") must be positive and fit in the image (", H, ", ", W, ")");
+  TORCH_CHECK(H % wh == 0 && W % ww == 0, "q: image (", H, ", ", W, ") must be a multiple of the window (", wh, ", ",
+              ww, "); pad first");
+  TORCH_CHECK(sh >= 0 && sh < wh && sw >= 0 && sw < ww, "geometry: shift (", sh, ", ", sw,
+              ") must be in [0, window)");
+  TORCH_CHECK(uh >= 1 && uh <= H && uw >= 1 && uw <= W, "geometry: unpadded size (", uh, ", ", uw,
+              ") must be within the image (", H, ", ", W, ")");
+  wp.wh = wh, wp.ww = ww, wp.windows = (H / wh) * (W / ww), wp.N = wh * ww;
+  TORCH_CHECK(wp.heads <= 65535, "q: heads (", wp.heads, ") must be at most 65535 (a CUDA grid dimension)");
+  TORCH_CHECK(wp.B * H * W * wp.heads < (int64_t(1) << 31), "q: B * H * W * heads (", wp.B * H * W * wp.heads,
+              ") must be below 2^31 (int32 row indices)");
+  TORCH_CHECK(std::isfinite(scale), "scale: must be finite, got ", scale);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: must be in [0, 1), got ", dropout_p);
+  if (table.has_value() && table->defined()) {
+    const at::Tensor& tb = *table;
+    TORCH_CHECK(tb.device() == q_in.device(), "table: expected a tensor on q's device ", q_in.device(), ", got ",
+                tb.device());
+    TORCH_CHECK(at::isFloatingType(tb.scalar_type()), "table: expected a floating dtype, got ", tb.scalar_type());
+    TORCH_CHECK(tb.dim() == 2 && tb.size(0) == (2 * wh - 1) * (2 * ww - 1) && tb.size(1) == wp.heads,
+                "table: expected shape [(2*wh-1)*(2*ww-1), heads] = [", (2 * wh - 1) * (2 * ww - 1), ", ", wp.heads,
+                "], got ", tb.sizes());
+    wp.table = tb.to(at::kFloat).contiguous();
+  }
+
+  wp.q = kernel_layout(q_in);
+  wp.k = kernel_layout(k_in);
+  wp.v = kernel_layout(v_in);
+  p = AttnParams{};
+  p.q = wp.q.data_ptr();
+  p.k = wp.k.data_ptr();
+  p.v = wp.v.data_ptr();
+  image_strides(wp.q, p.q_sb, p.q_sh, p.q_sm, p.q_sx);
+  image_strides(wp.k, p.k_sb, p.k_sh, p.k_sm, p.k_sx);
+  image_strides(wp.v, p.v_sb, p.v_sh, p.v_sm, p.v_sx);
+  p.B = static_cast<int>(wp.B * wp.windows), p.Hq = p.Hkv = static_cast<int>(wp.heads), p.group = 1;
+  p.Lq = p.Lk = static_cast<int>(wp.N), p.D = static_cast<int>(wp.D);
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.mask_kind = kMaskNone;
+  set_dropout(p, seed, dropout_p);
+  p.window = 1;
+  p.windows = static_cast<int>(wp.windows), p.windows_w = static_cast<int>(W / ww);
+  p.win_h = static_cast<int>(wh), p.win_w = static_cast<int>(ww);
+  p.shift_h = static_cast<int>(sh), p.shift_w = static_cast<int>(sw);
+  p.roll_h = static_cast<int>(sh % uh), p.roll_w = static_cast<int>(sw % uw);
+  p.un_h = static_cast<int>(uh), p.un_w = static_cast<int>(uw);
+  p.img_h = static_cast<int>(H), p.img_w = static_cast<int>(W);
+  p.shifted = sh > 0 || sw > 0;
+  p.table = wp.table.defined() ? wp.table.data_ptr<float>() : nullptr;
+  return wp;
+}
+
+// dTable[r, h] = the sum over the groups and over the pairs (i, j) at table row r (timm's relative_position_index)
+// of dS[group, h, i, j].  A query i has at most one key j at a given offset, so the pairs of row r are a [rows, N]
+// gather from the group-summed dS, with index N * N (a zero column) where query i has no key at that offset: a
+// deterministic reduction (no atomics).
+inline at::Tensor table_gradient(const at::Tensor& dscores, int64_t wh, int64_t ww) {
+  const int64_t heads = dscores.size(1), N = wh * ww, rows = (2 * wh - 1) * (2 * ww - 1);
+  const at::Tensor summed = dscores.sum(0).view({heads, N * N});
+  const at::Tensor padded = at::cat({summed, at::zeros({heads, 1}, summed.options())}, 1);
+  const auto opts = dscores.options().dtype(at::kLong);
+  const at::Tensor r = at::arange(rows, opts).view({rows, 1}), i = at::arange(N, opts).view({1, N});
+  // row r is the offset query - key = (r / (2 ww - 1) - (wh - 1), r % (2 ww - 1) - (ww - 1))
+  const at::Tensor ky = at::div(i, ww, "floor") - (at::div(r, 2 * ww - 1, "floor") - (wh - 1));
+  const at::Tensor kx = at::remainder(i, ww) - (at::remainder(r, 2 * ww - 1) - (ww - 1));
+  const at::Tensor valid = (ky >= 0) & (ky < wh) & (kx >= 0) & (kx < ww);
+  const at::Tensor pair = at::where(valid, i * N + ky * ww + kx, N * N);  // [rows, N]
+  return padded.index_select(1, pair.view(-1)).view({heads, rows, N}).sum(2).t().contiguous();
+}
+
+// fastattn::window_fwd(q, k, v, table?, seed?, geometry, scale, dropout_p) -> (out, lse)
+inline std::tuple<at::Tensor, at::Tensor> window_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const std::optional<at::Tensor>& table,
+                                                     const std::optional<at::Tensor>& seed, at::IntArrayRef geometry,
+                                                     double scale, double dropout_p) {
+#ifndef FASTATTN_EMULATE
+  const c10::cuda::OptionalCUDAGuard guard(q.device());
+#endif
+  AttnParams p;
+  const WindowProblem wp = prepare_window(p, q, k, v, table, seed, geometry, scale, dropout_p);
+  at::Tensor out = at::empty({wp.B, wp.H, wp.W, wp.heads, wp.D}, q.options());
+  at::Tensor lse = at::empty({wp.B * wp.windows, wp.heads, wp.N}, q.options().dtype(at::kFloat));
+  fastattn::maybe_poison(out);
+  fastattn::maybe_poison(lse);
+  p.out = out.data_ptr();
+  image_strides(out, p.o_sb, p.o_sh, p.o_sm, p.o_sx);
+  p.lse = lse.data_ptr<float>();
+  const Stream stream = current_stream(q);
+  if (q.scalar_type() == at::kHalf)
+    dispatch_fwd_dtype<__half>(p, stream);
+  else
+    dispatch_fwd_dtype<__nv_bfloat16>(p, stream);
+  return {out, lse};
+}
+
+// fastattn::window_bwd(q, k, v, table?, seed?, out, lse, dout, geometry, scale, dropout_p, table_needs_grad)
+//     -> (dq, dk, dv, dtable)
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_bwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& table,
+    const std::optional<at::Tensor>& seed, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const at::Tensor& dout_in, at::IntArrayRef geometry, double scale, double dropout_p, bool table_needs_grad) {
+#ifndef FASTATTN_EMULATE
+  const c10::cuda::OptionalCUDAGuard guard(q.device());
+#endif
+  AttnParams p;
+  const WindowProblem wp = prepare_window(p, q, k, v, table, seed, geometry, scale, dropout_p);
+  auto check_like_out = [&](const char* name, const at::Tensor& t) {
+    check_image(name, t);
+    TORCH_CHECK(t.sizes() == v.sizes() && t.scalar_type() == q.scalar_type() && t.device() == q.device(), name,
+                ": expected shape ", v.sizes(), " and dtype ", q.scalar_type(), " on ", q.device(), ", got ",
+                t.sizes(), " ", t.scalar_type(), " on ", t.device());
+  };
+  check_like_out("out", out_in);
+  check_like_out("dout", dout_in);
+  const int64_t groups = wp.B * wp.windows;
+  TORCH_CHECK(lse_in.defined() && lse_in.scalar_type() == at::kFloat && lse_in.device() == q.device() &&
+                  lse_in.sizes() == at::IntArrayRef({groups, wp.heads, wp.N}),
+              "lse: expected a float32 tensor on ", q.device(), " of shape [B * windows, heads, N] = [", groups, ", ",
+              wp.heads, ", ", wp.N, "], got ", lse_in.defined() ? lse_in.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(!table_needs_grad || wp.table.defined(), "table_needs_grad: True needs a table");
+  at::Tensor out = kernel_layout(out_in), dout = kernel_layout(dout_in), lse = lse_in.contiguous();
+
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), q.options()),
+             dv = at::empty(v.sizes(), q.options());
+  fastattn::maybe_poison(dq);
+  fastattn::maybe_poison(dk);
+  fastattn::maybe_poison(dv);
+  at::Tensor delta = at::empty({groups, wp.heads, wp.N}, q.options().dtype(at::kFloat));
+  at::Tensor dscores;  // dS per group and head, when the table needs its gradient (every element is written)
+  if (table_needs_grad) {
+    dscores = at::empty({groups, wp.heads, wp.N, wp.N}, q.options().dtype(at::kFloat));
+    fastattn::maybe_poison(dscores);
+  }
+  p.out = out.data_ptr();
+  image_strides(out, p.o_sb, p.o_sh, p.o_sm, p.o_sx);
+  p.dout = dout.data_ptr();
+  image_strides(dout, p.do_sb, p.do_sh, p.do_sm, p.do_sx);
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  image_strides(dq, p.dq_sb, p.dq_sh, p.dq_sm, p.dq_sx);
+  p.dk = dk.data_ptr();
+  image_strides(dk, p.dk_sb, p.dk_sh, p.dk_sm, p.dk_sx);
+  p.dv = dv.data_ptr();
+  image_strides(dv, p.dv_sb, p.dv_sh, p.dv_sm, p.dv_sx);
+  p.dmask = table_needs_grad ? dscores.data_ptr<float>() : nullptr;
+  const Stream stream = current_stream(q);
+  if (q.scalar_type() == at::kHalf)
+    dispatch_bwd_dtype<__half>(p, stream);
+  else
+    dispatch_bwd_dtype<__nv_bfloat16>(p, stream);
+  const at::Tensor dtable =
+      table_needs_grad ? table_gradient(dscores, wp.wh, wp.ww) : at::empty({0}, q.options().dtype(at::kFloat));
+  return {dq, dk, dv, dtable};
 }
 
 }  // namespace fastattn_cuda
