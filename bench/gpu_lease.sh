@@ -36,11 +36,11 @@ PYEOF
 } 2>&1 | tee "$OUT/env.txt"
 
 stamp "stage 1: build (background) + Triton GPU tests"
-( FASTATTN_CUDA_ARCHS=9.0 MAX_JOBS=16 timeout 300 $PY -m pip install --no-deps --no-build-isolation -e . \
+( FASTATTN_CUDA_ARCHS=9.0 MAX_JOBS=16 timeout 240 $PY -m pip install --no-deps --no-build-isolation -e . \
     > "$OUT/build.log" 2>&1; echo "build exit $?" >> "$OUT/build.log" ) &
 BUILD=$!
 # FASTATTN_NO_JIT: no test process may start a JIT build of its own while the real build runs
-FASTATTN_NO_JIT=1 timeout 240 $PY -m pytest -q -ra -n 8 --timeout 120 -p no:cacheprovider \
+FASTATTN_NO_JIT=1 timeout 210 $PY -m pytest -q -ra -n 8 --timeout 120 -p no:cacheprovider \
   tests/test_attention.py tests/test_window_fused.py tests/test_cross_attention.py tests/test_spacetime.py \
   -k "cuda or gpu" > "$OUT/tests.log" 2>&1
 stamp "triton tests exit $?"; tail -4 "$OUT/tests.log"
@@ -51,23 +51,23 @@ $PY -c "import fastattn._C, torch; print('fastattn._C', fastattn._C.__file__); p
 
 stamp "stage 2: CUDA C++ GPU tests"
 { echo "=== CUDA C++ kernels"; } >> "$OUT/tests.log"
-FASTATTN_NO_JIT=1 timeout 150 $PY -m pytest -q -ra -n 4 --timeout 120 -p no:cacheprovider \
+FASTATTN_NO_JIT=1 timeout 100 $PY -m pytest -q -ra -n 4 --timeout 120 -p no:cacheprovider \
   tests/test_cuda_backend.py tests/test_cuda_window.py tests/test_api.py tests/test_multihead_attention.py \
   -k "(cuda or gpu) and not emulated" >> "$OUT/tests.log" 2>&1
 stamp "cuda tests exit $?"; tail -4 "$OUT/tests.log"
 
 stamp "stage 3: bench.run"
-FASTATTN_NO_JIT=1 timeout 200 $PY -m bench.run --dtypes bf16 --seqlens 1024,4096,16384 --head-dims 64,128 \
+FASTATTN_NO_JIT=1 timeout 140 $PY -m bench.run --dtypes bf16 --seqlens 1024,4096,16384 --head-dims 64,128 \
   --backends triton,cuda,torch-flash,torch-cudnn --out-dir "$OUT" > "$OUT/bench.log" 2>&1
 stamp "bench.run exit $?"
 
 stamp "stage 4: bench.ops"
-FASTATTN_NO_JIT=1 timeout 120 $PY -m bench.ops --dtypes bf16 --impls fastattn,fastattn-cuda,eager --out-dir "$OUT" \
+FASTATTN_NO_JIT=1 timeout 75 $PY -m bench.ops --dtypes bf16 --impls fastattn,fastattn-cuda,eager --out-dir "$OUT" \
   > "$OUT/ops.log" 2>&1
 stamp "bench.ops exit $?"
 
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -6
 grep -E "^FAILED|^ERROR" "$OUT/tests.log" | head -30
-cat "$OUT/bench.log" | cut -c1-150 | tail -80
-cat "$OUT/ops.log" | cut -c1-150 | tail -50
+grep -E " fwd " "$OUT/bench.log" | grep -E "triton|cuda|torch-flash|torch-cudnn" | cut -c1-140 | head -60
+grep -E "fastattn|composite" "$OUT/ops.log" | cut -c1-140 | head -40
 stamp done
