@@ -28,7 +28,7 @@
 // shifts consecutive rows by 4 banks, so the 8 row addresses of every ldmatrix phase hit 8 distinct 16-byte
 // bank groups (conflict-free) without a swizzle.  Head dims below DT are zero-filled on load.
 //   forward:  CTA = 128 queries of one (b, h): 4 warps x 32 rows (DT 64) or 8 warps x 16 rows (DT 128); K/V
-//             tiles of 32 keys, double-buffered through cp.async; Q fragments stay in registers; online
+//             tiles of 32 keys, 3 stages deep through cp.async; Q fragments stay in registers; online
 //             softmax in registers.
 //   dK/dV:    CTA = 64 keys of one (b, kv head), 4 warps x 16 keys; loops over the query tiles (64 rows for
 //             DT 64, 32 for DT 128) of every query head of the group, Q/dO/LSE/Delta double-buffered;
@@ -37,7 +37,7 @@
 //   dQ:       CTA = 64 queries of one (b, h), 4 warps x 16 rows; K/V tiles (64 keys, 32 for DT 128)
 //             double-buffered; also writes dS (the float mask's or the bias table's gradient) when asked.
 // Shared memory per CTA stays under 99 KiB (the opt-in limit of sm_86/sm_89; sm_80 and sm_90 allow more):
-// forward 36 KiB (DT 64) / 68 KiB (DT 128), dK/dV 55 / 68.5 KiB, dQ 54 / 68 KiB (static_asserts below; the window
+// forward 45 KiB (DT 64) / 85 KiB (DT 128) with 3 K/V stages, dK/dV 55 / 68.5 KiB, dQ 54 / 68 KiB (static_asserts below; the window
 // layout adds none).  Registers, no spills (sm_80 / sm_90): forward 222 / 218 (DT 64), 204 / 207 (DT 128); dK/dV
 // 219 / 226, 230 / 229; dQ 166 / 166, 157 / 158; Delta 32 -- as many CTAs per SM as before the window layout.  dQ
 // DT 64 sits just under 168, the most for 3 CTAs of 128 threads: a version needing more made ptxas spill instead.
@@ -400,6 +400,11 @@ FA_DEVICE uint32_t dropout_keep_bits(const AttnParams& p, int bh, RowFn row, Col
 // ==========================================================================================================
 // Forward
 // ==========================================================================================================
+#ifndef FASTATTN_FWD_STAGES
+#define FASTATTN_FWD_STAGES 3
+#endif
+static_assert(FASTATTN_FWD_STAGES >= 2, "FASTATTN_FWD_STAGES: at least double buffering");
+
 template <int DT>
 struct FwdTile {
   // DT 64: 4 warps x 32 rows (two 16-row m-tiles share every K/V fragment: half the ldmatrix traffic per MMA);
@@ -408,9 +413,13 @@ struct FwdTile {
   static constexpr int kWarps = DT <= 64 ? 4 : 8, kThreads = 32 * kWarps;
   static constexpr int kBM = 16 * kMT * kWarps;   // queries per CTA (128)
   static constexpr int kBN = 32;                 // keys per K/V tile
+  // K/V tiles in shared memory: tile j + kStages - 1 is fetched while tile j is used.  A CTA's tile is little
+  // work (128 x 32 x DT), less than one HBM round trip, so with one tile in flight (2 stages) the SM waited on
+  // memory (bench/NOTES.md, entry 7).
+  static constexpr int kStages = FASTATTN_FWD_STAGES;
   static constexpr int kStride = DT + 8;
   template <typename T>
-  static constexpr size_t smem_bytes() { return size_t(kBM + 4 * kBN) * kStride * sizeof(T); }  // Q, 2 x (K, V)
+  static constexpr size_t smem_bytes() { return size_t(kBM + 2 * kStages * kBN) * kStride * sizeof(T); }  // Q, K, V
 };
 
 // c[mt] += A[mt] * B for MT 16-row A tiles held in registers: each B fragment pair is loaded once for all of them.
@@ -436,11 +445,11 @@ template <typename T, int DT>
 __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const AttnParams p) {
   using Tile = FwdTile<DT>;
   constexpr int MT = Tile::kMT, BM = Tile::kBM, BN = Tile::kBN, S = Tile::kStride, NT = Tile::kThreads;
-  constexpr int KS = DT / 16;
+  constexpr int KS = DT / 16, STAGES = Tile::kStages;
   FA_SHARED_MEMORY(smem);
   T* sQ = reinterpret_cast<T*>(smem);  // [BM][S]; reused to stage the output
-  T* sK = sQ + BM * S;                 // [2][BN][S]
-  T* sV = sK + 2 * BN * S;             // [2][BN][S]
+  T* sK = sQ + BM * S;                 // [STAGES][BN][S]
+  T* sV = sK + STAGES * BN * S;        // [STAGES][BN][S]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const Group grp = cta_group(p);
@@ -461,14 +470,18 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
   if (p.causal) n_end = imin(p.Lk, imax(0, imin(m0 + BM, p.Lq) + p.causal_offset));
   const int n_tiles = ceil_div(n_end, BN);
 
-  // Pipeline prologue: Q (group 0), K/V tile 0 (group 1).
+  // Pipeline prologue: Q (group 0), K/V tiles 0 .. STAGES - 2 (groups 1 .. STAGES - 1).  Every stage commits a
+  // group, empty past the last tile, so that "tile j has landed" is always "at most STAGES - 1 groups pending".
   load_tile_async<T, BM, DT, NT>(sQ, qg, q_rows, m0, p.Lq, p.D, tid);
   cp_async_commit();
-  if (n_tiles > 0) {
-    load_tile_async<T, BN, DT, NT>(sK, kg, k_rows, 0, p.Lk, p.D, tid);
-    load_tile_async<T, BN, DT, NT>(sV, vg, v_rows, 0, p.Lk, p.D, tid);
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < n_tiles) {
+      load_tile_async<T, BN, DT, NT>(sK + st * BN * S, kg, k_rows, st * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sV + st * BN * S, vg, v_rows, st * BN, p.Lk, p.D, tid);
+    }
+    cp_async_commit();
   }
-  cp_async_commit();
 
   // This warp owns rows [warp_row0, warp_row0 + 16 MT) of the block: m-tile mt holds rows 16 mt + g and
   // 16 mt + g + 8 in this lane (index r = 0, 1 below).
@@ -486,17 +499,17 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
   uint32_t qf[MT][KS][4];  // Q fragments, loaded once
 
   for (int j = 0; j < n_tiles; ++j) {
-    const int st = j & 1;
-    // Prefetch tile j + 1 into the other buffer (freed by the __syncthreads at the end of iteration j - 1),
-    // then wait for tile j (and Q): at most the group just committed stays in flight.
-    if (j + 1 < n_tiles) {
-      load_tile_async<T, BN, DT, NT>(sK + (st ^ 1) * BN * S, kg, k_rows, (j + 1) * BN, p.Lk, p.D, tid);
-      load_tile_async<T, BN, DT, NT>(sV + (st ^ 1) * BN * S, vg, v_rows, (j + 1) * BN, p.Lk, p.D, tid);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
+    const int st = j % STAGES;
+    // Prefetch tile j + STAGES - 1 into the buffer tile j - 1 used (freed by the __syncthreads at the end of
+    // iteration j - 1), then wait for tile j (and Q): the STAGES - 1 newer groups may stay in flight.
+    const int ahead = j + STAGES - 1;
+    if (ahead < n_tiles) {
+      const int sa = ahead % STAGES;
+      load_tile_async<T, BN, DT, NT>(sK + sa * BN * S, kg, k_rows, ahead * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sV + sa * BN * S, vg, v_rows, ahead * BN, p.Lk, p.D, tid);
     }
+    cp_async_commit();
+    cp_async_wait<STAGES - 1>();
     __syncthreads();
     if (j == 0) {
 #pragma unroll

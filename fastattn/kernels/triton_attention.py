@@ -734,11 +734,18 @@ def _attn_bwd_dq(
 # ===========================================================================================================
 # Launchers
 # ===========================================================================================================
-def _mask_args(mask: Optional[torch.Tensor], shape):
+def _mask_args(mask: Optional[torch.Tensor], shape, dtype: torch.dtype):
     """(tensor, 4 strides, kind) for the kernels.  The mask is expanded to [B, Hq, Lq, Lk] as a view (stride 0
-    on broadcast dimensions: nothing is materialised); a bool mask is read as bytes."""
+    on broadcast dimensions: nothing is materialised); a bool mask is read as bytes.
+
+    Except for float64 inputs: Triton (3.6, sm_80/sm_90) sizes a dot operand's register layout by the narrowest
+    load the operand depends on, and P depends on the mask's 8-bit load -- a layout its fp64 MMA lowering rejects
+    ("fp64 don't support largeK MMA", a compiler assertion).  So a bool mask becomes the equivalent additive
+    float64 mask (0 / -inf) at its own, unexpanded shape."""
     if mask is None:
         return None, (0, 0, 0, 0), MASK_NONE
+    if mask.dtype == torch.bool and dtype == torch.float64:
+        mask = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device).masked_fill_(~mask, float("-inf"))
     m = mask.expand(shape)
     if m.dtype == torch.bool:
         return m.view(torch.uint8), m.stride(), MASK_BOOL
@@ -895,7 +902,7 @@ def attention_forward(q, k, v, mask, causal: str, scale: float, dropout_p: float
     lse = torch.empty((B * groups, Hq, Lq), dtype=_stats_dtype(q.dtype), device=q.device)
     if _poison_outputs():
         lse.fill_(float("nan"))
-    mask_t, mask_strides, mask_kind = _mask_args(mask, (B, Hq, Lq, Lk))
+    mask_t, mask_strides, mask_kind = _mask_args(mask, (B, Hq, Lq, Lk), q.dtype)
     seed_i, threshold, drop_scale = _dropout_args(dropout_p, seed)
     _, cfg, splits = forward_plan(q, k, v, window)
     keys_per_split = triton.cdiv(triton.cdiv(Lk, splits), cfg.block_n) * cfg.block_n
@@ -937,7 +944,7 @@ def attention_backward(q, k, v, mask, causal: str, scale: float, dropout_p: floa
     to the float mask's shape or to the bias table."""
     B, Hq, Hkv, Lq, Lk, Dqk, Dv, groups = _problem_dims(q, k, v, window)
     group = Hq // Hkv
-    mask_t, mask_strides, mask_kind = _mask_args(mask, (B, Hq, Lq, Lk))
+    mask_t, mask_strides, mask_kind = _mask_args(mask, (B, Hq, Lq, Lk), q.dtype)
     seed_i, threshold, drop_scale = _dropout_args(dropout_p, seed)
     causal_offset = _causal_offset(causal, Lq, Lk)
     block_dqk, block_dv = padded_head_dim(Dqk), padded_head_dim(Dv)
