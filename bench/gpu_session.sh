@@ -29,7 +29,12 @@ PY=python3
 } | tee "$OUT/env.txt"
 
 if [ "$mode" != lease ]; then  # lease builds the extension itself, overlapped with the Triton tests
-  $PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  # the extension in place (pip's editable install wants setuptools from the network, which the GPU image lacks)
+  FASTATTN_CUDA_ARCHS=${FASTATTN_CUDA_ARCHS:-9.0} $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+    || echo "extension build failed: see $OUT/build.log"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  # fastattn.models is the top-level models/ (setup.py's package_dir); without an install, a link stands in
+  [ -e fastattn/models ] || ln -s ../models fastattn/models
 fi
 
 case "$mode" in

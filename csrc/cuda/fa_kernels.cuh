@@ -28,7 +28,7 @@
 // shifts consecutive rows by 4 banks, so the 8 row addresses of every ldmatrix phase hit 8 distinct 16-byte
 // bank groups (conflict-free) without a swizzle.  Head dims below DT are zero-filled on load.
 //   forward:  CTA = 128 queries of one (b, h): 4 warps x 32 rows (DT 64) or 8 warps x 16 rows (DT 128); K/V
-//             tiles of 32 keys, 3 stages deep through cp.async; Q fragments stay in registers; online
+//             tiles of 32 keys, double-buffered through cp.async; Q fragments stay in registers; online
 //             softmax in registers.
 //   dK/dV:    CTA = 64 keys of one (b, kv head), 4 warps x 16 keys; loops over the query tiles (64 rows for
 //             DT 64, 32 for DT 128) of every query head of the group, Q/dO/LSE/Delta double-buffered;
@@ -37,7 +37,7 @@
 //   dQ:       CTA = 64 queries of one (b, h), 4 warps x 16 rows; K/V tiles (64 keys, 32 for DT 128)
 //             double-buffered; also writes dS (the float mask's or the bias table's gradient) when asked.
 // Shared memory per CTA stays under 99 KiB (the opt-in limit of sm_86/sm_89; sm_80 and sm_90 allow more):
-// forward 45 KiB (DT 64) / 85 KiB (DT 128) with 3 K/V stages, dK/dV 55 / 68.5 KiB, dQ 54 / 68 KiB (static_asserts below; the window
+// forward 36 KiB (DT 64) / 68 KiB (DT 128) with 2 K/V stages, dK/dV 55 / 68.5 KiB, dQ 54 / 68 KiB (static_asserts below; the window
 // layout adds none).  Registers, no spills (sm_80 / sm_90): forward 222 / 218 (DT 64), 204 / 207 (DT 128); dK/dV
 // 219 / 226, 230 / 229; dQ 166 / 166, 157 / 158; Delta 32 -- as many CTAs per SM as before the window layout.  dQ
 // DT 64 sits just under 168, the most for 3 CTAs of 128 threads: a version needing more made ptxas spill instead.
@@ -401,7 +401,7 @@ FA_DEVICE uint32_t dropout_keep_bits(const AttnParams& p, int bh, RowFn row, Col
 // Forward
 // ==========================================================================================================
 #ifndef FASTATTN_FWD_STAGES
-#define FASTATTN_FWD_STAGES 3
+#define FASTATTN_FWD_STAGES 2
 #endif
 static_assert(FASTATTN_FWD_STAGES >= 2, "FASTATTN_FWD_STAGES: at least double buffering");
 
@@ -413,9 +413,9 @@ struct FwdTile {
   static constexpr int kWarps = DT <= 64 ? 4 : 8, kThreads = 32 * kWarps;
   static constexpr int kBM = 16 * kMT * kWarps;   // queries per CTA (128)
   static constexpr int kBN = 32;                 // keys per K/V tile
-  // K/V tiles in shared memory: tile j + kStages - 1 is fetched while tile j is used.  A CTA's tile is little
-  // work (128 x 32 x DT), less than one HBM round trip, so with one tile in flight (2 stages) the SM waited on
-  // memory (bench/NOTES.md, entry 7).
+  // K/V tiles in shared memory: tile j + kStages - 1 is fetched while tile j is used.  Measured on an H200
+  // (bench/NOTES.md, entry 8): 3 stages ran 2-3 % slower than 2 at every shape -- the forward is not waiting on
+  // its loads -- so the default stays double buffering (4 stages exceed the 99 KiB limit at DT 128).
   static constexpr int kStages = FASTATTN_FWD_STAGES;
   static constexpr int kStride = DT + 8;
   template <typename T>

@@ -1,6 +1,6 @@
 """The `cuda` backend: FlashAttention-2 CUDA C++ kernels on tensor cores (csrc/cuda/, through fastattn._C).
 
-Forward: one CTA per 128 queries of a (batch, head), 32-key K/V tiles three stages deep through shared memory with
+Forward: one CTA per 128 queries of a (batch, head), 32-key K/V tiles double-buffered through shared memory with
 cp.async, S = Q K^T and O += P V on mma.sync m16n8k16 (fp16/bf16 in, fp32 accumulators), the online softmax in
 registers (exp2 with log2(e) folded into the scale), the row log-sum-exp saved.  Backward: Delta =
 rowsum(dO * O) - dLSE, then a dK/dV kernel per key tile looping over the query tiles of every query head of its
