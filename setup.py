@@ -13,6 +13,7 @@ Environment:
   FASTATTN_SKIP_CUDA=1  build the CPU kernels only
   FASTATTN_SKIP_EXT=1   no extension at all (fastattn then JIT-builds it on first use, see fastattn/_ext.py)
   MAX_JOBS              parallel compile jobs (ninja)
+  FASTATTN_NVCC_FLAGS   extra nvcc flags, e.g. "-DFASTATTN_FWD_BN_D128=64" (kernel variants for an A/B run)
 
 `pip install --no-deps --no-build-isolation -e .` (the Makefile) builds the extension in place, next to
 fastattn/__init__.py.  Without torch importable at build time (an isolated build), the extension is skipped with
@@ -114,7 +115,8 @@ def _extensions():
         extra = ["-DFASTATTN_WITH_CUDA"] + _cuda_library_header_flags(cpp_extension.CUDA_HOME)
         kwargs["extra_compile_args"]["cxx"] = cxx + extra
         kwargs["extra_compile_args"]["nvcc"] = (["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + extra
-                                                + _cuda_arch_flags(archs))
+                                                + _cuda_arch_flags(archs)
+                                                + os.environ.get("FASTATTN_NVCC_FLAGS", "").split())
         ext = cpp_extension.CUDAExtension("fastattn._C", sources + cuda_sources, **kwargs)
     else:
         ext = cpp_extension.CppExtension("fastattn._C", sources, **kwargs)

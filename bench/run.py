@@ -37,6 +37,7 @@ Columns of the printed table (one row per shape x dtype x causal x mode x backen
 Shapes.  GPU: the FlashAttention-2 benchmark convention -- 16k tokens per batch (B = 16384 // L) and a model
 width of 2048 (H = 2048 // D): D in {64, 128}, L in {1k, 2k, 4k, 8k, 16k}, bf16 and fp16.  CPU: fp32, D = 64,
 B = 2, H = 8, L in {256, 512, 1024}.  --quick: GPU bf16 at L in {1k, 4k}; CPU B = 1, H = 4, L in {128, 256, 512}.
+--seqlens / --head-dims pick others (on CPU at B = 1, H = 4).
 The naive backends (reference, torch-math) are not timed when a float32 score matrix B*H*L*L*4 bytes exceeds
 --naive-max-gib (default 4 GiB; their forward+backward holds several such matrices): those rows say "n/a".
 
@@ -114,10 +115,14 @@ def gpu_shapes(quick: bool, seqlens: Optional[Sequence[int]] = None,
     return [Shape(max(1, 16384 // L), max(1, 2048 // D), L, D) for D in (head_dims or (64, 128)) for L in seqlens]
 
 
-def cpu_shapes(quick: bool) -> List[Shape]:
+def cpu_shapes(quick: bool, seqlens: Optional[Sequence[int]] = None,
+               head_dims: Optional[Sequence[int]] = None) -> List[Shape]:
+    """B = 2, H = 8 (B = 1, H = 4 with --quick or for explicit --seqlens, which are usually long ones)."""
+    if seqlens:
+        return [Shape(1, 4, L, D) for D in (head_dims or (64,)) for L in seqlens]
     if quick:
-        return [Shape(1, 4, L, 64) for L in (128, 256, 512)]
-    return [Shape(2, 8, L, 64) for L in (256, 512, 1024)]
+        return [Shape(1, 4, L, D) for D in (head_dims or (64,)) for L in (128, 256, 512)]
+    return [Shape(2, 8, L, D) for D in (head_dims or (64,)) for L in (256, 512, 1024)]
 
 
 def attention_flops(shape: Shape, causal: bool, mode: str) -> float:
@@ -555,9 +560,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="do not time the naive reference above this size of float32 scores (default 4)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    ap.add_argument("--seqlens", default=None, help="GPU only: comma-separated sequence lengths (default "
-                                                    "1024,2048,4096,8192,16384; --quick 1024,4096)")
-    ap.add_argument("--head-dims", default=None, help="GPU only: comma-separated head dims (default 64,128)")
+    ap.add_argument("--seqlens", default=None, help="comma-separated sequence lengths (GPU default "
+                                                    "1024,2048,4096,8192,16384, --quick 1024,4096; CPU default "
+                                                    "256,512,1024 at B=2 H=8; given on CPU: B=1 H=4)")
+    ap.add_argument("--head-dims", default=None, help="comma-separated head dims (default 64,128 on GPU, 64 on CPU)")
     return ap.parse_args(argv)
 
 
@@ -598,8 +604,8 @@ def parse_dtypes(spec: Optional[str], device: torch.device, quick: bool) -> List
 def run_all(args, device: torch.device, env: Dict[str, object]) -> List[Row]:
     dtypes = parse_dtypes(args.dtypes, device, args.quick)
     backends = selected_backends(device, args.backends)
-    shapes = (gpu_shapes(args.quick, _int_list(args.seqlens, "--seqlens"), _int_list(args.head_dims, "--head-dims"))
-              if device.type == "cuda" else cpu_shapes(args.quick))
+    make_shapes = gpu_shapes if device.type == "cuda" else cpu_shapes
+    shapes = make_shapes(args.quick, _int_list(args.seqlens, "--seqlens"), _int_list(args.head_dims, "--head-dims"))
     env["config"] = {"quick": args.quick, "dtypes": [SHORT_DTYPE[d] for d in dtypes], "backends": backends,
                      "shapes": [str(s) for s in shapes], "naive_max_gib": args.naive_max_gib,
                      "timer": "triton.testing.do_bench median" if device.type == "cuda"

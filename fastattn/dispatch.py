@@ -74,19 +74,25 @@ def _allowed(backend_arg) -> Tuple[Optional[Tuple[str, ...]], str]:
     return None, ""
 
 
+def _order(p: AttentionProblem, backend_arg=None) -> Tuple[Tuple[str, ...], str]:
+    allowed, source = _allowed(backend_arg)
+    return (allowed if allowed is not None else _PRIORITY.get(p.device.type, _DEFAULT_PRIORITY)), source
+
+
 def candidates(p: AttentionProblem, backend_arg=None) -> Tuple[List[Tuple[str, List[str]]], str]:
     """[(name, reasons)] in the order dispatch tries them, and who restricted the choice (or '')."""
-    allowed, source = _allowed(backend_arg)
-    order = allowed if allowed is not None else _PRIORITY.get(p.device.type, _DEFAULT_PRIORITY)
+    order, source = _order(p, backend_arg)
     return [(name, BACKENDS[name].reasons(p)) for name in order], source
 
 
 def select(p: AttentionProblem, backend_arg=None):
-    tried, source = candidates(p, backend_arg)
-    for name, reasons in tried:
-        if not reasons:
+    """The first backend in order that can serve p.  Only the backends up to it are asked (a call pays for the
+    reasons of the backends ahead of the chosen one, not all of them); all are asked to build the error."""
+    order, source = _order(p, backend_arg)
+    for name in order:
+        if not BACKENDS[name].reasons(p):
             return BACKENDS[name]
-    raise RuntimeError(_no_backend_message(p, tried, source))
+    raise RuntimeError(_no_backend_message(p, [(name, BACKENDS[name].reasons(p)) for name in order], source))
 
 
 def _describe(p: AttentionProblem) -> str:

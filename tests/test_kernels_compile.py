@@ -38,3 +38,20 @@ def test_kernel_compiles_without_spills(compiled, arch, label):
     assert r["registers"] <= 255
     limit_kib = {80: 163, 90: 227}[arch]  # opt-in shared memory per block: A100, H100
     assert r["shared_bytes"] <= limit_kib * 1024, f"uses {r['shared_bytes']} B of shared memory > {limit_kib} KiB"
+
+
+def _wgmma_expected(label: str) -> bool:
+    """Half-precision forward and backward tiles of head dims up to 128 give every warpgroup >= 64 rows: on sm_90
+    their dots must lower to wgmma.  (The 16-row query tile and the d256/d512 tiles that fit 99 KiB of shared
+    memory are mma.sync by design.)"""
+    kernel, dtype, head = label.split()[:3]
+    return (dtype in ("float16", "bfloat16") and kernel in ("fwd", "fwd_window", "bwd_dkdv", "bwd_dq")
+            and int(head[1:]) <= 128)
+
+
+@pytest.mark.parametrize("label", [l for l in LABELS if _wgmma_expected(l)])
+def test_hopper_tiles_use_wgmma(compiled, label):
+    """A configuration whose dots fall back to mma.sync on sm_90 runs at roughly half speed (the d128 dK/dV tiles
+    did, bench/NOTES.md entry 10): the SASS must hold HGMMA and no HMMA."""
+    r = compiled[(90, label)]
+    assert r["hgmma"] and not r["hmma"], f"sm_90 {label}: {r['hgmma']} HGMMA, {r['hmma']} HMMA (mma.sync fallback)"

@@ -404,6 +404,13 @@ FA_DEVICE uint32_t dropout_keep_bits(const AttnParams& p, int bh, RowFn row, Col
 #define FASTATTN_FWD_STAGES 2
 #endif
 static_assert(FASTATTN_FWD_STAGES >= 2, "FASTATTN_FWD_STAGES: at least double buffering");
+// Keys per K/V tile of the DT 128 forward (32 or 64).  64 halves the per-tile fixed costs (two barriers, the O
+// rescale, the row-max shuffles) per key; unmeasured so far (bench/NOTES.md, entry 8).  DT 64 stays at 32: its two
+// m-tiles per warp would need 48 more registers for S and P and spill.
+#ifndef FASTATTN_FWD_BN_D128
+#define FASTATTN_FWD_BN_D128 32
+#endif
+static_assert(FASTATTN_FWD_BN_D128 == 32 || FASTATTN_FWD_BN_D128 == 64, "FASTATTN_FWD_BN_D128: 32 or 64");
 
 template <int DT>
 struct FwdTile {
@@ -412,14 +419,20 @@ struct FwdTile {
   static constexpr int kMT = DT <= 64 ? 2 : 1;  // 16-row m-tiles per warp
   static constexpr int kWarps = DT <= 64 ? 4 : 8, kThreads = 32 * kWarps;
   static constexpr int kBM = 16 * kMT * kWarps;   // queries per CTA (128)
-  static constexpr int kBN = 32;                 // keys per K/V tile
+  static constexpr int kBN = DT <= 64 ? 32 : FASTATTN_FWD_BN_D128;  // keys per K/V tile
   // K/V tiles in shared memory: tile j + kStages - 1 is fetched while tile j is used.  Measured on an H200
   // (bench/NOTES.md, entry 8): 3 stages ran 2-3 % slower than 2 at every shape -- the forward is not waiting on
   // its loads -- so the default stays double buffering (4 stages exceed the 99 KiB limit at DT 128).
   static constexpr int kStages = FASTATTN_FWD_STAGES;
   static constexpr int kStride = DT + 8;
+  // Q is read into registers once, in the first iteration; when one stage's K + V tiles are at least as large as
+  // the Q tile (64-key tiles), Q lives in the last stage's buffers -- which the first iteration fills only after
+  // reading Q -- and the CTA needs no separate Q tile (DT 128, 64 keys: 68 KiB instead of 102).
+  static constexpr bool kAliasQ = 2 * kBN >= kBM;
   template <typename T>
-  static constexpr size_t smem_bytes() { return size_t(kBM + 2 * kStages * kBN) * kStride * sizeof(T); }  // Q, K, V
+  static constexpr size_t smem_bytes() {
+    return size_t((kAliasQ ? 0 : kBM) + 2 * kStages * kBN) * kStride * sizeof(T);  // [Q], stages x (K, V)
+  }
 };
 
 // c[mt] += A[mt] * B for MT 16-row A tiles held in registers: each B fragment pair is loaded once for all of them.
@@ -447,9 +460,11 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
   constexpr int MT = Tile::kMT, BM = Tile::kBM, BN = Tile::kBN, S = Tile::kStride, NT = Tile::kThreads;
   constexpr int KS = DT / 16, STAGES = Tile::kStages;
   FA_SHARED_MEMORY(smem);
-  T* sQ = reinterpret_cast<T*>(smem);  // [BM][S]; reused to stage the output
-  T* sK = sQ + BM * S;                 // [STAGES][BN][S]
-  T* sV = sK + STAGES * BN * S;        // [STAGES][BN][S]
+  // [Q: BM][S] unless aliased, then [STAGES][K, V][BN][S]; sQ is reused to stage the output.
+  T* const sKV = reinterpret_cast<T*>(smem) + (Tile::kAliasQ ? 0 : BM * S);
+  T* const sQ = Tile::kAliasQ ? sKV + (STAGES - 1) * 2 * BN * S : reinterpret_cast<T*>(smem);
+  auto sK = [&](int stage) { return sKV + stage * 2 * BN * S; };
+  auto sV = [&](int stage) { return sKV + stage * 2 * BN * S + BN * S; };
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const Group grp = cta_group(p);
@@ -477,8 +492,8 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
     if (st < n_tiles) {
-      load_tile_async<T, BN, DT, NT>(sK + st * BN * S, kg, k_rows, st * BN, p.Lk, p.D, tid);
-      load_tile_async<T, BN, DT, NT>(sV + st * BN * S, vg, v_rows, st * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sK(st), kg, k_rows, st * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sV(st), vg, v_rows, st * BN, p.Lk, p.D, tid);
     }
     cp_async_commit();
   }
@@ -500,23 +515,30 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
 
   for (int j = 0; j < n_tiles; ++j) {
     const int st = j % STAGES;
+    if (Tile::kAliasQ && j == 0) {  // Q shares the buffers the prefetch below fills: read it into registers first
+      cp_async_wait<0>();
+      __syncthreads();
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) load_a_frags<KS>(qf[mt], sQ + (warp_row0 + 16 * mt) * S, S, lane);
+      __syncthreads();
+    }
     // Prefetch tile j + STAGES - 1 into the buffer tile j - 1 used (freed by the __syncthreads at the end of
     // iteration j - 1), then wait for tile j (and Q): the STAGES - 1 newer groups may stay in flight.
     const int ahead = j + STAGES - 1;
     if (ahead < n_tiles) {
       const int sa = ahead % STAGES;
-      load_tile_async<T, BN, DT, NT>(sK + sa * BN * S, kg, k_rows, ahead * BN, p.Lk, p.D, tid);
-      load_tile_async<T, BN, DT, NT>(sV + sa * BN * S, vg, v_rows, ahead * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sK(sa), kg, k_rows, ahead * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sV(sa), vg, v_rows, ahead * BN, p.Lk, p.D, tid);
     }
     cp_async_commit();
     cp_async_wait<STAGES - 1>();
     __syncthreads();
-    if (j == 0) {
+    if (!Tile::kAliasQ && j == 0) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) load_a_frags<KS>(qf[mt], sQ + (warp_row0 + 16 * mt) * S, S, lane);
     }
-    const T* kt = sK + st * BN * S;
-    const T* vt = sV + st * BN * S;
+    const T* kt = sK(st);
+    const T* vt = sV(st);
     const int n0 = j * BN;
 
     // S = Q K^T for this warp's rows x BN keys (fp32).

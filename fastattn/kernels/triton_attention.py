@@ -170,14 +170,20 @@ _table("fwd_window", "fp32", {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 3
                               128: (32, 32, 4, 2), 256: (32, 16, 8, 1), 512: (16, 16, 8, 1)})
 _table("fwd_window", "fp64", {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 16, 4, 1),
                               128: (16, 16, 4, 1), 256: (16, 16, 8, 1)})
+# d128 dK/dV: 64 x 64 tiles on one warpgroup.  The earlier (32, 64, 8 warps) gave each warpgroup 32 key rows, below
+# wgmma's 64, so on sm_90 Triton lowered most of its dots to mma.sync (SASS: 32 HMMA, 4 HGMMA) -- the d128
+# backward measured at half the d64 one on an H200 (bench/NOTES.md, entry 10).  d256 dK/dV would need 137 KiB of
+# shared memory for wgmma tiles (over sm_86/89's 99 KiB), so it stays on mma.sync.
 _table("bwd_dkdv", "half", {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
-                            128: (32, 64, 8, 2), 256: (32, 32, 8, 1), 512: (16, 32, 8, 1)})
+                            128: (64, 64, 4, 2), 256: (32, 32, 8, 1), 512: (16, 32, 8, 1)})
 _table("bwd_dkdv", "fp32", {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 32, 4, 1),
                             128: (16, 32, 4, 1), 256: (16, 16, 8, 1), 512: (16, 16, 8, 1)})
 _table("bwd_dkdv", "fp64", {16: (16, 32, 4, 1), 32: (16, 32, 4, 1), 64: (16, 16, 4, 1),
                             128: (16, 16, 4, 1), 256: (16, 16, 8, 1)})
+# d256 dQ: 64-row tiles so that each of the two warpgroups holds 64 rows x 128 columns of dQ (wgmma on sm_90; the
+# (32, 32) tiles compiled to mma.sync); 96 KiB of shared memory on sm_80/86/89, 101 KiB on sm_90.
 _table("bwd_dq", "half", {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
-                          128: (64, 32, 8, 2), 256: (32, 32, 8, 1), 512: (32, 16, 8, 1)})
+                          128: (64, 32, 8, 2), 256: (64, 32, 8, 1), 512: (32, 16, 8, 1)})
 _table("bwd_dq", "fp32", {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 32, 4, 1),
                           128: (32, 16, 4, 1), 256: (16, 16, 8, 1), 512: (16, 16, 8, 1)})
 _table("bwd_dq", "fp64", {16: (32, 16, 4, 1), 32: (32, 16, 4, 1), 64: (16, 16, 4, 1),

@@ -28,6 +28,8 @@ class CompileResult:
     registers: Optional[int] = None
     shared_bytes: Optional[int] = None   # static shared memory in the cubin + Triton's dynamic shared memory
     local_bytes: Optional[int] = None    # > 0 means register spills
+    hgmma: Optional[int] = None          # sm_90 SASS: warpgroup MMA (wgmma) instructions
+    hmma: Optional[int] = None           # SASS: warp-level MMA (mma.sync) instructions
     error: Optional[str] = None
 
     @property
@@ -55,6 +57,17 @@ def _resource_usage(cubin: bytes):
     return int(m.group(1)), int(m.group(2)), int(m.group(3))
 
 
+def _mma_counts(cubin: bytes):
+    """(HGMMA, HMMA) instruction counts in the SASS: which tensor-core path Triton lowered the dots to.  On sm_90 a
+    half-precision dot with fewer than 64 rows per warpgroup falls back to mma.sync (HMMA), well below wgmma."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([_cuobjdump(), "--dump-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    return len(re.findall(r"\bHGMMA\b", sass)), len(re.findall(r"\bHMMA\b", sass))
+
+
 def compile_spec(spec, arch: int) -> CompileResult:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -64,7 +77,8 @@ def compile_spec(spec, arch: int) -> CompileResult:
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
         regs, static_shared, local = _resource_usage(compiled.asm["cubin"])
-        return CompileResult(spec.label, arch, regs, static_shared + compiled.metadata.shared, local)
+        hgmma, hmma = _mma_counts(compiled.asm["cubin"])
+        return CompileResult(spec.label, arch, regs, static_shared + compiled.metadata.shared, local, hgmma, hmma)
     except Exception as e:  # noqa: BLE001 - reported, and the exit code says it failed
         return CompileResult(spec.label, arch, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
@@ -92,13 +106,15 @@ def compile_all(archs: Sequence[int] = (80, 90), dtypes: Sequence[torch.dtype] =
 
 def format_table(results: Sequence[CompileResult]) -> str:
     lines = [f"{'arch':<6}{'kernel / dtype / head dim / variant / config':<61}{'regs':>6}{'smem (B)':>10}"
-             f"{'spill (B)':>10}  status"]
+             f"{'spill (B)':>10}{'MMA':>10}  status"]
     for r in results:
         if r.error:
             lines.append(f"sm_{r.arch:<3}{r.label:<61}{'-':>6}{'-':>10}{'-':>10}  FAILED: {r.error}")
         else:
             status = "ok" if r.ok else "SPILLS"
-            lines.append(f"sm_{r.arch:<3}{r.label:<61}{r.registers:>6}{r.shared_bytes:>10}{r.local_bytes:>10}  {status}")
+            mma = "wgmma" if r.hgmma else "mma.sync" if r.hmma else "-"
+            lines.append(f"sm_{r.arch:<3}{r.label:<61}{r.registers:>6}{r.shared_bytes:>10}{r.local_bytes:>10}"
+                         f"{mma:>10}  {status}")
     bad = sum(not r.ok for r in results)
     lines.append(f"{len(results)} kernels compiled, {bad} failed or spilled")
     return "\n".join(lines)
