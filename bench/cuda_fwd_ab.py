@@ -1,25 +1,27 @@
-"""Times the CUDA backend's forward alone on the FlashAttention-2 benchmark shapes (bf16): a quick A/B of kernel
-variants built into different checkouts (run once per checkout, with that checkout first on PYTHONPATH).
+"""Times the CUDA backend's forward alone on bench.run's FA2 shapes (bf16, L 1k / 4k / 16k, d 64 / 128): a quick
+A/B of kernel variants built into different checkouts (bench/gpu_cuda_ab.sh runs it once per checkout, with that
+checkout first on sys.path).  bench.run times forward and backward against every baseline; this is the fast subset.
 
     python bench/cuda_fwd_ab.py LABEL
 """
 import sys
 from pathlib import Path
 
-import torch
-import triton.testing
-
 sys.path.insert(0, str(Path.cwd()))
+import torch  # noqa: E402
+import triton.testing  # noqa: E402
+
 import fastattn  # noqa: E402
+from bench.run import attention_flops, gpu_shapes  # noqa: E402
 
 label = sys.argv[1] if len(sys.argv) > 1 else "?"
 print(f"[{label}] fastattn from {Path(fastattn.__file__).parent}")
-for B, H, L, D in [(16, 32, 1024, 64), (4, 32, 4096, 64), (1, 32, 16384, 64),
-                   (16, 16, 1024, 128), (4, 16, 4096, 128), (1, 16, 16384, 128)]:
-    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+for shape in gpu_shapes(False, (1024, 4096, 16384)):
+    q, k, v = (torch.randn(shape.batch, shape.heads, shape.seqlen, shape.head_dim, device="cuda",
+                           dtype=torch.bfloat16) for _ in range(3))
     for causal in (False, True):
         with torch.no_grad():
             ms = triton.testing.do_bench(lambda: fastattn.attention(q, k, v, causal=causal, backend="cuda"),
                                          return_mode="median")
-        flops = 4 * B * H * L * L * D / (2 if causal else 1)
-        print(f"[{label}] {B}x{H}x{L}x{D} causal={causal!s:5} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s")
+        print(f"[{label}] {shape} causal={causal!s:5} {ms:8.3f} ms "
+              f"{attention_flops(shape, causal, 'fwd') / ms / 1e9:7.1f} TFLOP/s")

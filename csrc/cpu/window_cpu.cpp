@@ -385,49 +385,17 @@ Window make_window(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   check_image_tensor(q, "q");
   check_image_tensor(k, "k");
   check_image_tensor(v, "v");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "k, v: dtypes must match q's (", q.scalar_type(), "), got k ", k.scalar_type(), ", v ",
-              v.scalar_type());
-  TORCH_CHECK(k.sizes() == q.sizes(), "k: shape ", k.sizes(), " must equal q's ", q.sizes());
-  TORCH_CHECK(v.sizes().slice(0, 4) == q.sizes().slice(0, 4), "v: shape ", v.sizes(),
-              " must match q's [B, H, W, heads] (only its head dim may differ), got q ", q.sizes());
-  TORCH_CHECK(geometry.size() == 8, "geometry: expected [H, W, wh, ww, sh, sw, uh, uw] (8 ints), got ",
-              geometry.size(), " values");
+  if (table.has_value())
+    TORCH_CHECK(table->device().is_cpu(), "table: expected a CPU tensor, got one on ", table->device());
+  const WindowGeometry geo = check_window_args(q, k, v, table, geometry, scale, dropout_p);
   Window g;
   g.B = q.size(0);
   g.heads = q.size(3);
   g.D = q.size(4);
   g.Dv = v.size(4);
-  g.H = geometry[0];
-  g.W = geometry[1];
-  g.wh = geometry[2];
-  g.ww = geometry[3];
-  g.sh = geometry[4];
-  g.sw = geometry[5];
-  g.uh = geometry[6];
-  g.uw = geometry[7];
-  TORCH_CHECK(g.H == q.size(1) && g.W == q.size(2), "geometry: image size (", g.H, ", ", g.W,
-              ") must equal q's H, W (", q.size(1), ", ", q.size(2), ")");
-  TORCH_CHECK(g.wh >= 1 && g.ww >= 1 && g.wh <= g.H && g.ww <= g.W, "geometry: window (", g.wh, ", ", g.ww,
-              ") must be positive and fit in the image (", g.H, ", ", g.W, ")");
-  TORCH_CHECK(g.H % g.wh == 0 && g.W % g.ww == 0, "q: image (", g.H, ", ", g.W,
-              ") must be a multiple of the window (", g.wh, ", ", g.ww, "); pad first");
-  TORCH_CHECK(g.sh >= 0 && g.sh < g.wh && g.sw >= 0 && g.sw < g.ww, "geometry: shift (", g.sh, ", ", g.sw,
-              ") must be in [0, window)");
-  TORCH_CHECK(g.uh >= 1 && g.uh <= g.H && g.uw >= 1 && g.uw <= g.W, "geometry: unpadded size (", g.uh, ", ",
-              g.uw, ") must be within the image (", g.H, ", ", g.W, ")");
+  g.H = geo.H, g.W = geo.W, g.wh = geo.wh, g.ww = geo.ww, g.sh = geo.sh, g.sw = geo.sw, g.uh = geo.uh, g.uw = geo.uw;
   TORCH_CHECK(g.D > 0 && g.Dv > 0, "q, v: head dims must be at least 1, got ", g.D, " and ", g.Dv);
-  TORCH_CHECK(std::isfinite(scale), "scale: must be finite, got ", scale);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: must be in [0, 1), got ", dropout_p);
   g.build_tables();
-  if (table.has_value()) {
-    const at::Tensor& tb = *table;
-    TORCH_CHECK(tb.device().is_cpu(), "table: expected a CPU tensor, got one on ", tb.device());
-    TORCH_CHECK(at::isFloatingType(tb.scalar_type()), "table: expected a floating dtype, got ", tb.scalar_type());
-    TORCH_CHECK(tb.dim() == 2 && tb.size(0) == (2 * g.wh - 1) * (2 * g.ww - 1) && tb.size(1) == g.heads,
-                "table: expected shape [(2*wh-1)*(2*ww-1), heads] = [", (2 * g.wh - 1) * (2 * g.ww - 1), ", ",
-                g.heads, "], got ", tb.sizes());
-  }
   g.scale = scale;
   if (dropout_p > 0.0) {
     TORCH_CHECK(seed.has_value(), "seed: required when dropout_p > 0 (an int64 tensor of one element)");

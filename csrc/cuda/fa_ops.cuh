@@ -167,20 +167,24 @@ inline Problem prepare(AttnParams& p, const at::Tensor& q_in, const at::Tensor& 
   return pr;
 }
 
-template <typename T>
-void dispatch_fwd_dtype(const AttnParams& p, Stream stream) {
-  if (p.D <= 64)
-    launch_fwd<T, 64>(p, stream);
+// Launches the forward / backward kernels for q's dtype (float16 or bfloat16, checked by prepare*) and the padded
+// head dim on the current stream, once p points at every input and output.
+inline void dispatch_fwd(const AttnParams& p, const at::Tensor& q) {
+  const Stream stream = current_stream(q);
+  const bool half = q.scalar_type() == at::kHalf, d64 = p.D <= 64;
+  if (half)
+    d64 ? launch_fwd<__half, 64>(p, stream) : launch_fwd<__half, 128>(p, stream);
   else
-    launch_fwd<T, 128>(p, stream);
+    d64 ? launch_fwd<__nv_bfloat16, 64>(p, stream) : launch_fwd<__nv_bfloat16, 128>(p, stream);
 }
 
-template <typename T>
-void dispatch_bwd_dtype(const AttnParams& p, Stream stream) {
-  if (p.D <= 64)
-    launch_bwd<T, 64>(p, stream);
+inline void dispatch_bwd(const AttnParams& p, const at::Tensor& q) {
+  const Stream stream = current_stream(q);
+  const bool half = q.scalar_type() == at::kHalf, d64 = p.D <= 64;
+  if (half)
+    d64 ? launch_bwd<__half, 64>(p, stream) : launch_bwd<__half, 128>(p, stream);
   else
-    launch_bwd<T, 128>(p, stream);
+    d64 ? launch_bwd<__nv_bfloat16, 64>(p, stream) : launch_bwd<__nv_bfloat16, 128>(p, stream);
 }
 
 // fastattn::attention_fwd(q, k, v, mask?, seed?, causal, scale, dropout_p) -> (out, lse)
@@ -200,11 +204,7 @@ inline std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, con
   p.out = out.data_ptr();
   p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sm = out.stride(2);
   p.lse = lse.data_ptr<float>();
-  const Stream stream = current_stream(q);
-  if (q.scalar_type() == at::kHalf)
-    dispatch_fwd_dtype<__half>(p, stream);
-  else
-    dispatch_fwd_dtype<__nv_bfloat16>(p, stream);
+  dispatch_fwd(p, q);
   return {out, lse};
 }
 
@@ -263,11 +263,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   p.dv = dv.data_ptr();
   p.dv_sb = dv.stride(0), p.dv_sh = dv.stride(1), p.dv_sm = dv.stride(2);
   p.dmask = mask_needs_grad ? dmask.data_ptr<float>() : nullptr;
-  const Stream stream = current_stream(q);
-  if (q.scalar_type() == at::kHalf)
-    dispatch_bwd_dtype<__half>(p, stream);
-  else
-    dispatch_bwd_dtype<__nv_bfloat16>(p, stream);
+  dispatch_bwd(p, q);
   return {dq, dk, dv, dmask};
 }
 
@@ -309,48 +305,22 @@ inline WindowProblem prepare_window(AttnParams& p, const at::Tensor& q_in, const
   check_image("v", v_in);
   TORCH_CHECK(k_in.device() == q_in.device() && v_in.device() == q_in.device(), "k, v: expected tensors on q's device ",
               q_in.device(), ", got ", k_in.device(), " and ", v_in.device());
-  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
-              "k, v: dtypes must match q's (", q_in.scalar_type(), "), got k ", k_in.scalar_type(), ", v ",
-              v_in.scalar_type());
-  TORCH_CHECK(k_in.sizes() == q_in.sizes(), "k: shape ", k_in.sizes(), " must equal q's ", q_in.sizes());
-  TORCH_CHECK(v_in.sizes().slice(0, 4) == q_in.sizes().slice(0, 4), "v: shape ", v_in.sizes(),
-              " must match q's [B, H, W, heads] (only its head dim may differ), got q ", q_in.sizes());
+  if (table.has_value() && table->defined())
+    TORCH_CHECK(table->device() == q_in.device(), "table: expected a tensor on q's device ", q_in.device(), ", got ",
+                table->device());
+  const fastattn::WindowGeometry geo = fastattn::check_window_args(q_in, k_in, v_in, table, geometry, scale, dropout_p);
+  const int64_t H = geo.H, W = geo.W, wh = geo.wh, ww = geo.ww, sh = geo.sh, sw = geo.sw, uh = geo.uh, uw = geo.uw;
   WindowProblem wp;
-  wp.B = q_in.size(0), wp.H = q_in.size(1), wp.W = q_in.size(2), wp.heads = q_in.size(3), wp.D = q_in.size(4);
+  wp.B = q_in.size(0), wp.H = H, wp.W = W, wp.heads = q_in.size(3), wp.D = q_in.size(4);
   TORCH_CHECK(v_in.size(4) == wp.D, "v: head dim ", v_in.size(4), " must equal q's (", wp.D,
               "): the CUDA kernels need Dv == Dqk");
   TORCH_CHECK(wp.D >= 8 && wp.D <= kMaxHeadDim && wp.D % 8 == 0, "q: head dim ", wp.D,
               " is not supported by the CUDA kernels (multiples of 8 up to ", kMaxHeadDim, ")");
-  TORCH_CHECK(geometry.size() == 8, "geometry: expected [H, W, wh, ww, sh, sw, uh, uw] (8 ints), got ",
-              geometry.size(), " values");
-  const int64_t H = geometry[0], W = geometry[1], wh = geometry[2], ww = geometry[3], sh = geometry[4],
-                sw = geometry[5], uh = geometry[6], uw = geometry[7];
-  TORCH_CHECK(H == wp.H && W == wp.W, "geometry: image size (", H, ", ", W, ") must equal q's H, W (", wp.H, ", ",
-              wp.W, ")");
-  TORCH_CHECK(wh >= 1 && ww >= 1 && wh <= H && ww <= W, "geometry: window (", wh, ", ", ww,
-              ") must be positive and fit in the image (", H, ", ", W, ")");
-  TORCH_CHECK(H % wh == 0 && W % ww == 0, "q: image (", H, ", ", W, ") must be a multiple of the window (", wh, ", ",
-              ww, "); pad first");
-  TORCH_CHECK(sh >= 0 && sh < wh && sw >= 0 && sw < ww, "geometry: shift (", sh, ", ", sw,
-              ") must be in [0, window)");
-  TORCH_CHECK(uh >= 1 && uh <= H && uw >= 1 && uw <= W, "geometry: unpadded size (", uh, ", ", uw,
-              ") must be within the image (", H, ", ", W, ")");
   wp.wh = wh, wp.ww = ww, wp.windows = (H / wh) * (W / ww), wp.N = wh * ww;
   TORCH_CHECK(wp.heads <= 65535, "q: heads (", wp.heads, ") must be at most 65535 (a CUDA grid dimension)");
   TORCH_CHECK(wp.B * H * W * wp.heads < (int64_t(1) << 31), "q: B * H * W * heads (", wp.B * H * W * wp.heads,
               ") must be below 2^31 (int32 row indices)");
-  TORCH_CHECK(std::isfinite(scale), "scale: must be finite, got ", scale);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: must be in [0, 1), got ", dropout_p);
-  if (table.has_value() && table->defined()) {
-    const at::Tensor& tb = *table;
-    TORCH_CHECK(tb.device() == q_in.device(), "table: expected a tensor on q's device ", q_in.device(), ", got ",
-                tb.device());
-    TORCH_CHECK(at::isFloatingType(tb.scalar_type()), "table: expected a floating dtype, got ", tb.scalar_type());
-    TORCH_CHECK(tb.dim() == 2 && tb.size(0) == (2 * wh - 1) * (2 * ww - 1) && tb.size(1) == wp.heads,
-                "table: expected shape [(2*wh-1)*(2*ww-1), heads] = [", (2 * wh - 1) * (2 * ww - 1), ", ", wp.heads,
-                "], got ", tb.sizes());
-    wp.table = tb.to(at::kFloat).contiguous();
-  }
+  if (table.has_value() && table->defined()) wp.table = table->to(at::kFloat).contiguous();
 
   wp.q = kernel_layout(q_in);
   wp.k = kernel_layout(k_in);
@@ -415,11 +385,7 @@ inline std::tuple<at::Tensor, at::Tensor> window_fwd(const at::Tensor& q, const 
   p.out = out.data_ptr();
   image_strides(out, p.o_sb, p.o_sh, p.o_sm, p.o_sx);
   p.lse = lse.data_ptr<float>();
-  const Stream stream = current_stream(q);
-  if (q.scalar_type() == at::kHalf)
-    dispatch_fwd_dtype<__half>(p, stream);
-  else
-    dispatch_fwd_dtype<__nv_bfloat16>(p, stream);
+  dispatch_fwd(p, q);
   return {out, lse};
 }
 
@@ -474,11 +440,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_bwd(
   p.dv = dv.data_ptr();
   image_strides(dv, p.dv_sb, p.dv_sh, p.dv_sm, p.dv_sx);
   p.dmask = table_needs_grad ? dscores.data_ptr<float>() : nullptr;
-  const Stream stream = current_stream(q);
-  if (q.scalar_type() == at::kHalf)
-    dispatch_bwd_dtype<__half>(p, stream);
-  else
-    dispatch_bwd_dtype<__nv_bfloat16>(p, stream);
+  dispatch_bwd(p, q);
   const at::Tensor dtable =
       table_needs_grad ? table_gradient(dscores, wp.wh, wp.ww) : at::empty({0}, q.options().dtype(at::kFloat));
   return {dq, dk, dv, dtable};
