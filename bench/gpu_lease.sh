@@ -5,7 +5,8 @@
 #   1. the extension build for sm_90 (background)  ||  the Triton kernels' GPU tests (pytest-xdist)
 #   2. the CUDA C++ kernels' GPU tests (dense and window ops), in their own processes: a sticky CUDA error there
 #      cannot spoil the Triton results
-#   3. bench.run, bf16, L = 1k / 4k / 16k, d 64 / 128: triton vs cuda vs torch's flash / cuDNN kernels
+#   3. bench.run, bf16, L = 1k / 4k / 16k, d 64 / 128: triton vs cuda vs torch's flash / cuDNN kernels; then fp32,
+#      L = 1k / 4k: triton vs the CUDA-core kernels (csrc/cuda/fa_simt.cuh; bench/NOTES.md entry 13)
 #   4. bench.ops, bf16: the layout variants on Triton and on CUDA vs the composites users write
 # Logs and JSON land in $1 (at most 8 files come back from the device tool: keep the count down).
 set -uo pipefail
@@ -60,8 +61,11 @@ stamp "cuda tests exit $?"; tail -4 "$OUT/tests.log"
 
 stamp "stage 3: bench.run"
 FASTATTN_NO_JIT=1 timeout 140 $PY -m bench.run --dtypes bf16 --seqlens 1024,4096,16384 --head-dims 64,128 \
-  --backends triton,cuda,torch-flash,torch-cudnn --out-dir "$OUT" > "$OUT/bench.log" 2>&1
+  --backends triton,cuda,torch-flash,torch-cudnn --no-plot --out-dir "$OUT" > "$OUT/bench.log" 2>&1
 stamp "bench.run exit $?"
+FASTATTN_NO_JIT=1 timeout 60 $PY -m bench.run --dtypes fp32 --seqlens 1024,4096 --head-dims 64,128 \
+  --backends triton,cuda --no-plot --out-dir "$OUT" >> "$OUT/bench.log" 2>&1
+stamp "bench.run fp32 exit $?"
 
 stamp "stage 4: bench.ops"
 FASTATTN_NO_JIT=1 timeout 75 $PY -m bench.ops --dtypes bf16 --impls fastattn,fastattn-cuda,eager --out-dir "$OUT" \
@@ -70,6 +74,6 @@ stamp "bench.ops exit $?"
 
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -6
 grep -E "^FAILED|^ERROR" "$OUT/tests.log" | head -30
-grep -E " fwd " "$OUT/bench.log" | grep -E "triton|cuda|torch-flash|torch-cudnn" | cut -c1-140 | head -60
+grep -E " fwd " "$OUT/bench.log" | grep -E "triton|cuda|torch-flash|torch-cudnn" | cut -c1-140 | head -70
 grep -E "fastattn|composite" "$OUT/ops.log" | cut -c1-140 | head -40
 stamp done

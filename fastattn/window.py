@@ -220,7 +220,7 @@ def _fused_impl(q, k, v, backend) -> Optional[str]:
     serve -- "triton" (the Triton kernels' window layout), "cpu" or "cuda" (fastattn._C's C++ / CUDA kernels,
     ops fastattn::window_fwd / window_bwd) -- or None for the composite, which hands the same restriction to
     ``fastattn.attention``.  "reference" and "sdpa" mean the composite; so does "cuda" on a CUDA tensor its
-    window kernels decline (float32, other head dims: the dense CUDA kernels may still serve the composite)."""
+    window kernels decline (head dims past 256, float64: another backend may still serve the composite)."""
     from .backends.triton import device_reasons, tensor_reasons
     allowed, _ = dispatch._allowed(backend)
     order = allowed if allowed is not None else dispatch._PRIORITY.get(q.device.type, dispatch._DEFAULT_PRIORITY)

@@ -59,15 +59,24 @@ def test_declines_cpu_tensors_with_a_reason():
 
 
 @pytest.mark.parametrize("dqk,dv,ok", [(64, 64, True), (8, 8, True), (96, 96, True), (128, 128, True),
-                                       (24, 24, True), (130, 130, False), (60, 60, False), (4, 4, False),
-                                       (256, 256, False), (64, 32, False)])
+                                       (24, 24, True), (130, 130, True), (60, 60, True), (1, 1, True),
+                                       (256, 256, True), (64, 32, True), (257, 64, False), (64, 300, False),
+                                       (0, 8, False)])
 def test_head_dim_reasons(dqk, dv, ok):
     why = cuda_backend.head_dim_reasons(dqk, dv)
     assert (not why) == ok, why
-    if dv != dqk:
-        assert any(w.startswith("v: head dim") for w in why)
-    elif not ok:
+    if not 1 <= dqk <= 256:
         assert any(w.startswith("q: head dim") for w in why)
+    if not 1 <= dv <= 256:
+        assert any(w.startswith("v: head dim") for w in why)
+
+
+@pytest.mark.parametrize("dtype,dqk,dv,tensor_cores", [
+    (torch.float16, 64, 64, True), (torch.bfloat16, 128, 128, True), (torch.float16, 136, 136, False),
+    (torch.float16, 60, 60, False), (torch.bfloat16, 64, 32, False), (torch.float32, 64, 64, False)])
+def test_kernel_family_choice(dtype, dqk, dv, tensor_cores):
+    """The Python mirror of fa_ops.cuh's use_simt (fastattn.explain's plan names the family)."""
+    assert cuda_backend.uses_tensor_cores(dtype, dqk, dv) == tensor_cores
 
 
 def _extension_file():
@@ -168,9 +177,10 @@ def emulated_check(ops, shape, dtype=torch.float16, causal=0, mask=None, dropout
                    dlse=False, layout="bhld"):
     """Forward and backward of the emulated op against the reference in the same dtype and in float64, all three
     on the same low-precision inputs (so the rule measures the kernels' arithmetic, not the inputs' rounding)."""
-    B, Hq, Hkv, Lq, Lk, D = shape
-    q, k, v = (torch.randn(B, H, L, D).to(dtype).double() for H, L in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk)))
-    dout = torch.randn(B, Hq, Lq, D).to(dtype).double()
+    B, Hq, Hkv, Lq, Lk, D, *rest = shape  # (..., D) or (..., Dqk, Dv)
+    Dv = rest[0] if rest else D
+    q, k, v = (torch.randn(B, H, L, d).to(dtype).double() for H, L, d in ((Hq, Lq, D), (Hkv, Lk, D), (Hkv, Lk, Dv)))
+    dout = torch.randn(B, Hq, Lq, Dv).to(dtype).double()
     g_lse = torch.randn(B, Hq, Lq) if dlse else None
     seed = torch.tensor([987654321], dtype=torch.int64) if dropout_p > 0 else None
     scale = D ** -0.5
@@ -234,6 +244,18 @@ EMULATED_CASES = {
     "fully_masked_bool_row": dict(shape=(1, 2, 2, 9, 12, 16), mask=_fully_masked_bool),
     "fully_masked_float_row": dict(shape=(1, 2, 2, 9, 12, 16), mask=_fully_masked_float, mask_grad=True, dlse=True),
     "rows_without_keys": dict(shape=(1, 2, 2, 9, 4, 16), causal=2, dlse=True),
+    # the CUDA-core kernels (fa_simt.cuh): float32, head dims past 128 or not multiples of 8, Dv != Dqk
+    "simt_f32_causal_odd": dict(shape=(1, 2, 1, 37, 45, 40), causal=1, dtype=torch.float32),
+    "simt_f32_d256_float_grad_lse": dict(shape=(1, 2, 2, 19, 33, 256), mask=lambda: torch.randn(2, 1, 33),
+                                         mask_grad=True, dlse=True, dtype=torch.float32),
+    "simt_f16_d200_dv72_bottom_right": dict(shape=(1, 2, 1, 20, 35, 200, 72), causal=2),
+    "simt_bf16_d12_dropout_bool": dict(shape=(2, 2, 2, 40, 50, 12), mask=lambda: torch.rand(40, 50) > 0.3,
+                                       dropout_p=0.3, dtype=torch.bfloat16),
+    "simt_f32_d5_rows_without_keys": dict(shape=(1, 2, 2, 9, 4, 5), causal=2, dlse=True, dtype=torch.float32),
+    "simt_f32_gqa_dropout_dv160": dict(shape=(1, 4, 2, 33, 70, 24, 160), dropout_p=0.1, causal=1,
+                                       dtype=torch.float32),
+    "simt_f32_blhd_fully_masked": dict(shape=(1, 2, 2, 9, 12, 33), mask=_fully_masked_float, mask_grad=True,
+                                       layout="blhd", dtype=torch.float32),
 }
 
 
@@ -246,15 +268,38 @@ def test_emulated_kernels_match_reference(emu, case):
     emulated_check(emu, **cfg)
 
 
+# Split-KV forward (the keys split across CTAs, partial results merged by their LSE): forced with
+# FASTATTN_NUM_SPLITS, on both kernel families; splits that see no key (causal) and rows no split sees included.
+SPLIT_CASES = {
+    "tc_causal_bottom_right_lq_lt_lk": dict(shape=(1, 2, 1, 20, 300, 64), causal=2, dlse=True),
+    "tc_d128_float_grad_dropout_bf16": dict(shape=(1, 2, 2, 3, 200, 128), mask=lambda: torch.randn(1, 2, 3, 200),
+                                            mask_grad=True, dropout_p=0.2, dtype=torch.bfloat16),
+    "tc_rows_without_keys": dict(shape=(1, 1, 1, 40, 150, 32), causal=1, dlse=True),
+    "simt_f32_gqa_bool_mask": dict(shape=(1, 4, 2, 5, 230, 40), mask=lambda: torch.rand(5, 230) > 0.4,
+                                   dtype=torch.float32),
+    "simt_f16_d200_dv72_causal": dict(shape=(1, 1, 1, 9, 140, 200, 72), causal=2),
+}
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("case", sorted(SPLIT_CASES))
+def test_emulated_split_kv_forward(emu, case, splits, monkeypatch):
+    monkeypatch.setenv("FASTATTN_NUM_SPLITS", str(splits))
+    cfg = dict(SPLIT_CASES[case])
+    if callable(cfg.get("mask")):
+        cfg["mask"] = cfg["mask"]()
+    emulated_check(emu, **cfg)
+
+
 def test_emulated_op_argument_errors(emu):
     """The op's checks (csrc/cuda/fa_ops.cuh, shared with the CUDA build) name the argument."""
     h = lambda *s: torch.randn(*s, dtype=torch.float16)
     q, k, v = h(1, 2, 5, 64), h(1, 1, 6, 64), h(1, 1, 6, 64)
     cases = [
-        ((q.float(), k.float(), v.float(), None, None, 0, 1.0, 0.0), "q: the CUDA kernels take float16 or bfloat16"),
-        ((h(1, 2, 5, 136), h(1, 1, 6, 136), h(1, 1, 6, 136), None, None, 0, 1.0, 0.0), "q: head dim 136"),
-        ((h(1, 2, 5, 60), h(1, 1, 6, 60), h(1, 1, 6, 60), None, None, 0, 1.0, 0.0), "q: head dim 60"),
-        ((q, k, h(1, 1, 6, 32), None, None, 0, 1.0, 0.0), "v: head dim 32"),
+        ((q.double(), k.double(), v.double(), None, None, 0, 1.0, 0.0),
+         "q: the CUDA kernels take float16, bfloat16 or float32"),
+        ((h(1, 2, 5, 264), h(1, 1, 6, 264), h(1, 1, 6, 264), None, None, 0, 1.0, 0.0), "q: head dim 264"),
+        ((q, k, h(1, 1, 6, 300), None, None, 0, 1.0, 0.0), "v: head dim 300"),
         ((q, h(1, 3, 6, 64), h(1, 3, 6, 64), None, None, 0, 1.0, 0.0), "k: the number of key/value heads"),
         ((q, k, v, torch.ones(3, 6, dtype=torch.bool), None, 0, 1.0, 0.0), "mask: shape"),
         ((q, k, v, torch.ones(5, 6, dtype=torch.int32), None, 0, 1.0, 0.0), "mask: expected a bool"),
@@ -298,10 +343,11 @@ def _cuda_or_skip():
 
 
 def _check(dtype, shape, **kw):
-    """shape = (B, Hq, Hkv, Lq, Lk, D): fastattn.attention(backend="cuda") vs the reference (tolerance rule)."""
+    """shape = (B, Hq, Hkv, Lq, Lk, D) or (..., Dqk, Dv): fastattn.attention(backend="cuda") vs the reference
+    (tolerance rule)."""
     _cuda_or_skip()
-    B, Hq, Hkv, Lq, Lk, D = shape
-    return ta.check_against_reference("cuda", "cuda", dtype, (B, Hq, Hkv, Lq, Lk, D, D), **kw)
+    B, Hq, Hkv, Lq, Lk, D, *rest = shape
+    return ta.check_against_reference("cuda", "cuda", dtype, (B, Hq, Hkv, Lq, Lk, D, rest[0] if rest else D), **kw)
 
 
 GPU_SHAPES = [((2, 4, 2, 128, 128, 64), False), ((1, 3, 3, 257, 511, 128), True),
@@ -316,6 +362,31 @@ GPU_SHAPES = [((2, 4, 2, 128, 128, 64), False), ((1, 3, 3, 257, 511, 128), True)
 @pytest.mark.parametrize("shape,causal", GPU_SHAPES)
 def test_gpu_odd_sizes(dtype, shape, causal):
     _check(dtype, shape, causal=causal)
+
+
+# The CUDA-core kernels (fa_simt.cuh): float32 at every size above, and the head dims the tensor cores do not take.
+SIMT_SHAPES = [((1, 3, 3, 257, 511, 256), True), ((2, 2, 1, 97, 129, 200, 72), "bottom_right"),
+               ((1, 2, 2, 129, 300, 20), False), ((1, 4, 2, 1000, 777, 136, 256), "top_left"),
+               ((2, 2, 2, 7, 7, 1), "top_left")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,causal", GPU_SHAPES + SIMT_SHAPES)
+def test_gpu_float32(shape, causal):
+    _check(torch.float32, shape, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,causal", SIMT_SHAPES)
+def test_gpu_cuda_core_head_dims(dtype, shape, causal):
+    _check(dtype, shape, causal=causal)
+
+
+@pytest.mark.gpu
+def test_gpu_float32_masks_dropout_lse():
+    _check(torch.float32, (2, 4, 2, 121, 137, 48), dropout_p=0.3, causal="top_left", return_lse=True,
+           mask=torch.randn(2, 1, 137, dtype=torch.float64).requires_grad_())
 
 
 @pytest.mark.gpu
@@ -406,11 +477,13 @@ def _op_samples_cuda():
         (q_t, k, v, fmask, None, 1, 0.25, 0.0),
         (q, k, v, bmask, seed, 2, 0.3, 0.2),
         (q.bfloat16(), k.bfloat16(), v.bfloat16(), fmask, None, 2, 0.25, 0.0),
+        (q.float(), k.float(), v.float(), bmask, seed, 1, 0.25, 0.1),       # CUDA cores: float32
+        (q[..., :40], k[..., :40], v, fmask, None, 0, 0.25, 0.0),          # CUDA cores: Dqk 40, Dv 64
     ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("i", range(4))
+@pytest.mark.parametrize("i", range(6))
 def test_gpu_opcheck(i):
     _cuda_or_skip()
     ops = torch.ops.fastattn
@@ -429,6 +502,8 @@ def test_gpu_dispatch_and_reasons():
     _cuda_or_skip()
     q = torch.randn(1, 2, 5, 64, device="cuda", dtype=torch.float16)
     assert BACKENDS["cuda"].reasons(make_problem(q, q, q)) == []
-    why = BACKENDS["cuda"].reasons(make_problem(q.float(), q.float(), q.float()))
-    assert any("dtype torch.float32" in w for w in why)
-    assert "cuda" in fastattn.explain(q, q, q, backend="cuda")
+    assert BACKENDS["cuda"].reasons(make_problem(q.float(), q.float(), q.float())) == []
+    why = BACKENDS["cuda"].reasons(make_problem(q.double(), q.double(), q.double()))
+    assert any("dtype torch.float64" in w for w in why)
+    assert "CUDA FlashAttention-2" in fastattn.explain(q, q, q, backend="cuda")
+    assert "CUDA-core kernels" in fastattn.explain(q.float(), q.float(), q.float(), backend="cuda")

@@ -105,6 +105,12 @@ EMULATED_CASES = {
                                    dtype=torch.bfloat16),
     "w7_shift3_d128": dict(B=1, H=7, W=14, heads=1, d=128, window=(7, 7), shift=(3, 3)),
     "w12_several_tiles_d16": dict(B=1, H=12, W=12, heads=1, d=16, window=(12, 12), shift=(5, 6)),
+    # the CUDA-core kernels (fa_simt.cuh): float32, head dims past 128 or not multiples of 8
+    "simt_f32_w7_shift3_qkv_views_d32": dict(B=1, H=14, W=14, heads=2, d=32, window=(7, 7), shift=(3, 3),
+                                             qkv_views=True, dtype=torch.float32),
+    "simt_f32_roll_then_pad_d20_dropout": dict(B=1, H=8, W=8, heads=2, d=20, window=(4, 4), shift=(2, 2),
+                                               unpadded=(7, 6), dropout_p=0.25, dtype=torch.float32),
+    "simt_f16_d160_w4x8_shift_one_axis": dict(B=1, H=8, W=16, heads=1, d=160, window=(4, 8), shift=(0, 3)),
 }
 
 
@@ -121,12 +127,13 @@ def test_emulated_window_op_argument_errors(emu):  # noqa: F811
     table = torch.randn(7 * 15, 2)
     geo = [8, 16, 4, 8, 2, 4, 8, 16]
     cases = [
-        ((q.float(), k.float(), v.float(), table, None, geo, 1.0, 0.0), "q: the CUDA kernels take float16 or bfloat16"),
+        ((q.double(), k.double(), v.double(), table, None, geo, 1.0, 0.0),
+         "q: the CUDA kernels take float16, bfloat16 or float32"),
         ((q[0], k, v, table, None, geo, 1.0, 0.0), "q: expected a 5-D tensor"),
         ((q, k.bfloat16(), v, table, None, geo, 1.0, 0.0), "k, v: dtypes must match q's"),
         ((q, k[:, :4], v, table, None, geo, 1.0, 0.0), "k: shape"),
-        ((q, k, h(1, 8, 16, 2, 8), table, None, geo, 1.0, 0.0), "v: head dim 8 must equal q's (16)"),
-        ((h(1, 8, 16, 2, 12),) * 3 + (table, None, geo, 1.0, 0.0), "q: head dim 12 is not supported"),
+        ((q, k, h(1, 8, 16, 2, 264), table, None, geo, 1.0, 0.0), "v: head dim 264 is not supported"),
+        ((h(1, 8, 16, 2, 272),) * 3 + (table, None, geo, 1.0, 0.0), "q: head dim 272 is not supported"),
         ((q, k, v, table, None, geo[:7], 1.0, 0.0), "geometry: expected [H, W, wh, ww, sh, sw, uh, uw]"),
         ((q, k, v, table, None, [8, 8, 4, 8, 2, 4, 8, 8], 1.0, 0.0), "geometry: image size"),
         ((q, k, v, table, None, [8, 16, 4, 32, 2, 4, 8, 16], 1.0, 0.0), "geometry: window"),

@@ -1,9 +1,12 @@
 // CUDA implementations of the fastattn::attention_fwd / attention_bwd and window_fwd / window_bwd operators
-// (schemas: csrc/ops.cpp).  Kernels: fa_kernels.cuh; argument checks and dispatch: fa_ops.cuh.
+// (schemas: csrc/ops.cpp).  Kernels: fa_kernels.cuh (tensor cores), fa_simt.cuh (CUDA cores); argument checks and
+// dispatch: fa_ops.cuh.
 //
-// Instantiations (kept few for build time): {float16, bfloat16} x padded head dim {64, 128} x {forward,
-// dK/dV, dQ} plus the Delta kernel per dtype -- 14 kernels, shared by the dense and the window ops.  Causal,
-// mask kind, dropout and the Swin window layout are runtime switches (uniform branches), not template parameters.
+// Instantiations (kept few for build time): tensor cores {float16, bfloat16} x padded head dim {64, 128} x
+// {forward, dK/dV, dQ}; CUDA cores {float16, bfloat16, float32} x {forward, dK/dV, dQ} (head dims are a runtime
+// value there); the Delta and split-KV merge kernels per dtype -- 27 kernels, shared by the dense and the window
+// ops.  Causal, mask kind, dropout, split-KV and the Swin window layout are runtime switches (uniform branches),
+// not template parameters.
 #include <torch/library.h>
 
 #include "fa_ops.cuh"

@@ -73,6 +73,8 @@ inline Warp& warp() { return *tls.cta->warps[tls.tid.x / 32]; }
 
 inline void syncthreads() { tls.cta->bar.arrive_and_wait(); }
 
+inline void syncwarp() { warp().bar.arrive_and_wait(); }
+
 inline float shfl_xor(float v, int lane_mask) {
   Warp& w = warp();
   const int lane = lane_id();

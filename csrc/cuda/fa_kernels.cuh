@@ -38,7 +38,8 @@
 //             double-buffered; also writes dS (the float mask's or the bias table's gradient) when asked.
 // Shared memory per CTA stays under 99 KiB (the opt-in limit of sm_86/sm_89; sm_80 and sm_90 allow more):
 // forward 36 KiB (DT 64) / 68 KiB (DT 128) with 2 K/V stages, dK/dV 55 / 68.5 KiB, dQ 54 / 68 KiB (static_asserts below; the window
-// layout adds none).  Registers, no spills (sm_80 / sm_90): forward 222 / 218 (DT 64), 204 / 207 (DT 128); dK/dV
+// layout adds none).  Registers, no spills (sm_80 / sm_90): forward 224 / 219 (DT 64), 206 / 209 (DT 128; +2 for
+// the split-KV epilogue); dK/dV
 // 219 / 226, 230 / 229; dQ 166 / 166, 157 / 158; Delta 32 -- as many CTAs per SM as before the window layout.  dQ
 // DT 64 sits just under 168, the most for 3 CTAs of 128 threads: a version needing more made ptxas spill instead.
 #pragma once
@@ -102,7 +103,7 @@ struct AttnParams {
   void* dv;
   int64_t dv_sb, dv_sh, dv_sm;
   float* dmask;
-  // sizes
+  // sizes (Dv, the head dim of v, out and dout, is the last member: see there)
   int B, Hq, Hkv, group, Lq, Lk, D;
   // score: s2 = q.k * scale_log2 (+ mask * log2 e); visible iff n <= m + causal_offset when causal
   int causal;
@@ -132,7 +133,21 @@ struct AttnParams {
   int shifted;              // shift_h > 0 || shift_w > 0: the region mask applies
   const float* table;
   int64_t q_sx, k_sx, v_sx, o_sx, do_sx, dq_sx, dk_sx, dv_sx;
+  // The head dim of v, out and dout: the tensor-core kernels need Dv == D, the CUDA-core ones (fa_simt.cuh) do not.
+  // Last, so that the members above keep their offsets: inserted after D it made the DT 64 dQ kernel on sm_90 need
+  // 2 more registers and spill (ptxas caps it at 168, 3 CTAs of 128 threads; it uses 166).
+  int Dv;
+  // Split-KV forward (flash-decoding; dense layout only): grid x = query blocks x num_splits, split s sees keys
+  // [s * keys_per_split, (s + 1) * keys_per_split) -- a multiple of kSplitKeyQuantum, so no K/V tile straddles two
+  // splits -- and writes its output normalised over those keys (float32) to out_split [num_splits, B, Hq, Lq, Dv]
+  // and its LSE (-inf: no key) to lse_split [num_splits, B, Hq, Lq]; attn_fwd_merge_kernel combines them.
+  // num_splits = 1: keys_per_split >= Lk and the forward writes out / lse itself.
+  int num_splits, keys_per_split;
+  float* out_split;
+  float* lse_split;
 };
+
+constexpr int kSplitKeyQuantum = 64;  // keys_per_split is a multiple of every forward K/V tile (32 or 64 keys)
 
 FA_DEVICE int imin(int a, int b) { return a < b ? a : b; }
 FA_DEVICE int imax(int a, int b) { return a > b ? a : b; }
@@ -468,7 +483,7 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const Group grp = cta_group(p);
-  const int m_block = blockIdx.x, h = blockIdx.y, b = grp.b;
+  const int m_block = blockIdx.x / p.num_splits, split = blockIdx.x % p.num_splits, h = blockIdx.y, b = grp.b;
   const int bh = grp.z * p.Hq + h, hk = h / p.group;
   const int m0 = m_block * BM;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
@@ -480,10 +495,12 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
   auto v_rows = [&](int n) { return row_offset(p, grp, p.v_sm, p.v_sx, n); };
   auto o_rows = [&](int m) { return row_offset(p, grp, p.o_sm, p.o_sx, m); };
 
-  // Keys any row of this block can see: the last valid row m sees n <= m + causal_offset.
-  int n_end = p.Lk;
-  if (p.causal) n_end = imin(p.Lk, imax(0, imin(m0 + BM, p.Lq) + p.causal_offset));
-  const int n_tiles = ceil_div(n_end, BN);
+  // Keys any row of this block can see (the last valid row m sees n <= m + causal_offset), within this split's
+  // range [n_begin, n_begin + keys_per_split); tile j holds keys n_begin + j BN ...
+  const int n_begin = split * p.keys_per_split;
+  int n_end = imin(p.Lk, n_begin + p.keys_per_split);
+  if (p.causal) n_end = imin(n_end, imax(0, imin(m0 + BM, p.Lq) + p.causal_offset));
+  const int n_tiles = n_end > n_begin ? ceil_div(n_end - n_begin, BN) : 0;
 
   // Pipeline prologue: Q (group 0), K/V tiles 0 .. STAGES - 2 (groups 1 .. STAGES - 1).  Every stage commits a
   // group, empty past the last tile, so that "tile j has landed" is always "at most STAGES - 1 groups pending".
@@ -492,8 +509,8 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
     if (st < n_tiles) {
-      load_tile_async<T, BN, DT, NT>(sK(st), kg, k_rows, st * BN, p.Lk, p.D, tid);
-      load_tile_async<T, BN, DT, NT>(sV(st), vg, v_rows, st * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sK(st), kg, k_rows, n_begin + st * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sV(st), vg, v_rows, n_begin + st * BN, p.Lk, p.D, tid);
     }
     cp_async_commit();
   }
@@ -527,8 +544,8 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
     const int ahead = j + STAGES - 1;
     if (ahead < n_tiles) {
       const int sa = ahead % STAGES;
-      load_tile_async<T, BN, DT, NT>(sK(sa), kg, k_rows, ahead * BN, p.Lk, p.D, tid);
-      load_tile_async<T, BN, DT, NT>(sV(sa), vg, v_rows, ahead * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sK(sa), kg, k_rows, n_begin + ahead * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sV(sa), vg, v_rows, n_begin + ahead * BN, p.Lk, p.D, tid);
     }
     cp_async_commit();
     cp_async_wait<STAGES - 1>();
@@ -539,7 +556,7 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
     }
     const T* kt = sK(st);
     const T* vt = sV(st);
-    const int n0 = j * BN;
+    const int n0 = n_begin + j * BN;
 
     // S = Q K^T for this warp's rows x BN keys (fp32).
     float s[MT][BN / 8][4];
@@ -623,6 +640,33 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
   cp_async_wait<0>();
   __syncthreads();  // sQ is free (when n_tiles == 0, Q's copy may still have been in flight)
 
+  if (p.num_splits > 1) {  // split-KV: this split's normalised output (float32) and LSE, straight from the fragments
+    const int64_t split_row0 = (static_cast<int64_t>(split) * p.B * p.Hq + bh) * p.Lq;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float l = row_sum[mt][r];
+        l += shfl_xor(l, 1);
+        l += shfl_xor(l, 2);
+        const int m = m0 + warp_row0 + 16 * mt + g + 8 * r;
+        if (m >= p.Lq) continue;
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        float* o = p.out_split + (split_row0 + m) * p.D;
+#pragma unroll
+        for (int nb = 0; nb < DT / 8; ++nb) {
+          const int c = 8 * nb + 2 * t;
+          if (c < p.D) {  // D is a multiple of 8: columns c and c + 1 are both in range
+            o[c] = acc[mt][nb][2 * r] * inv;
+            o[c + 1] = acc[mt][nb][2 * r + 1] * inv;
+          }
+        }
+        if (t == 0) p.lse_split[split_row0 + m] = l > 0.f ? (row_max[mt][r] + fast_log2(l)) * kLn2 : -INFINITY;
+      }
+    }
+    return;
+  }
+
   // Normalise, stage the tile through shared memory (16-byte global stores), write the LSE.
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -649,6 +693,53 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
   store_tile<T, BM, DT, NT>(og, o_rows, sQ, m0, p.Lq, p.D, tid);
 }
 
+// Split-KV merge (flash-decoding): with O_s, LSE_s each split's output (normalised over its keys) and log-sum-exp,
+// the result is LSE = log sum_s exp(LSE_s) and O = sum_s exp(LSE_s - LSE) O_s.  Computed online over the splits
+// with the forward's running-max rescale, in log2 units; a split that saw no key has LSE_s = -inf and weighs 0; a
+// row no split saw gets O = 0, LSE = -inf.  One warp per row (16 rows per CTA), lane l owns columns l + 32 i.
+constexpr int kMergeRows = 16;
+constexpr int kMergeCols = 256 / 32;  // head dims up to 256
+
+template <typename T>
+__global__ void __launch_bounds__(128) attn_fwd_merge_kernel(const AttnParams p) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const Group grp = cta_group(p);
+  const int h = blockIdx.y, bh = grp.z * p.Hq + h;
+  const int64_t split_stride = static_cast<int64_t>(p.B) * p.Hq * p.Lq;  // rows per split in the workspaces
+  T* og = static_cast<T*>(p.out) + grp.b * p.o_sb + h * p.o_sh;
+  for (int r = warp; r < kMergeRows; r += 4) {
+    const int m = blockIdx.x * kMergeRows + r;
+    if (m >= p.Lq) break;  // uniform across the warp
+    const int64_t row = static_cast<int64_t>(bh) * p.Lq + m;
+    float acc[kMergeCols];
+#pragma unroll
+    for (int i = 0; i < kMergeCols; ++i) acc[i] = 0.f;
+    float row_max = -INFINITY, row_sum = 0.f;
+    for (int s = 0; s < p.num_splits; ++s) {
+      const float lse2 = p.lse_split[s * split_stride + row] * kLog2e;
+      const float m_new = fmaxf(row_max, lse2);
+      const float m_sub = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = exp2f(row_max - m_sub), w = exp2f(lse2 - m_sub);
+      const float* o = p.out_split + (s * split_stride + row) * p.Dv;
+#pragma unroll
+      for (int i = 0; i < kMergeCols; ++i) {
+        const int c = lane + 32 * i;
+        if (c < p.Dv) acc[i] = acc[i] * alpha + w * o[c];
+      }
+      row_sum = row_sum * alpha + w;
+      row_max = m_new;
+    }
+    const float inv = row_sum > 0.f ? 1.f / row_sum : 0.f;
+    T* o = og + static_cast<int64_t>(m) * p.o_sm;
+#pragma unroll
+    for (int i = 0; i < kMergeCols; ++i) {
+      const int c = lane + 32 * i;
+      if (c < p.Dv) o[c] = from_float<T>(acc[i] * inv);
+    }
+    if (lane == 0) p.lse[row] = row_sum > 0.f ? (row_max + log2f(row_sum)) * kLn2 : -INFINITY;
+  }
+}
+
 // ==========================================================================================================
 // Backward
 // ==========================================================================================================
@@ -670,8 +761,7 @@ __global__ void __launch_bounds__(128) attn_bwd_delta_kernel(const AttnParams p)
     const T* o = og + row_offset(p, grp, p.o_sm, p.o_sx, m);
     const T* d = dog + row_offset(p, grp, p.do_sm, p.do_sx, m);
     float sum = 0.f;
-    for (int c = 2 * lane; c < p.D; c += 64)
-      sum += to_float(o[c]) * to_float(d[c]) + to_float(o[c + 1]) * to_float(d[c + 1]);
+    for (int c = lane; c < p.Dv; c += 32) sum += to_float(o[c]) * to_float(d[c]);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) sum += shfl_xor(sum, off);
     if (lane == 0) {
@@ -996,12 +1086,19 @@ void launch_over_z(Kernel kernel, int grid_x, int grid_y, int threads, size_t sm
   }
 }
 
+// After a split-KV forward: the merge into out / lse.
+template <typename T>
+void launch_fwd_merge(const AttnParams& p, Stream stream) {
+  if (p.num_splits > 1) launch_over_z(attn_fwd_merge_kernel<T>, ceil_div(p.Lq, kMergeRows), p.Hq, 128, 0, p, stream);
+}
+
 template <typename T, int DT>
 void launch_fwd(const AttnParams& p, Stream stream) {
   using Tile = FwdTile<DT>;
   if (p.B == 0 || p.Hq == 0 || p.Lq == 0) return;
-  launch_over_z(attn_fwd_kernel<T, DT>, ceil_div(p.Lq, Tile::kBM), p.Hq, Tile::kThreads,
+  launch_over_z(attn_fwd_kernel<T, DT>, ceil_div(p.Lq, Tile::kBM) * p.num_splits, p.Hq, Tile::kThreads,
                 Tile::template smem_bytes<T>(), p, stream);
+  launch_fwd_merge<T>(p, stream);
 }
 
 template <typename T, int DT>

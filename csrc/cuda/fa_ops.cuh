@@ -3,15 +3,20 @@
 // dispatch over dtype x padded head dim.  Device-agnostic except where marked, so that the same code also runs
 // with the host-emulated kernels (FASTATTN_EMULATE, CPU tensors; see fa_emulate_ops.cuh).
 //
-// Supported: float16 / bfloat16; head dims 8..128 in steps of 8 (Dv == Dqk), padded to 64 or 128; GQA/MQA;
-// causal top-left (1) / bottom-right (2); bool or float masks broadcastable to [B, Hq, Lq, Lk] (with the float
-// mask's gradient); dropout with the Philox stream of the Triton kernels; any (batch, head, row) strides of
-// q/k/v with a contiguous head dim.  Window ops: the same dtypes and head dims, any window / shift / unpadded
-// size, the bias table in any float dtype (read as float32; its gradient float32), any image strides.
+// Two kernel families behind the same ops (use_simt picks one per call):
+//   tensor cores (fa_kernels.cuh): float16 / bfloat16, head dims 8..128 in steps of 8 with Dv == Dqk, padded to
+//     64 or 128;
+//   CUDA cores (fa_simt.cuh): everything else up to head dim 256 -- float32, head dims 1..256 (Dqk and Dv each,
+//     any values, Dv may differ).
+// Both: GQA/MQA; causal top-left (1) / bottom-right (2); bool or float masks broadcastable to [B, Hq, Lq, Lk]
+// (with the float mask's gradient); dropout with the Philox stream of the Triton kernels; any (batch, head, row)
+// strides of q/k/v with a contiguous head dim.  Window ops: the same dtypes and head dims, any window / shift /
+// unpadded size, the bias table in any float dtype (read as float32; its gradient float32), any image strides.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -19,6 +24,7 @@
 #include <tuple>
 
 #include "fa_kernels.cuh"
+#include "fa_simt.cuh"
 #include "ops.h"  // csrc/ops.h: the output layouts shared with the fake implementations
 
 #ifndef FASTATTN_EMULATE
@@ -30,7 +36,26 @@
 
 namespace fastattn_cuda {
 
-constexpr int64_t kMaxHeadDim = 128;
+constexpr int64_t kMaxHeadDim = kSimtMaxDim;  // 256 (the CUDA-core kernels); 128 on tensor cores
+constexpr int64_t kMaxTensorCoreHeadDim = 128;
+
+// Does a call take the CUDA-core kernels (fa_simt.cuh)?  Everything the tensor-core kernels cannot: float32, head
+// dims past 128 or not a multiple of 8, Dv != Dqk.
+inline bool use_simt(at::ScalarType dtype, int64_t d, int64_t dv) {
+  return dtype == at::kFloat || d != dv || d % 8 != 0 || d > kMaxTensorCoreHeadDim;
+}
+
+inline void check_dtype(const at::Tensor& q) {
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat,
+              "q: the CUDA kernels take float16, bfloat16 or float32, got ", q.scalar_type());
+}
+
+inline void check_head_dims(int64_t d, int64_t dv) {
+  TORCH_CHECK(d >= 1 && d <= kMaxHeadDim, "q: head dim ", d, " is not supported by the CUDA kernels (1 to ",
+              kMaxHeadDim, ")");
+  TORCH_CHECK(dv >= 1 && dv <= kMaxHeadDim, "v: head dim ", dv, " is not supported by the CUDA kernels (1 to ",
+              kMaxHeadDim, ")");
+}
 
 inline Stream current_stream(const at::Tensor& q) {
 #ifdef FASTATTN_EMULATE
@@ -54,10 +79,13 @@ inline void check_device(const at::Tensor& q) {
 #endif
 }
 
-// The kernels copy 16-byte chunks with cp.async: the head dim (the last) must be contiguous and the other strides
-// and the data pointer 16-byte aligned.  Anything else (rare: odd views) is copied to a contiguous tensor.
-inline at::Tensor kernel_layout(const at::Tensor& t) {
-  const int64_t align = 16 / static_cast<int64_t>(t.element_size()), last = t.dim() - 1;
+// The tensor-core kernels copy 16-byte chunks with cp.async: the head dim (the last) must be contiguous and the
+// other strides and the data pointer 16-byte aligned.  The CUDA-core kernels read element by element: only the head
+// dim must be contiguous.  Anything else (rare: odd views) is copied to a contiguous tensor.
+inline at::Tensor kernel_layout(const at::Tensor& t, bool simt) {
+  const int64_t last = t.dim() - 1;
+  if (simt) return t.stride(last) == 1 || t.size(last) == 1 ? t : t.clone(at::MemoryFormat::Contiguous);
+  const int64_t align = 16 / static_cast<int64_t>(t.element_size());
   bool ok = t.stride(last) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int64_t i = 0; i < last; ++i)
     if (t.size(i) > 1 && t.stride(i) % align != 0) ok = false;
@@ -88,7 +116,8 @@ inline void set_dropout(AttnParams& p, const std::optional<at::Tensor>& seed, do
 
 struct Problem {
   at::Tensor q, k, v, mask;  // mask: expanded view or undefined
-  int64_t B, Hq, Hkv, Lq, Lk, D;
+  int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
+  bool simt;  // the CUDA-core kernels (use_simt)
 };
 
 // Checks q/k/v/mask/seed/causal/scale/dropout_p and fills the shared part of the kernel parameters.
@@ -97,13 +126,12 @@ inline Problem prepare(AttnParams& p, const at::Tensor& q_in, const at::Tensor& 
                        int64_t causal, double scale, double dropout_p) {
   TORCH_CHECK(q_in.defined() && q_in.dim() == 4, "q: expected a 4-D tensor [batch, heads, seq, head_dim]");
   check_device(q_in);
-  TORCH_CHECK(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16,
-              "q: the CUDA kernels take float16 or bfloat16, got ", q_in.scalar_type());
+  check_dtype(q_in);
   check_operand("k", k_in, q_in);
   check_operand("v", v_in, q_in);
   Problem pr;
   pr.B = q_in.size(0), pr.Hq = q_in.size(1), pr.Lq = q_in.size(2), pr.D = q_in.size(3);
-  pr.Hkv = k_in.size(1), pr.Lk = k_in.size(2);
+  pr.Hkv = k_in.size(1), pr.Lk = k_in.size(2), pr.Dv = v_in.size(3);
   TORCH_CHECK(k_in.size(0) == pr.B && v_in.size(0) == pr.B, "k, v: batch size must equal q's (", pr.B, "), got ",
               k_in.size(0), " and ", v_in.size(0));
   TORCH_CHECK(v_in.size(1) == pr.Hkv && v_in.size(2) == pr.Lk, "v: [batch, heads, seq] must equal k's ",
@@ -111,10 +139,7 @@ inline Problem prepare(AttnParams& p, const at::Tensor& q_in, const at::Tensor& 
   TORCH_CHECK(pr.Hkv > 0 && pr.Hq % pr.Hkv == 0, "k: the number of key/value heads (", pr.Hkv,
               ") must divide q's number of heads (", pr.Hq, ")");
   TORCH_CHECK(k_in.size(3) == pr.D, "k: head dim ", k_in.size(3), " must equal q's (", pr.D, ")");
-  TORCH_CHECK(v_in.size(3) == pr.D, "v: head dim ", v_in.size(3), " must equal q's (", pr.D,
-              "): the CUDA kernels need Dv == Dqk");
-  TORCH_CHECK(pr.D >= 8 && pr.D <= kMaxHeadDim && pr.D % 8 == 0, "q: head dim ", pr.D,
-              " is not supported by the CUDA kernels (multiples of 8 up to ", kMaxHeadDim, ")");
+  check_head_dims(pr.D, pr.Dv);
   TORCH_CHECK(pr.B <= 65535 && pr.Hq <= 65535, "q: batch (", pr.B, ") and heads (", pr.Hq,
               ") must each be at most 65535 (CUDA grid dimensions)");
   TORCH_CHECK(pr.Lq < (int64_t(1) << 31) && pr.Lk < (int64_t(1) << 31), "q, k: sequence lengths must fit in int32");
@@ -122,9 +147,10 @@ inline Problem prepare(AttnParams& p, const at::Tensor& q_in, const at::Tensor& 
   TORCH_CHECK(std::isfinite(scale), "scale: must be finite, got ", scale);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: must be in [0, 1), got ", dropout_p);
 
-  pr.q = kernel_layout(q_in);
-  pr.k = kernel_layout(k_in);
-  pr.v = kernel_layout(v_in);
+  pr.simt = use_simt(q_in.scalar_type(), pr.D, pr.Dv);
+  pr.q = kernel_layout(q_in, pr.simt);
+  pr.k = kernel_layout(k_in, pr.simt);
+  pr.v = kernel_layout(v_in, pr.simt);
 
   p = AttnParams{};
   p.q = pr.q.data_ptr();
@@ -135,7 +161,8 @@ inline Problem prepare(AttnParams& p, const at::Tensor& q_in, const at::Tensor& 
   p.v_sb = pr.v.stride(0), p.v_sh = pr.v.stride(1), p.v_sm = pr.v.stride(2);
   p.B = static_cast<int>(pr.B), p.Hq = static_cast<int>(pr.Hq), p.Hkv = static_cast<int>(pr.Hkv);
   p.group = static_cast<int>(pr.Hq / pr.Hkv);
-  p.Lq = static_cast<int>(pr.Lq), p.Lk = static_cast<int>(pr.Lk), p.D = static_cast<int>(pr.D);
+  p.Lq = static_cast<int>(pr.Lq), p.Lk = static_cast<int>(pr.Lk);
+  p.D = static_cast<int>(pr.D), p.Dv = static_cast<int>(pr.Dv);
   p.causal = causal != 0;
   p.causal_offset = static_cast<int>(fastattn::causal_offset(causal, pr.Lq, pr.Lk));
   p.scale = static_cast<float>(scale);
@@ -164,23 +191,67 @@ inline Problem prepare(AttnParams& p, const at::Tensor& q_in, const at::Tensor& 
   }
 
   set_dropout(p, seed, dropout_p);
+  p.num_splits = 1;  // the forward may split the keys (choose_splits)
+  p.keys_per_split = static_cast<int>(std::max<int64_t>(pr.Lk, 1));
   return pr;
 }
 
-// Launches the forward / backward kernels for q's dtype (float16 or bfloat16, checked by prepare*) and the padded
-// head dim on the current stream, once p points at every input and output.
-inline void dispatch_fwd(const AttnParams& p, const at::Tensor& q) {
+inline int multiprocessor_count(const at::Tensor& q) {
+#ifdef FASTATTN_EMULATE
+  (void)q;
+  return 132;  // an H100's
+#else
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
+  return sms;
+#endif
+}
+
+// Split-KV (flash-decoding): when the forward's (query block, batch, head) CTAs cannot fill the GPU -- Perceiver's
+// few latents against many pixels, decoding with Lq = 1 -- the keys are split so that about two waves of CTAs run,
+// each split keeping at least 4 x 64 keys so that the merge stays cheap next to the attention (the Triton backend's
+// rule, choose_num_splits).  FASTATTN_NUM_SPLITS forces a count (tests, experiments), as there.  Dense layout only.
+inline int64_t choose_splits(const Problem& pr, int sms) {
+  const int64_t quantum = kSplitKeyQuantum;
+  const int64_t key_blocks = std::max<int64_t>(1, (pr.Lk + quantum - 1) / quantum);
+  if (const char* forced = std::getenv("FASTATTN_NUM_SPLITS"); forced != nullptr && *forced != '\0')
+    return std::clamp<int64_t>(std::atoll(forced), 1, key_blocks);
+  const int64_t rows_per_cta = pr.simt ? kSimtBlock : FwdTile<64>::kBM;
+  const int64_t ctas = (pr.Lq + rows_per_cta - 1) / rows_per_cta * pr.B * pr.Hq;
+  if (ctas >= sms) return 1;
+  const int64_t max_splits = (pr.Lk + 4 * quantum - 1) / (4 * quantum);
+  return std::max<int64_t>(1, std::min<int64_t>({max_splits, (2 * sms + ctas - 1) / ctas, 128}));
+}
+static_assert(FwdTile<64>::kBM == FwdTile<128>::kBM, "choose_splits assumes one query block size");
+
+// Launches the forward / backward kernels for q's dtype (float16, bfloat16 or float32, checked by prepare*), the
+// kernel family (use_simt) and the padded head dim on the current stream, once p points at every input and output.
+inline void dispatch_fwd(const AttnParams& p, const at::Tensor& q, bool simt) {
   const Stream stream = current_stream(q);
   const bool half = q.scalar_type() == at::kHalf, d64 = p.D <= 64;
+  if (simt) {
+    if (q.scalar_type() == at::kFloat)
+      launch_simt_fwd<float>(p, stream);
+    else
+      half ? launch_simt_fwd<__half>(p, stream) : launch_simt_fwd<__nv_bfloat16>(p, stream);
+    return;
+  }
   if (half)
     d64 ? launch_fwd<__half, 64>(p, stream) : launch_fwd<__half, 128>(p, stream);
   else
     d64 ? launch_fwd<__nv_bfloat16, 64>(p, stream) : launch_fwd<__nv_bfloat16, 128>(p, stream);
 }
 
-inline void dispatch_bwd(const AttnParams& p, const at::Tensor& q) {
+inline void dispatch_bwd(const AttnParams& p, const at::Tensor& q, bool simt) {
   const Stream stream = current_stream(q);
   const bool half = q.scalar_type() == at::kHalf, d64 = p.D <= 64;
+  if (simt) {
+    if (q.scalar_type() == at::kFloat)
+      launch_simt_bwd<float>(p, stream);
+    else
+      half ? launch_simt_bwd<__half>(p, stream) : launch_simt_bwd<__nv_bfloat16>(p, stream);
+    return;
+  }
   if (half)
     d64 ? launch_bwd<__half, 64>(p, stream) : launch_bwd<__half, 128>(p, stream);
   else
@@ -197,14 +268,29 @@ inline std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, con
 #endif
   AttnParams p;
   Problem pr = prepare(p, q, k, v, mask, seed, causal, scale, dropout_p);
-  at::Tensor out = fastattn::empty_like_layout(q, pr.D, q.scalar_type());
+  at::Tensor out = fastattn::empty_like_layout(q, pr.Dv, q.scalar_type());
   at::Tensor lse = at::empty({pr.B, pr.Hq, pr.Lq}, q.options().dtype(at::kFloat));
   fastattn::maybe_poison(out);
   fastattn::maybe_poison(lse);
   p.out = out.data_ptr();
   p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sm = out.stride(2);
   p.lse = lse.data_ptr<float>();
-  dispatch_fwd(p, q);
+  at::Tensor out_split, lse_split;  // split-KV workspaces (AttnParams): [splits, B, Hq, Lq, Dv], [splits, B, Hq, Lq]
+  if (pr.Lq > 0 && pr.Lk > 0) {
+    const int64_t splits = choose_splits(pr, multiprocessor_count(q));
+    const int64_t per_split = (pr.Lk + splits - 1) / splits;
+    p.keys_per_split = static_cast<int>((per_split + kSplitKeyQuantum - 1) / kSplitKeyQuantum * kSplitKeyQuantum);
+    p.num_splits = static_cast<int>((pr.Lk + p.keys_per_split - 1) / p.keys_per_split);
+    if (p.num_splits > 1) {
+      out_split = at::empty({p.num_splits, pr.B, pr.Hq, pr.Lq, pr.Dv}, q.options().dtype(at::kFloat));
+      lse_split = at::empty({p.num_splits, pr.B, pr.Hq, pr.Lq}, q.options().dtype(at::kFloat));
+      p.out_split = out_split.data_ptr<float>();
+      p.lse_split = lse_split.data_ptr<float>();
+    } else {
+      p.keys_per_split = static_cast<int>(pr.Lk);
+    }
+  }
+  dispatch_fwd(p, q, pr.simt);
   return {out, lse};
 }
 
@@ -220,7 +306,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 #endif
   AttnParams p;
   Problem pr = prepare(p, q, k, v, mask, seed, causal, scale, dropout_p);
-  const std::vector<int64_t> out_shape{pr.B, pr.Hq, pr.Lq, pr.D};
+  const std::vector<int64_t> out_shape{pr.B, pr.Hq, pr.Lq, pr.Dv};
   check_operand("out", out_in, q);
   check_operand("dout", dout_in, q);
   TORCH_CHECK(out_in.sizes() == out_shape, "out: expected shape ", out_shape, ", got ", out_in.sizes());
@@ -229,7 +315,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   TORCH_CHECK(lse_in.defined() && lse_in.sizes() == row_shape && lse_in.scalar_type() == at::kFloat &&
                   lse_in.device() == q.device(),
               "lse: expected a float32 tensor of shape ", row_shape, " on ", q.device());
-  at::Tensor out = kernel_layout(out_in), dout = kernel_layout(dout_in), lse = lse_in.contiguous();
+  at::Tensor out = kernel_layout(out_in, pr.simt), dout = kernel_layout(dout_in, pr.simt), lse = lse_in.contiguous();
   at::Tensor dlse;
   if (dlse_in.has_value() && dlse_in->defined()) {
     TORCH_CHECK(dlse_in->sizes() == row_shape && dlse_in->device() == q.device() &&
@@ -242,7 +328,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 
   at::Tensor dq = fastattn::empty_like_layout(q, pr.D, q.scalar_type());
   at::Tensor dk = fastattn::empty_like_layout(k, pr.D, q.scalar_type());
-  at::Tensor dv = fastattn::empty_like_layout(v, pr.D, q.scalar_type());
+  at::Tensor dv = fastattn::empty_like_layout(v, pr.Dv, q.scalar_type());
   fastattn::maybe_poison(dq);
   fastattn::maybe_poison(dk);
   fastattn::maybe_poison(dv);
@@ -263,7 +349,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   p.dv = dv.data_ptr();
   p.dv_sb = dv.stride(0), p.dv_sh = dv.stride(1), p.dv_sm = dv.stride(2);
   p.dmask = mask_needs_grad ? dmask.data_ptr<float>() : nullptr;
-  dispatch_bwd(p, q);
+  dispatch_bwd(p, q, pr.simt);
   return {dq, dk, dv, dmask};
 }
 
@@ -278,7 +364,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 
 struct WindowProblem {
   at::Tensor q, k, v, table;  // kernel layouts; the table as float32, contiguous (undefined without one)
-  int64_t B, H, W, heads, D, wh, ww, windows, N;
+  int64_t B, H, W, heads, D, Dv, wh, ww, windows, N;
+  bool simt;  // the CUDA-core kernels (use_simt)
 };
 
 inline void check_image(const char* name, const at::Tensor& t) {
@@ -299,8 +386,7 @@ inline WindowProblem prepare_window(AttnParams& p, const at::Tensor& q_in, const
                                     double dropout_p) {
   check_image("q", q_in);
   check_device(q_in);
-  TORCH_CHECK(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16,
-              "q: the CUDA kernels take float16 or bfloat16, got ", q_in.scalar_type());
+  check_dtype(q_in);
   check_image("k", k_in);
   check_image("v", v_in);
   TORCH_CHECK(k_in.device() == q_in.device() && v_in.device() == q_in.device(), "k, v: expected tensors on q's device ",
@@ -311,20 +397,18 @@ inline WindowProblem prepare_window(AttnParams& p, const at::Tensor& q_in, const
   const fastattn::WindowGeometry geo = fastattn::check_window_args(q_in, k_in, v_in, table, geometry, scale, dropout_p);
   const int64_t H = geo.H, W = geo.W, wh = geo.wh, ww = geo.ww, sh = geo.sh, sw = geo.sw, uh = geo.uh, uw = geo.uw;
   WindowProblem wp;
-  wp.B = q_in.size(0), wp.H = H, wp.W = W, wp.heads = q_in.size(3), wp.D = q_in.size(4);
-  TORCH_CHECK(v_in.size(4) == wp.D, "v: head dim ", v_in.size(4), " must equal q's (", wp.D,
-              "): the CUDA kernels need Dv == Dqk");
-  TORCH_CHECK(wp.D >= 8 && wp.D <= kMaxHeadDim && wp.D % 8 == 0, "q: head dim ", wp.D,
-              " is not supported by the CUDA kernels (multiples of 8 up to ", kMaxHeadDim, ")");
+  wp.B = q_in.size(0), wp.H = H, wp.W = W, wp.heads = q_in.size(3), wp.D = q_in.size(4), wp.Dv = v_in.size(4);
+  check_head_dims(wp.D, wp.Dv);
+  wp.simt = use_simt(q_in.scalar_type(), wp.D, wp.Dv);
   wp.wh = wh, wp.ww = ww, wp.windows = (H / wh) * (W / ww), wp.N = wh * ww;
   TORCH_CHECK(wp.heads <= 65535, "q: heads (", wp.heads, ") must be at most 65535 (a CUDA grid dimension)");
   TORCH_CHECK(wp.B * H * W * wp.heads < (int64_t(1) << 31), "q: B * H * W * heads (", wp.B * H * W * wp.heads,
               ") must be below 2^31 (int32 row indices)");
   if (table.has_value() && table->defined()) wp.table = table->to(at::kFloat).contiguous();
 
-  wp.q = kernel_layout(q_in);
-  wp.k = kernel_layout(k_in);
-  wp.v = kernel_layout(v_in);
+  wp.q = kernel_layout(q_in, wp.simt);
+  wp.k = kernel_layout(k_in, wp.simt);
+  wp.v = kernel_layout(v_in, wp.simt);
   p = AttnParams{};
   p.q = wp.q.data_ptr();
   p.k = wp.k.data_ptr();
@@ -333,11 +417,12 @@ inline WindowProblem prepare_window(AttnParams& p, const at::Tensor& q_in, const
   image_strides(wp.k, p.k_sb, p.k_sh, p.k_sm, p.k_sx);
   image_strides(wp.v, p.v_sb, p.v_sh, p.v_sm, p.v_sx);
   p.B = static_cast<int>(wp.B * wp.windows), p.Hq = p.Hkv = static_cast<int>(wp.heads), p.group = 1;
-  p.Lq = p.Lk = static_cast<int>(wp.N), p.D = static_cast<int>(wp.D);
+  p.Lq = p.Lk = static_cast<int>(wp.N), p.D = static_cast<int>(wp.D), p.Dv = static_cast<int>(wp.Dv);
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.mask_kind = kMaskNone;
   set_dropout(p, seed, dropout_p);
+  p.num_splits = 1, p.keys_per_split = static_cast<int>(wp.N);  // windows are short: no split-KV
   p.window = 1;
   p.windows = static_cast<int>(wp.windows), p.windows_w = static_cast<int>(W / ww);
   p.win_h = static_cast<int>(wh), p.win_w = static_cast<int>(ww);
@@ -378,14 +463,14 @@ inline std::tuple<at::Tensor, at::Tensor> window_fwd(const at::Tensor& q, const 
 #endif
   AttnParams p;
   const WindowProblem wp = prepare_window(p, q, k, v, table, seed, geometry, scale, dropout_p);
-  at::Tensor out = at::empty({wp.B, wp.H, wp.W, wp.heads, wp.D}, q.options());
+  at::Tensor out = at::empty({wp.B, wp.H, wp.W, wp.heads, wp.Dv}, q.options());
   at::Tensor lse = at::empty({wp.B * wp.windows, wp.heads, wp.N}, q.options().dtype(at::kFloat));
   fastattn::maybe_poison(out);
   fastattn::maybe_poison(lse);
   p.out = out.data_ptr();
   image_strides(out, p.o_sb, p.o_sh, p.o_sm, p.o_sx);
   p.lse = lse.data_ptr<float>();
-  dispatch_fwd(p, q);
+  dispatch_fwd(p, q, wp.simt);
   return {out, lse};
 }
 
@@ -414,7 +499,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_bwd(
               "lse: expected a float32 tensor on ", q.device(), " of shape [B * windows, heads, N] = [", groups, ", ",
               wp.heads, ", ", wp.N, "], got ", lse_in.defined() ? lse_in.sizes() : at::IntArrayRef{});
   TORCH_CHECK(!table_needs_grad || wp.table.defined(), "table_needs_grad: True needs a table");
-  at::Tensor out = kernel_layout(out_in), dout = kernel_layout(dout_in), lse = lse_in.contiguous();
+  at::Tensor out = kernel_layout(out_in, wp.simt), dout = kernel_layout(dout_in, wp.simt), lse = lse_in.contiguous();
 
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), q.options()),
              dv = at::empty(v.sizes(), q.options());
@@ -440,7 +525,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_bwd(
   p.dv = dv.data_ptr();
   image_strides(dv, p.dv_sb, p.dv_sh, p.dv_sm, p.dv_sx);
   p.dmask = table_needs_grad ? dscores.data_ptr<float>() : nullptr;
-  dispatch_bwd(p, q);
+  dispatch_bwd(p, q, wp.simt);
   const at::Tensor dtable =
       table_needs_grad ? table_gradient(dscores, wp.wh, wp.ww) : at::empty({0}, q.options().dtype(at::kFloat));
   return {dq, dk, dv, dtable};

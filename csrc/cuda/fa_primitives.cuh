@@ -48,10 +48,12 @@ template <> struct Pair<__nv_bfloat16> { using type = __nv_bfloat162; };
 
 FA_DEVICE float to_float(__half x) { return __half2float(x); }
 FA_DEVICE float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+FA_DEVICE float to_float(float x) { return x; }  // (the CUDA-core kernels, fa_simt.cuh, also take float32)
 
 template <typename T> FA_DEVICE T from_float(float x);
 template <> FA_DEVICE __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <> FA_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> FA_DEVICE float from_float<float>(float x) { return x; }
 
 template <typename T> FA_DEVICE uint32_t pack2(float lo, float hi);
 template <> FA_DEVICE uint32_t pack2<__half>(float lo, float hi) {
@@ -98,6 +100,15 @@ FA_DEVICE float shfl_xor(float v, int lane_mask) {
   return fa_emu::shfl_xor(v, lane_mask);
 #else
   return __shfl_xor_sync(0xffffffffu, v, lane_mask);
+#endif
+}
+
+// Orders the warp's shared-memory writes before its lanes read each other's (a warp-level barrier).
+FA_DEVICE void syncwarp() {
+#ifdef FASTATTN_EMULATE
+  fa_emu::syncwarp();
+#else
+  __syncwarp();
 #endif
 }
 

@@ -6,12 +6,20 @@ registers (exp2 with log2(e) folded into the scale), the row log-sum-exp saved. 
 rowsum(dO * O) - dLSE, then a dK/dV kernel per key tile looping over the query tiles of every query head of its
 GQA group, and a separate dQ kernel -- no atomics, so the backward is bitwise reproducible.
 
-Supported: CUDA tensors on compute capability >= 8.0; float16 and bfloat16; head dims 8..128 in steps of 8
-(kernels for padded head dims 64 and 128), Dv == Dqk; GQA/MQA; causal top-left and bottom-right; bool and float
-masks broadcast by strides (the float mask's gradient too); dropout with the Philox stream of the other backends
-(bit-identical keep-masks); the log-sum-exp and its gradient; any (batch, head, sequence) strides with a
-contiguous head dim.  Declined, with the reason: other devices and dtypes (float32/float64: the triton backend),
-other head dims, Dv != Dqk.
+When the forward's query blocks cannot fill the GPU (few queries, many keys: Perceiver's latents, decoding), the
+keys are split across CTAs and the partial results merged by their LSE (split-KV, the Triton backend's rule;
+``FASTATTN_NUM_SPLITS`` forces a count).
+
+Everything the tensor cores cannot take runs on CUDA-core kernels of the same design (csrc/cuda/fa_simt.cuh):
+float32 (IEEE products and sums, no TF32), head dims past 128 or not multiples of 8, Dv != Dqk.  They are a
+complete fallback, not a fast path: in float32 the triton backend comes first in dispatch.
+
+Supported: CUDA tensors on compute capability >= 8.0; float16, bfloat16 (tensor cores for head dims 8..128 in
+steps of 8 with Dv == Dqk, padded to 64 or 128) and float32; head dims 1..256 for q/k and v each; GQA/MQA; causal
+top-left and bottom-right; bool and float masks broadcast by strides (the float mask's gradient too); dropout with
+the Philox stream of the other backends (bit-identical keep-masks); the log-sum-exp and its gradient; any (batch,
+head, sequence) strides with a contiguous head dim.  Declined, with the reason: other devices, float64 (the triton
+backend), head dims past 256.
 
 The ops are ``torch.ops.fastattn.attention_fwd`` / ``attention_bwd`` (schemas in csrc/ops.cpp, fake
 implementations in fastattn/_ext.py), so torch.compile sees them as opaque ops.
@@ -26,8 +34,10 @@ from .. import _ext
 from ..problem import AttentionProblem
 from .cpu import ExtensionBackend
 
-DTYPES = (torch.float16, torch.bfloat16)
-MIN_HEAD_DIM, MAX_HEAD_DIM, HEAD_DIM_STEP = 8, 128, 8
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256                # the CUDA-core kernels' limit, for q/k and v each
+MAX_TENSOR_CORE_HEAD_DIM = 128    # the tensor-core kernels: multiples of 8 up to 128, Dv == Dqk
 MAX_GRID_DIM = 65535  # batch and heads are CUDA grid dimensions (z, y)
 
 
@@ -57,12 +67,18 @@ def device_reasons(device: torch.device) -> List[str]:
 
 def head_dim_reasons(dim_qk: int, dim_v: int) -> List[str]:
     why = []
-    if not (MIN_HEAD_DIM <= dim_qk <= MAX_HEAD_DIM and dim_qk % HEAD_DIM_STEP == 0):
-        why.append(f"q: head dim {dim_qk} is not supported by the CUDA kernels (multiples of {HEAD_DIM_STEP} from "
-                   f"{MIN_HEAD_DIM} to {MAX_HEAD_DIM})")
-    if dim_v != dim_qk:
-        why.append(f"v: head dim {dim_v} differs from q's {dim_qk} (the CUDA kernels need Dv == Dqk)")
+    if not 1 <= dim_qk <= MAX_HEAD_DIM:
+        why.append(f"q: head dim {dim_qk} is not supported by the CUDA kernels (1 to {MAX_HEAD_DIM})")
+    if not 1 <= dim_v <= MAX_HEAD_DIM:
+        why.append(f"v: head dim {dim_v} is not supported by the CUDA kernels (1 to {MAX_HEAD_DIM})")
     return why
+
+
+def uses_tensor_cores(dtype: torch.dtype, dim_qk: int, dim_v: int) -> bool:
+    """Which kernels a call runs (csrc/cuda/fa_ops.cuh use_simt): tensor cores for float16/bfloat16 with
+    Dv == Dqk, a multiple of 8 up to 128; the CUDA-core kernels otherwise."""
+    return (dtype in TENSOR_CORE_DTYPES and dim_qk == dim_v and dim_qk % 8 == 0
+            and dim_qk <= MAX_TENSOR_CORE_HEAD_DIM)
 
 
 def window_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> List[str]:
@@ -70,7 +86,7 @@ def window_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> List[st
     fused path) cannot serve these [B, H, W, heads, d] inputs -- empty when they can."""
     why = device_reasons(q.device)
     if q.dtype not in DTYPES:
-        why.append(f"dtype {q.dtype} is not supported by the CUDA window kernels (float16, bfloat16)")
+        why.append(f"dtype {q.dtype} is not supported by the CUDA window kernels (float16, bfloat16, float32)")
     why += head_dim_reasons(q.shape[-1], v.shape[-1])
     if not why:
         err = _ext.error()
@@ -84,14 +100,15 @@ def window_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> List[st
 
 class CudaBackend(ExtensionBackend):
     name = "cuda"
-    summary = ("FlashAttention-2 CUDA C++ kernels (fastattn._C, mma.sync tensor cores): sm_80+, fp16/bf16, head "
-               "dims 8..128 (multiples of 8), Dv == Dqk, any strides, GQA, masks with gradient, dropout, both causal "
-               "alignments, LSE, deterministic backward")
+    summary = ("FlashAttention-2 CUDA C++ kernels (fastattn._C): sm_80+, fp16/bf16 on mma.sync tensor cores (head "
+               "dims 8..128, multiples of 8, Dv == Dqk), float32 and head dims up to 256 (Dv may differ) on CUDA "
+               "cores; any strides, GQA, masks with gradient, dropout, both causal alignments, LSE, deterministic "
+               "backward")
 
     def reasons(self, p: AttentionProblem) -> List[str]:
         why = device_reasons(p.device)
         if p.dtype not in DTYPES:
-            why.append(f"dtype {p.dtype} is not supported (float16, bfloat16; float32/float64 run on the triton "
+            why.append(f"dtype {p.dtype} is not supported (float16, bfloat16, float32; float64 runs on the triton "
                        "backend)")
         why += head_dim_reasons(p.dim_qk, p.dim_v)
         if p.batch > MAX_GRID_DIM or p.heads_q > MAX_GRID_DIM:
@@ -108,11 +125,16 @@ class CudaBackend(ExtensionBackend):
 
     def plan(self, p: AttentionProblem) -> str:
         """The launch configuration, for fastattn.explain."""
+        if not uses_tensor_cores(p.dtype, p.dim_qk, p.dim_v):
+            return (f"CUDA-core kernels (float32 arithmetic, head dims {p.dim_qk}/{p.dim_v}): forward and dQ CTAs of "
+                    "16 queries (4 warps x 4 rows) over 32-key tiles, dK/dV CTAs of 16 keys over 32-query tiles; "
+                    "split-KV forward when the query blocks cannot fill the GPU")
         padded = 64 if p.dim_qk <= 64 else 128
         warps = "4 warps x 32 rows" if padded == 64 else "8 warps x 16 rows"
         return (f"CUDA FlashAttention-2, head dim {p.dim_qk} padded to {padded}: forward CTAs of 128 queries "
                 f"({warps}) over 32-key tiles; backward dK/dV CTAs of 64 keys x {64 if padded == 64 else 32}-query "
-                f"tiles, dQ CTAs of 64 queries x {64 if padded == 64 else 32}-key tiles (4 warps)")
+                f"tiles, dQ CTAs of 64 queries x {64 if padded == 64 else 32}-key tiles (4 warps); split-KV forward "
+                "when the query blocks cannot fill the GPU")
 
     @staticmethod
     def _mask(p: AttentionProblem):
