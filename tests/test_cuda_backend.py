@@ -148,7 +148,9 @@ EMULATOR_SOURCE = '#define FASTATTN_EMULATE 1\n#include "fa_emulate_ops.cuh"\n'
 
 @pytest.fixture(scope="module")
 def emu():
-    """torch.ops.fastattn_emu: the CUDA kernels built for the host (cached in torch's extension directory)."""
+    """torch.ops.fastattn_emu: the CUDA kernels built for the host (cached in torch's extension directory).
+    FASTATTN_EMULATOR_FLAGS adds compiler flags -- a kernel variant's defines, e.g.
+    ``-DFASTATTN_FWD_D128_WARPS=4`` (built in a directory of its own)."""
     if os.environ.get("FASTATTN_SKIP_EMULATOR", "0") == "1":
         pytest.skip("FASTATTN_SKIP_EMULATOR=1")
     from torch.utils import cpp_extension
@@ -161,14 +163,16 @@ def emu():
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     if not cpp_extension.is_ninja_available() or shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("ninja or a C++ compiler is missing")
-    build_dir = os.path.join(cpp_extension.get_default_build_root(), "fastattn_emu")
+    variant_flags = os.environ.get("FASTATTN_EMULATOR_FLAGS", "").split()
+    variant = "".join(c if c.isalnum() else "_" for c in "_".join(variant_flags))
+    build_dir = os.path.join(cpp_extension.get_default_build_root(), "fastattn_emu" + (f"_{variant}" if variant else ""))
     os.makedirs(build_dir, exist_ok=True)
     source = os.path.join(build_dir, "fastattn_emu.cpp")
     if not os.path.exists(source) or open(source).read() != EMULATOR_SOURCE:
         with open(source, "w") as f:
             f.write(EMULATOR_SOURCE)
     cpp_extension.load(name="fastattn_emu", sources=[source], build_directory=build_dir,
-                       extra_cflags=["-O1"], extra_include_paths=[os.path.join(CSRC, "cuda"), CSRC, cuda_include],
+                       extra_cflags=["-O1"] + variant_flags, extra_include_paths=[os.path.join(CSRC, "cuda"), CSRC, cuda_include],
                        is_python_module=False, verbose=False)
     return torch.ops.fastattn_emu
 
@@ -387,6 +391,17 @@ def test_gpu_cuda_core_head_dims(dtype, shape, causal):
 def test_gpu_float32_masks_dropout_lse():
     _check(torch.float32, (2, 4, 2, 121, 137, 48), dropout_p=0.3, causal="top_left", return_lse=True,
            mask=torch.randn(2, 1, 137, dtype=torch.float64).requires_grad_())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("splits", ["auto", "5"])
+def test_gpu_split_kv_forward(dtype, splits, monkeypatch):
+    """Few queries, many keys (Perceiver's latents over pixels): 8 query blocks cannot fill the GPU, so the forward
+    splits the keys (auto), or a forced count; causal bottom-right leaves some splits without a visible key."""
+    if splits != "auto":
+        monkeypatch.setenv("FASTATTN_NUM_SPLITS", splits)
+    _check(dtype, (1, 4, 2, 70, 9000, 64), causal="bottom_right", return_lse=True)
 
 
 @pytest.mark.gpu

@@ -207,7 +207,7 @@ def _gpu_check(case, dtype, table=True, dropout_p=0.0, qkv_views=True):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])  # float32: the CUDA-core kernels
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
 def test_gpu_window_attention_matches_composite(case, dtype):
     _gpu_check(case, dtype)

@@ -39,7 +39,7 @@
 // Shared memory per CTA stays under 99 KiB (the opt-in limit of sm_86/sm_89; sm_80 and sm_90 allow more):
 // forward 36 KiB (DT 64) / 68 KiB (DT 128) with 2 K/V stages, dK/dV 55 / 68.5 KiB, dQ 54 / 68 KiB (static_asserts below; the window
 // layout adds none).  Registers, no spills (sm_80 / sm_90): forward 224 / 219 (DT 64), 206 / 209 (DT 128; +2 for
-// the split-KV epilogue); dK/dV
+// the split-KV epilogue; FASTATTN_FWD_D128_WARPS=4: 244 / 245); dK/dV
 // 219 / 226, 230 / 229; dQ 166 / 166, 157 / 158; Delta 32 -- as many CTAs per SM as before the window layout.  dQ
 // DT 64 sits just under 168, the most for 3 CTAs of 128 threads: a version needing more made ptxas spill instead.
 #pragma once
@@ -426,13 +426,24 @@ static_assert(FASTATTN_FWD_STAGES >= 2, "FASTATTN_FWD_STAGES: at least double bu
 #define FASTATTN_FWD_BN_D128 32
 #endif
 static_assert(FASTATTN_FWD_BN_D128 == 32 || FASTATTN_FWD_BN_D128 == 64, "FASTATTN_FWD_BN_D128: 32 or 64");
+// Warps of the DT 128 forward CTA (8 or 4; bench/NOTES.md entry 14).  8: 16 rows per warp, Q fragments in registers.
+// 4: 32 rows per warp (two m-tiles), as DT 64 -- each K/V fragment loaded from shared memory serves twice the MMAs,
+// which halves the ldmatrix traffic of K and V (the d128 forward's shared-memory reads exceed its MMA time by an
+// estimated 30 % with 8 warps) -- and Q re-read from shared memory at every k-step, since two m-tiles of Q fragments
+// (64 registers) next to their O accumulators (128) would not fit.  Unmeasured; 8 stays the default until then.
+#ifndef FASTATTN_FWD_D128_WARPS
+#define FASTATTN_FWD_D128_WARPS 8
+#endif
+static_assert(FASTATTN_FWD_D128_WARPS == 8 || FASTATTN_FWD_D128_WARPS == 4, "FASTATTN_FWD_D128_WARPS: 8 or 4");
 
 template <int DT>
 struct FwdTile {
   // DT 64: 4 warps x 32 rows (two 16-row m-tiles share every K/V fragment: half the ldmatrix traffic per MMA);
-  // DT 128: 8 warps x 16 rows (two m-tiles would need ~290 registers for O, S and the Q fragments).
-  static constexpr int kMT = DT <= 64 ? 2 : 1;  // 16-row m-tiles per warp
-  static constexpr int kWarps = DT <= 64 ? 4 : 8, kThreads = 32 * kWarps;
+  // DT 128: 8 warps x 16 rows (two m-tiles with Q fragments in registers would need ~290 registers for O, S and Q),
+  // or with FASTATTN_FWD_D128_WARPS=4 4 warps x 32 rows with Q read from shared memory (kQInSmem).
+  static constexpr bool kQInSmem = DT > 64 && FASTATTN_FWD_D128_WARPS == 4;
+  static constexpr int kMT = DT <= 64 || kQInSmem ? 2 : 1;  // 16-row m-tiles per warp
+  static constexpr int kWarps = DT <= 64 || kQInSmem ? 4 : 8, kThreads = 32 * kWarps;
   static constexpr int kBM = 16 * kMT * kWarps;   // queries per CTA (128)
   static constexpr int kBN = DT <= 64 ? 32 : FASTATTN_FWD_BN_D128;  // keys per K/V tile
   // K/V tiles in shared memory: tile j + kStages - 1 is fetched while tile j is used.  Measured on an H200
@@ -443,12 +454,36 @@ struct FwdTile {
   // Q is read into registers once, in the first iteration; when one stage's K + V tiles are at least as large as
   // the Q tile (64-key tiles), Q lives in the last stage's buffers -- which the first iteration fills only after
   // reading Q -- and the CTA needs no separate Q tile (DT 128, 64 keys: 68 KiB instead of 102).
-  static constexpr bool kAliasQ = 2 * kBN >= kBM;
+  static constexpr bool kAliasQ = 2 * kBN >= kBM && !kQInSmem;
   template <typename T>
   static constexpr size_t smem_bytes() {
     return size_t((kAliasQ ? 0 : kBM) + 2 * kStages * kBN) * kStride * sizeof(T);  // [Q], stages x (K, V)
   }
 };
+
+// c[mt] += A[mt] * B for MT 16-row A tiles read k-step by k-step from the row-major shared tile rows at `as` (tile mt
+// starts at row 16 mt): each B fragment pair is loaded once for all of them.
+template <typename T, int MT, int KS, int NB, bool KMAJOR>
+FA_DEVICE void gemm_ss_mt(float (&c)[MT][NB][4], const T* as, int a_stride, const T* bs, int stride, int lane) {
+  static_assert(NB % 2 == 0, "n-blocks come in pairs");
+  const int row = (lane & 7) + ((lane >> 3) & 1) * 8, col = (lane >> 4) * 8;
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], as + (16 * mt + row) * a_stride + ks * 16 + col);
+#pragma unroll
+    for (int np = 0; np < NB / 2; ++np) {
+      uint32_t b[4];
+      load_b_pair<KMAJOR>(b, bs, stride, np * 16, ks * 16, lane);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<T>(c[mt][2 * np], a[mt], b[0], b[1]);
+        mma_16816<T>(c[mt][2 * np + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
 
 // c[mt] += A[mt] * B for MT 16-row A tiles held in registers: each B fragment pair is loaded once for all of them.
 template <typename T, int MT, int KS, int NB, bool KMAJOR>
@@ -528,16 +563,19 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
     row_max[mt][0] = row_max[mt][1] = -INFINITY;
     row_sum[mt][0] = row_sum[mt][1] = 0.f;
   }
-  uint32_t qf[MT][KS][4];  // Q fragments, loaded once
+  // Q fragments, loaded once (a placeholder when Q is read from shared memory at every k-step: kQInSmem)
+  uint32_t qf[Tile::kQInSmem ? 1 : MT][Tile::kQInSmem ? 1 : KS][4];
 
   for (int j = 0; j < n_tiles; ++j) {
     const int st = j % STAGES;
-    if (Tile::kAliasQ && j == 0) {  // Q shares the buffers the prefetch below fills: read it into registers first
-      cp_async_wait<0>();
-      __syncthreads();
+    if constexpr (Tile::kAliasQ) {
+      if (j == 0) {  // Q shares the buffers the prefetch below fills: read it into registers first
+        cp_async_wait<0>();
+        __syncthreads();
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) load_a_frags<KS>(qf[mt], sQ + (warp_row0 + 16 * mt) * S, S, lane);
-      __syncthreads();
+        for (int mt = 0; mt < MT; ++mt) load_a_frags<KS>(qf[mt], sQ + (warp_row0 + 16 * mt) * S, S, lane);
+        __syncthreads();
+      }
     }
     // Prefetch tile j + STAGES - 1 into the buffer tile j - 1 used (freed by the __syncthreads at the end of
     // iteration j - 1), then wait for tile j (and Q): the STAGES - 1 newer groups may stay in flight.
@@ -550,9 +588,11 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
     cp_async_commit();
     cp_async_wait<STAGES - 1>();
     __syncthreads();
-    if (!Tile::kAliasQ && j == 0) {
+    if constexpr (!Tile::kAliasQ && !Tile::kQInSmem) {
+      if (j == 0) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) load_a_frags<KS>(qf[mt], sQ + (warp_row0 + 16 * mt) * S, S, lane);
+        for (int mt = 0; mt < MT; ++mt) load_a_frags<KS>(qf[mt], sQ + (warp_row0 + 16 * mt) * S, S, lane);
+      }
     }
     const T* kt = sK(st);
     const T* vt = sV(st);
@@ -564,7 +604,10 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int i = 0; i < BN / 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
-    gemm_rs_mt<T, MT, KS, BN / 8, false>(s, qf, kt, S, lane);
+    if constexpr (Tile::kQInSmem)
+      gemm_ss_mt<T, MT, KS, BN / 8, false>(s, sQ + warp_row0 * S, S, kt, S, lane);
+    else
+      gemm_rs_mt<T, MT, KS, BN / 8, false>(s, qf, kt, S, lane);
 
     // Element (mt, nb, i) is query m0 + warp_row0 + 16 mt + g + 8 (i / 2), key n0 + 8 nb + 2t + i % 2.
     if (tile_needs_mods(p, m0, m0 + BM, n0, n0 + BN)) {

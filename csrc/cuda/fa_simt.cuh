@@ -17,7 +17,7 @@
 //
 // Shared memory, head dims Dqk = Dv = 256: forward 84,480 B, dQ 101,376 B, dK/dV 101,376 B -- within the 99 KiB
 // opt-in limit of sm_86 / sm_89 (static_asserts below).  Registers (CUDA 13.0 ptxas, no spills), sm_80 / sm_90:
-// forward 172 / 176, dQ 204 / 211, dK/dV 210 / 209 -- two CTAs (8 warps) per SM.  __launch_bounds__(128, 2): without
+// forward 176 / 181, dQ 204 / 211, dK/dV 210 / 209 -- two CTAs (8 warps) per SM.  __launch_bounds__(128, 2): without
 // a minimum ptxas capped these kernels at 128 registers on sm_90 and spilled.  These kernels are a complete
 // fallback, not a fast path (unmeasured on a GPU so far): in float32 the Triton backend (tl.dot in IEEE precision)
 // comes first in dispatch.
@@ -49,15 +49,36 @@ FA_DEVICE_HOST_CONSTEXPR size_t simt_fwd_smem(int d, int dv) {  // Q [16] packed
   return sizeof(float) * (size_t(kSimtBlock) * simt_packed_stride(d) + size_t(kSimtTile) * simt_lane_stride(d) +
                           size_t(kSimtTile) * simt_packed_stride(dv) + kSimtBlock * kSimtTile);
 }
-FA_DEVICE_HOST_CONSTEXPR size_t simt_dq_smem(int d, int dv) {  // Q, dO [16] packed, K, V [32] lane, dS
+// The backward kernels are mirror images: the CTA's own 16 rows of a (head dim d, head dim dv) pair -- Q and dO for
+// dQ, K and V for dK/dV -- packed; the other side's 32-row tiles of the pair -- K and V, or Q and dO -- at lane
+// strides; then the per-warp [R][32] scratch (dS, or P then dS).
+FA_DEVICE_HOST_CONSTEXPR size_t simt_bwd_smem(int d, int dv) {
   return sizeof(float) * (size_t(kSimtBlock) * (simt_packed_stride(d) + simt_packed_stride(dv)) +
                           size_t(kSimtTile) * (simt_lane_stride(d) + simt_lane_stride(dv)) + kSimtBlock * kSimtTile);
 }
-FA_DEVICE_HOST_CONSTEXPR size_t simt_dkdv_smem(int d, int dv) {  // K, V [16] packed, Q, dO [32] lane, P / dS
-  return simt_dq_smem(d, dv);
-}
 static_assert(simt_fwd_smem(kSimtMaxDim, kSimtMaxDim) <= kSmemLimit, "CUDA-core forward, head dim 256");
-static_assert(simt_dq_smem(kSimtMaxDim, kSimtMaxDim) <= kSmemLimit, "CUDA-core dQ and dK/dV, head dim 256");
+static_assert(simt_bwd_smem(kSimtMaxDim, kSimtMaxDim) <= kSmemLimit, "CUDA-core dQ and dK/dV, head dim 256");
+
+struct SimtBwdSmem {
+  float* own_d;    // [16][own_ds]: the CTA's rows, head dim d (Q or K)
+  float* own_dv;   // [16][own_dvs]: head dim dv (dO or V)
+  float* tile_d;   // [32][tile_ds]: the other side's tile, head dim d (K or Q)
+  float* tile_dv;  // [32][tile_dvs]: head dim dv (V or dO)
+  float* scratch;  // [warps][R][32]
+  int own_ds, own_dvs, tile_ds, tile_dvs;
+};
+
+FA_DEVICE SimtBwdSmem simt_bwd_layout(char* smem, const AttnParams& p) {
+  SimtBwdSmem l;
+  l.own_ds = simt_packed_stride(p.D), l.own_dvs = simt_packed_stride(p.Dv);
+  l.tile_ds = simt_lane_stride(p.D), l.tile_dvs = simt_lane_stride(p.Dv);
+  l.own_d = reinterpret_cast<float*>(smem);
+  l.own_dv = l.own_d + kSimtBlock * l.own_ds;
+  l.tile_d = l.own_dv + kSimtBlock * l.own_dvs;
+  l.tile_dv = l.tile_d + kSimtTile * l.tile_ds;
+  l.scratch = l.tile_dv + kSimtTile * l.tile_dvs;
+  return l;
+}
 
 // Copies rows [row0, row0 + ROWS) of a [nrows, d] slice (rows(m): row m's element offset) into the float32 tile
 // [ROWS][stride], converting from T; rows >= nrows and columns >= d are zero.
@@ -243,13 +264,9 @@ template <typename T>
 __global__ void __launch_bounds__(kSimtThreads, 2) attn_bwd_dq_simt_kernel(const AttnParams p) {
   constexpr int R = kSimtRows;
   FA_SHARED_MEMORY(smem);
-  const int qs = simt_packed_stride(p.D), os = simt_packed_stride(p.Dv);
-  const int ks = simt_lane_stride(p.D), vs = simt_lane_stride(p.Dv);
-  float* const sQ = reinterpret_cast<float*>(smem);  // [16][qs]
-  float* const sdO = sQ + kSimtBlock * qs;            // [16][os]
-  float* const sK = sdO + kSimtBlock * os;            // [32][ks]
-  float* const sV = sK + kSimtTile * ks;              // [32][vs]
-  float* const sdS = sV + kSimtTile * vs;             // [warps][R][32]
+  const SimtBwdSmem l = simt_bwd_layout(smem, p);
+  float *const sQ = l.own_d, *const sdO = l.own_dv, *const sK = l.tile_d, *const sV = l.tile_dv, *const sdS = l.scratch;
+  const int qs = l.own_ds, os = l.own_dvs, ks = l.tile_ds, vs = l.tile_dvs;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const Group grp = cta_group(p);
@@ -319,13 +336,9 @@ template <typename T>
 __global__ void __launch_bounds__(kSimtThreads, 2) attn_bwd_dkdv_simt_kernel(const AttnParams p) {
   constexpr int R = kSimtRows;
   FA_SHARED_MEMORY(smem);
-  const int kps = simt_packed_stride(p.D), vps = simt_packed_stride(p.Dv);
-  const int qs = simt_lane_stride(p.D), os = simt_lane_stride(p.Dv);
-  float* const sK = reinterpret_cast<float*>(smem);  // [16][kps]
-  float* const sV = sK + kSimtBlock * kps;            // [16][vps]
-  float* const sQ = sV + kSimtBlock * vps;            // [32][qs]
-  float* const sdO = sQ + kSimtTile * qs;             // [32][os]
-  float* const sW = sdO + kSimtTile * os;             // [warps][R][32]: P, then dS
+  const SimtBwdSmem l = simt_bwd_layout(smem, p);
+  float *const sK = l.own_d, *const sV = l.own_dv, *const sQ = l.tile_d, *const sdO = l.tile_dv, *const sW = l.scratch;
+  const int kps = l.own_ds, vps = l.own_dvs, qs = l.tile_ds, os = l.tile_dvs;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const Group grp = cta_group(p);
@@ -411,10 +424,10 @@ void launch_simt_bwd(const AttnParams& p, Stream stream) {
   if (p.Lq > 0) launch_over_z(attn_bwd_delta_kernel<T>, ceil_div(p.Lq, kDeltaRows), p.Hq, 128, 0, p, stream);
   if (p.Lk > 0)
     launch_over_z(attn_bwd_dkdv_simt_kernel<T>, ceil_div(p.Lk, kSimtBlock), p.Hkv, kSimtThreads,
-                  simt_dkdv_smem(p.D, p.Dv), p, stream);
+                  simt_bwd_smem(p.D, p.Dv), p, stream);
   if (p.Lq > 0)
     launch_over_z(attn_bwd_dq_simt_kernel<T>, ceil_div(p.Lq, kSimtBlock), p.Hq, kSimtThreads,
-                  simt_dq_smem(p.D, p.Dv), p, stream);
+                  simt_bwd_smem(p.D, p.Dv), p, stream);
 }
 
 }  // namespace fastattn_cuda
