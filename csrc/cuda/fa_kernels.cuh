@@ -37,11 +37,11 @@
 //   dQ:       CTA = 64 queries of one (b, h), 4 warps x 16 rows; K/V tiles (64 keys, 32 for DT 128)
 //             double-buffered; also writes dS (the float mask's or the bias table's gradient) when asked.
 // Shared memory per CTA stays under 99 KiB (the opt-in limit of sm_86/sm_89; sm_80 and sm_90 allow more):
-// forward 36 KiB (DT 64) / 68 KiB (DT 128) with 2 K/V stages, dK/dV 55 / 68.5 KiB, dQ 54 / 68 KiB (static_asserts below; the window
-// layout adds none).  Registers, no spills (sm_80 / sm_90): forward 224 / 219 (DT 64), 206 / 209 (DT 128; +2 for
-// the split-KV epilogue; FASTATTN_FWD_D128_WARPS=4: 244 / 245); dK/dV
-// 219 / 226, 230 / 229; dQ 166 / 166, 157 / 158; Delta 32 -- as many CTAs per SM as before the window layout.  dQ
-// DT 64 sits just under 168, the most for 3 CTAs of 128 threads: a version needing more made ptxas spill instead.
+// forward 36 KiB (DT 64) / 68 KiB (DT 128) with 2 K/V stages, dK/dV 55 / 68.5 KiB, dQ 54 / 68 KiB (static_asserts
+// below; the window layout adds none).  Registers, no spills (sm_80 / sm_90): forward 226 / 221 (DT 64), 206 / 209
+// (DT 128; +2 for the split-KV epilogue; FASTATTN_FWD_D128_WARPS=4: 244 / 245); dK/dV 219 / 226, 230 / 229; dQ
+// 166 / 166, 157 / 158; Delta 39 -- as many CTAs per SM as before the window layout.  dQ DT 64 sits just under 168,
+// the most for 3 CTAs of 128 threads: a version needing more made ptxas spill instead.
 #pragma once
 
 #include <cmath>
@@ -553,6 +553,7 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
   // This warp owns rows [warp_row0, warp_row0 + 16 MT) of the block: m-tile mt holds rows 16 mt + g and
   // 16 mt + g + 8 in this lane (index r = 0, 1 below).
   const int warp_row0 = warp * 16 * MT;
+  const bool warp_active = m0 + warp_row0 < p.Lq;
   float acc[MT][DT / 8][4];  // O (unnormalised)
   float row_max[MT][2];      // running max of s2 per row (log2 domain)
   float row_sum[MT][2];      // this lane's part of sum exp2(s2 - row_max) per row
@@ -594,90 +595,94 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
         for (int mt = 0; mt < MT; ++mt) load_a_frags<KS>(qf[mt], sQ + (warp_row0 + 16 * mt) * S, S, lane);
       }
     }
-    const T* kt = sK(st);
-    const T* vt = sV(st);
-    const int n0 = n_begin + j * BN;
+    // A warp whose rows all lie past Lq skips the products and the softmax (it still loads and meets the
+    // barriers): the last query block of a sequence, and half the warps of a Swin window CTA (49 of 128 rows).
+    if (warp_active) {
+      const T* kt = sK(st);
+      const T* vt = sV(st);
+      const int n0 = n_begin + j * BN;
 
-    // S = Q K^T for this warp's rows x BN keys (fp32).
-    float s[MT][BN / 8][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int i = 0; i < BN / 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
-    if constexpr (Tile::kQInSmem)
-      gemm_ss_mt<T, MT, KS, BN / 8, false>(s, sQ + warp_row0 * S, S, kt, S, lane);
-    else
-      gemm_rs_mt<T, MT, KS, BN / 8, false>(s, qf, kt, S, lane);
-
-    // Element (mt, nb, i) is query m0 + warp_row0 + 16 mt + g + 8 (i / 2), key n0 + 8 nb + 2t + i % 2.
-    if (tile_needs_mods(p, m0, m0 + BM, n0, n0 + BN)) {
+      // S = Q K^T for this warp's rows x BN keys (fp32).
+      float s[MT][BN / 8][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nb = 0; nb < BN / 8; ++nb)
-#pragma unroll
-          for (int i = 0; i < 4; ++i)
-            s[mt][nb][i] = modified_score(p, grp, mask, s[mt][nb][i], m0 + warp_row0 + 16 * mt + g + 8 * (i / 2),
-                                          n0 + 8 * nb + 2 * t + (i % 2));
-    } else {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nb = 0; nb < BN / 8; ++nb)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) s[mt][nb][i] *= p.scale_log2;
-    }
+        for (int i = 0; i < BN / 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
+      if constexpr (Tile::kQInSmem)
+        gemm_ss_mt<T, MT, KS, BN / 8, false>(s, sQ + warp_row0 * S, S, kt, S, lane);
+      else
+        gemm_rs_mt<T, MT, KS, BN / 8, false>(s, qf, kt, S, lane);
 
-    // Online softmax.  Row r of an m-tile is spread over the 4 lanes of its quad (same g): reduce the tile max
-    // with two xor-shuffles.  With the new max m_new, everything accumulated so far was relative to the old
-    // max, so O and the partial sums are rescaled by alpha = exp2(m_old - m_new).  A row that has seen only
-    // -inf keeps m_new = -inf; subtracting 0 instead keeps exp2 away from (-inf) - (-inf) = NaN.
+      // Element (mt, nb, i) is query m0 + warp_row0 + 16 mt + g + 8 (i / 2), key n0 + 8 nb + 2t + i % 2.
+      if (tile_needs_mods(p, m0, m0 + BM, n0, n0 + BN)) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = -INFINITY;
+          for (int nb = 0; nb < BN / 8; ++nb)
 #pragma unroll
-        for (int nb = 0; nb < BN / 8; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * r], s[mt][nb][2 * r + 1]));
-        mx = fmaxf(mx, shfl_xor(mx, 1));
-        mx = fmaxf(mx, shfl_xor(mx, 2));
-        const float m_new = fmaxf(row_max[mt][r], mx);
-        const float m_sub = m_new == -INFINITY ? 0.f : m_new;
-        const float alpha = fast_exp2(row_max[mt][r] - m_sub);
-        row_max[mt][r] = m_new;
-        float sum = 0.f;
+            for (int i = 0; i < 4; ++i)
+              s[mt][nb][i] = modified_score(p, grp, mask, s[mt][nb][i], m0 + warp_row0 + 16 * mt + g + 8 * (i / 2),
+                                            n0 + 8 * nb + 2 * t + (i % 2));
+      } else {
 #pragma unroll
-        for (int nb = 0; nb < BN / 8; ++nb) {
-          s[mt][nb][2 * r] = fast_exp2(s[mt][nb][2 * r] - m_sub);
-          s[mt][nb][2 * r + 1] = fast_exp2(s[mt][nb][2 * r + 1] - m_sub);
-          sum += s[mt][nb][2 * r] + s[mt][nb][2 * r + 1];
-        }
-        row_sum[mt][r] = row_sum[mt][r] * alpha + sum;  // the normaliser counts probabilities before dropout
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nb = 0; nb < DT / 8; ++nb) {
-          acc[mt][nb][2 * r] *= alpha;
-          acc[mt][nb][2 * r + 1] *= alpha;
+          for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) s[mt][nb][i] *= p.scale_log2;
+      }
+
+      // Online softmax.  Row r of an m-tile is spread over the 4 lanes of its quad (same g): reduce the tile max
+      // with two xor-shuffles.  With the new max m_new, everything accumulated so far was relative to the old
+      // max, so O and the partial sums are rescaled by alpha = exp2(m_old - m_new).  A row that has seen only
+      // -inf keeps m_new = -inf; subtracting 0 instead keeps exp2 away from (-inf) - (-inf) = NaN.
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float mx = -INFINITY;
+#pragma unroll
+          for (int nb = 0; nb < BN / 8; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * r], s[mt][nb][2 * r + 1]));
+          mx = fmaxf(mx, shfl_xor(mx, 1));
+          mx = fmaxf(mx, shfl_xor(mx, 2));
+          const float m_new = fmaxf(row_max[mt][r], mx);
+          const float m_sub = m_new == -INFINITY ? 0.f : m_new;
+          const float alpha = fast_exp2(row_max[mt][r] - m_sub);
+          row_max[mt][r] = m_new;
+          float sum = 0.f;
+#pragma unroll
+          for (int nb = 0; nb < BN / 8; ++nb) {
+            s[mt][nb][2 * r] = fast_exp2(s[mt][nb][2 * r] - m_sub);
+            s[mt][nb][2 * r + 1] = fast_exp2(s[mt][nb][2 * r + 1] - m_sub);
+            sum += s[mt][nb][2 * r] + s[mt][nb][2 * r + 1];
+          }
+          row_sum[mt][r] = row_sum[mt][r] * alpha + sum;  // the normaliser counts probabilities before dropout
+#pragma unroll
+          for (int nb = 0; nb < DT / 8; ++nb) {
+            acc[mt][nb][2 * r] *= alpha;
+            acc[mt][nb][2 * r + 1] *= alpha;
+          }
         }
       }
-    }
-    if (p.dropout) {  // element e = (mt (BN/8) + nb) 4 + i
-      const uint32_t keep = dropout_keep_bits<MT * BN / 2>(
-          p, bh, [&](int e) { return m0 + warp_row0 + 16 * (e / (BN / 2)) + g + 8 * ((e % 4) / 2); },
-          [&](int e) { return n0 + 8 * ((e / 4) % (BN / 8)) + 2 * t + (e % 2); });
+      if (p.dropout) {  // element e = (mt (BN/8) + nb) 4 + i
+        const uint32_t keep = dropout_keep_bits<MT * BN / 2>(
+            p, bh, [&](int e) { return m0 + warp_row0 + 16 * (e / (BN / 2)) + g + 8 * ((e % 4) / 2); },
+            [&](int e) { return n0 + 8 * ((e / 4) % (BN / 8)) + 2 * t + (e % 2); });
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nb = 0; nb < BN / 8; ++nb)
+          for (int nb = 0; nb < BN / 8; ++nb)
 #pragma unroll
-          for (int i = 0; i < 4; ++i)
-            s[mt][nb][i] = (keep >> ((mt * (BN / 8) + nb) * 4 + i)) & 1u ? s[mt][nb][i] * p.drop_scale : 0.f;
-    }
+            for (int i = 0; i < 4; ++i)
+              s[mt][nb][i] = (keep >> ((mt * (BN / 8) + nb) * 4 + i)) & 1u ? s[mt][nb][i] * p.drop_scale : 0.f;
+      }
 
-    // O += P V: P (rounded to T) goes from C to A fragments in registers; V is the k-major B operand.
-    uint32_t pf[MT][BN / 16][4];
+      // O += P V: P (rounded to T) goes from C to A fragments in registers; V is the k-major B operand.
+      uint32_t pf[MT][BN / 16][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) c_to_a<T, BN / 8>(pf[mt], s[mt]);
-    gemm_rs_mt<T, MT, BN / 16, DT / 8, true>(acc, pf, vt, S, lane);
+      for (int mt = 0; mt < MT; ++mt) c_to_a<T, BN / 8>(pf[mt], s[mt]);
+      gemm_rs_mt<T, MT, BN / 16, DT / 8, true>(acc, pf, vt, S, lane);
+    }
     __syncthreads();  // every warp is done with buffer st before iteration j + 1 prefetches into it
   }
   cp_async_wait<0>();

@@ -17,7 +17,7 @@
 //
 // Shared memory, head dims Dqk = Dv = 256: forward 84,480 B, dQ 101,376 B, dK/dV 101,376 B -- within the 99 KiB
 // opt-in limit of sm_86 / sm_89 (static_asserts below).  Registers (CUDA 13.0 ptxas, no spills), sm_80 / sm_90:
-// forward 176 / 181, dQ 204 / 211, dK/dV 210 / 209 -- two CTAs (8 warps) per SM.  __launch_bounds__(128, 2): without
+// forward 168 / 172, dQ 204 / 211, dK/dV 210 / 209 -- two CTAs (8 warps) per SM.  __launch_bounds__(128, 2): without
 // a minimum ptxas capped these kernels at 128 registers on sm_90 and spilled.  These kernels are a complete
 // fallback, not a fast path (unmeasured on a GPU so far): in float32 the Triton backend (tl.dot in IEEE precision)
 // comes first in dispatch.
@@ -195,6 +195,7 @@ __global__ void __launch_bounds__(kSimtThreads, 2) attn_fwd_simt_kernel(const At
     simt_load_rows<kSimtTile>(sV, vs, vg, [&](int n) { return row_offset(p, grp, p.v_sm, p.v_sx, n); }, n0, p.Lk,
                               p.Dv, tid);
     __syncthreads();
+    if (mw >= p.Lq) continue;  // a warp whose rows all lie past Lq only helps load and meets the barriers
     const int n = n0 + lane;
     float s[R];
 #pragma unroll
