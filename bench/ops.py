@@ -15,11 +15,13 @@ Cases (GPU shapes; --quick and CPU runs shrink the batch / frames, the per-windo
                   64 (6 over space, 6 over time), batch 4
     perceiver     Perceiver ImageNet cross-attention: 512 latents vs 50,176 pixels (224^2), 1 head, qk 261, v 261,
                   batch 8
+    cross-d64     multi-head cross-attention with few queries: 256 latents vs 16,384 inputs, 4 heads of 64, batch 2
+                  (16 query blocks of 128: both GPU backends split the keys, split-KV)
 Implementations (rows):
     fastattn      the fused op (fastattn.window_attention / temporal_attention / spatial_attention /
                   factorised_dot_product_attention / attention), default dispatch (the Triton kernels on a GPU)
     fastattn-cuda the same op on the CUDA C++ kernels (backend="cuda"; GPU only; Perceiver's head dim 261 is
-                  beyond them, so that case has no such row)
+                  beyond them (at most 256), so that case has no such row)
     composite     what a user writes today with torch's fused SDPA: Swin = timm's block (roll, window partition,
                   SDPA with the bias + shift-mask tensor, window reverse, roll back); space-time = TimeSformer's
                   rearrange + SDPA + rearrange (with cls repeat + cat + mean for the spatial half); ViViT model 4 =
@@ -236,6 +238,12 @@ def perceiver_inputs(B, N, M, dqk, dv, dtype, device, gen):
                 v=torch.randn(B, 1, M, dv, generator=gen).to(device, dtype))
 
 
+def cross_inputs(B, H, N, M, d, dtype, device, gen):
+    return dict(q=torch.randn(B, H, N, d, generator=gen).to(device, dtype),
+                k=torch.randn(B, H, M, d, generator=gen).to(device, dtype),
+                v=torch.randn(B, H, M, d, generator=gen).to(device, dtype))
+
+
 def perceiver_fastattn(x, backend=None):
     return fastattn.attention(x["q"], x["k"], x["v"], backend=backend)
 
@@ -316,6 +324,13 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
                     lambda dt, dev, g, B=B, N=N, M=M, dqk=dqk, dv=dv: perceiver_inputs(B, N, M, dqk, dv, dt, dev, g),
                     {"fastattn": perceiver_fastattn, "composite": perceiver_composite},
                     2.0 * B * N * M * (dqk + dv), 1.0 * B * (N * dqk + M * (dqk + dv) + N * dv), ["q", "k", "v"]))
+
+    B, H, N, M, d = (1 if small else 2), 4, (64 if small else 256), (2048 if small else 16384), 64
+    out.append(Case("cross-d64", f"B={B} latents {N} inputs {M} heads {H}x{d}",
+                    lambda dt, dev, g, B=B, H=H, N=N, M=M, d=d: cross_inputs(B, H, N, M, d, dt, dev, g),
+                    with_cuda({"fastattn": perceiver_fastattn, "composite": perceiver_composite},
+                              lambda x: perceiver_fastattn(x, backend="cuda")),
+                    4.0 * B * H * N * M * d, 1.0 * B * H * (2 * N * d + 2 * M * d), ["q", "k", "v"]))
     return out
 
 
@@ -420,7 +435,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="scaled-down shapes (always on CPU)")
     ap.add_argument("--dtypes", default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    ap.add_argument("--cases", default=None, help="comma-separated prefixes of case names (swin,tsf,vivit,perceiver)")
+    ap.add_argument("--cases", default=None,
+                    help="comma-separated prefixes of case names (swin,tsf,vivit,perceiver,cross)")
     ap.add_argument("--impls", default=None, help="comma-separated implementations (composite is always run)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out-dir", default=str(REPO_ROOT / "bench" / "results"))
