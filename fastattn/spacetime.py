@@ -420,6 +420,16 @@ def _key_scores(tokens: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return torch.bmm(tokens.reshape(B, M, heads * d), (key.unsqueeze(-1) * eye).reshape(B, heads * d, heads))
 
 
+def _merge_one_key(out: torch.Tensor, lse: torch.Tensor, score: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The attention output over a key set plus one more key: ``out``, ``lse`` over the set (``[..., dv]``,
+    ``[...]``), ``score`` the extra key's scaled score per query and ``value`` its value (broadcast).  With
+    a = exp(lse) and c = exp(score), the merged output is (a out + c value) / (a + c) = out + w (value - out) with
+    w = c / (a + c) = sigmoid(score - lse): one lerp (and no LSE), instead of separate exp / multiply / add passes
+    over the [..., dv] outputs.  A set no query saw (lse = -inf) gives w = 1: the extra key alone."""
+    w = torch.sigmoid(score - lse).unsqueeze(-1)
+    return torch.lerp(out.to(w.dtype), value.to(w.dtype), w).to(out.dtype)
+
+
 def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_frames: int,
                       cls_token: bool = True, token_order: str = "nt", scale: Optional[float] = None,
                       dropout_p: float = 0.0, backend=None) -> torch.Tensor:
@@ -467,18 +477,14 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_
         # Patch queries: one call over the frame's patch keys, then the cls key merged in by the LSE.
         out_p, lse_p = _attend(qp, kp, vp, [n_dim], **kw, return_lse=True)
         s = _key_scores(q[:, 1:], kc).view(B, *grid, heads).to(lse_p.dtype) * scale  # scale q.k_cls per query
-        lse = torch.logaddexp(lse_p, s)
-        out_p = (torch.exp(lse_p - lse).unsqueeze(-1) * out_p
-                 + torch.exp(s - lse).unsqueeze(-1) * vc.view(*one, dv)).to(out_p.dtype)
+        out_p = _merge_one_key(out_p, lse_p, s, vc.view(*one, dv))
         # The cls query: per frame and head, one query over the frame's patch keys, then its own key merged.
         shape = list(qp.shape)
         shape[n_dim] = 1
         qcr = qc.view(*one, d).expand(shape).contiguous()                      # [B, .., 1, .., heads, d]: T tokens
         out_c, lse_c = _attend(qcr, kp, vp, [n_dim], **kw, return_lse=True)
         s_cc = ((qc * kc).sum(-1).to(lse_c.dtype) * scale).view(B, 1, 1, heads)
-        lse = torch.logaddexp(lse_c, s_cc)
-        out_c = (torch.exp(lse_c - lse).unsqueeze(-1) * out_c
-                 + torch.exp(s_cc - lse).unsqueeze(-1) * vc.view(*one, dv)).to(out_c.dtype)
+        out_c = _merge_one_key(out_c, lse_c, s_cc, vc.view(*one, dv))
         out_c = out_c.squeeze(n_dim).mean(1)                                     # mean over the frames
     else:
         # The backend cannot return the LSE (or dropout is on): the cls token joins each frame's tokens.
