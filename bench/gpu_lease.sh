@@ -54,7 +54,7 @@ $PY -c "import fastattn._C, torch; print('fastattn._C', fastattn._C.__file__); p
 
 stamp "stage 2: CUDA C++ GPU tests"
 { echo "=== CUDA C++ kernels"; } >> "$OUT/tests.log"
-FASTATTN_NO_JIT=1 timeout 100 $PY -m pytest -q -ra -n 4 --timeout 120 -p no:cacheprovider \
+FASTATTN_NO_JIT=1 timeout 150 $PY -m pytest -q -ra -n 4 --timeout 120 -p no:cacheprovider \
   tests/test_cuda_backend.py tests/test_cuda_window.py tests/test_api.py tests/test_multihead_attention.py \
   -k "(cuda or gpu) and not emulated" >> "$OUT/tests.log" 2>&1
 stamp "cuda tests exit $?"; tail -4 "$OUT/tests.log"
@@ -63,7 +63,7 @@ stamp "stage 3: bench.run"
 FASTATTN_NO_JIT=1 timeout 140 $PY -m bench.run --dtypes bf16 --seqlens 1024,4096,16384 --head-dims 64,128 \
   --backends triton,cuda,torch-flash,torch-cudnn --no-plot --out-dir "$OUT" > "$OUT/bench.log" 2>&1
 stamp "bench.run exit $?"
-FASTATTN_NO_JIT=1 timeout 60 $PY -m bench.run --dtypes fp32 --seqlens 1024,4096 --head-dims 64,128 \
+FASTATTN_NO_JIT=1 timeout 90 $PY -m bench.run --dtypes fp32 --seqlens 1024,4096 --head-dims 64,128 \
   --backends triton,cuda --no-plot --out-dir "$OUT" >> "$OUT/bench.log" 2>&1
 stamp "bench.run fp32 exit $?"
 
