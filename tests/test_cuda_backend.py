@@ -71,12 +71,14 @@ def test_head_dim_reasons(dqk, dv, ok):
         assert any(w.startswith("v: head dim") for w in why)
 
 
-@pytest.mark.parametrize("dtype,dqk,dv,tensor_cores", [
-    (torch.float16, 64, 64, True), (torch.bfloat16, 128, 128, True), (torch.float16, 136, 136, False),
-    (torch.float16, 60, 60, False), (torch.bfloat16, 64, 32, False), (torch.float32, 64, 64, False)])
-def test_kernel_family_choice(dtype, dqk, dv, tensor_cores):
-    """The Python mirror of fa_ops.cuh's use_simt (fastattn.explain's plan names the family)."""
-    assert cuda_backend.uses_tensor_cores(dtype, dqk, dv) == tensor_cores
+@pytest.mark.parametrize("dtype,dqk,dv,forward,backward", [
+    (torch.float16, 64, 64, True, True), (torch.bfloat16, 128, 128, True, True),
+    (torch.float16, 136, 136, True, False), (torch.bfloat16, 256, 256, True, False),
+    (torch.float16, 60, 60, False, False), (torch.bfloat16, 64, 32, False, False),
+    (torch.float32, 64, 64, False, False)])
+def test_kernel_family_choice(dtype, dqk, dv, forward, backward):
+    """The Python mirror of fa_ops.cuh's kernel_family (fastattn.explain's plan names the kernels)."""
+    assert cuda_backend.tensor_core_directions(dtype, dqk, dv) == (forward, backward)
 
 
 def _extension_file():
@@ -250,6 +252,11 @@ EMULATED_CASES = {
     "rows_without_keys": dict(shape=(1, 2, 2, 9, 4, 16), causal=2, dlse=True),
     # the CUDA-core kernels (fa_simt.cuh): float32, head dims past 128 or not multiples of 8, Dv != Dqk
     "simt_f32_causal_odd": dict(shape=(1, 2, 1, 37, 45, 40), causal=1, dtype=torch.float32),
+    # head dims 136..256 in float16 / bfloat16: the tensor-core forward (DT 256), the CUDA-core backward
+    "d256_causal_bf16": dict(shape=(1, 2, 1, 70, 90, 256), causal=1, dtype=torch.bfloat16),
+    "d136_dropout_float_grad": dict(shape=(1, 2, 2, 40, 50, 136), dropout_p=0.2, mask_grad=True,
+                                    mask=lambda: torch.randn(1, 2, 40, 50)),
+    "d192_one_query_bottom_right_lse": dict(shape=(1, 1, 1, 1, 129, 192), causal=2, dlse=True),
     "simt_f32_d256_float_grad_lse": dict(shape=(1, 2, 2, 19, 33, 256), mask=lambda: torch.randn(2, 1, 33),
                                          mask_grad=True, dlse=True, dtype=torch.float32),
     "simt_f16_d200_dv72_bottom_right": dict(shape=(1, 2, 1, 20, 35, 200, 72), causal=2),
@@ -282,6 +289,7 @@ SPLIT_CASES = {
     "simt_f32_gqa_bool_mask": dict(shape=(1, 4, 2, 5, 230, 40), mask=lambda: torch.rand(5, 230) > 0.4,
                                    dtype=torch.float32),
     "simt_f16_d200_dv72_causal": dict(shape=(1, 1, 1, 9, 140, 200, 72), causal=2),
+    "tc_d256_bottom_right_bf16": dict(shape=(1, 2, 1, 9, 300, 256), causal=2, dtype=torch.bfloat16),
 }
 
 
@@ -383,7 +391,8 @@ def test_gpu_float32(shape, causal):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,causal", SIMT_SHAPES)
-def test_gpu_cuda_core_head_dims(dtype, shape, causal):
+def test_gpu_head_dims_past_128_and_uneven(dtype, shape, causal):
+    """Head dims 136..256 (tensor-core forward, CUDA-core backward), Dv != Dqk and odd head dims (CUDA cores)."""
     _check(dtype, shape, causal=causal)
 
 

@@ -111,6 +111,8 @@ EMULATED_CASES = {
     "simt_f32_roll_then_pad_d20_dropout": dict(B=1, H=8, W=8, heads=2, d=20, window=(4, 4), shift=(2, 2),
                                                unpadded=(7, 6), dropout_p=0.25, dtype=torch.float32),
     "simt_f16_d160_w4x8_shift_one_axis": dict(B=1, H=8, W=16, heads=1, d=160, window=(4, 8), shift=(0, 3)),
+    "simt_f32_d160_w4x8_shift_one_axis": dict(B=1, H=8, W=16, heads=1, d=160, window=(4, 8), shift=(0, 3),
+                                              dtype=torch.float32),
 }
 
 

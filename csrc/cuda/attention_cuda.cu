@@ -3,9 +3,9 @@
 // dispatch: fa_ops.cuh.
 //
 // Instantiations (kept few for build time): tensor cores {float16, bfloat16} x padded head dim {64, 128} x
-// {forward, dK/dV, dQ}; CUDA cores {float16, bfloat16, float32} x {forward, dK/dV, dQ} (head dims are a runtime
-// value there); the Delta and split-KV merge kernels per dtype -- 27 kernels, shared by the dense and the window
-// ops.  Causal, mask kind, dropout, split-KV and the Swin window layout are runtime switches (uniform branches),
+// {forward, dK/dV, dQ} plus the forward for padded head dim 256; CUDA cores {float16, bfloat16, float32} x
+// {forward, dK/dV, dQ} (head dims are a runtime value there); the Delta and split-KV merge kernels per dtype -- 29
+// kernels, shared by the dense and the window ops.  Causal, mask kind, dropout, split-KV and the Swin window layout are runtime switches (uniform branches),
 // not template parameters.
 #include <torch/library.h>
 

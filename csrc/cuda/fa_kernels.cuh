@@ -38,8 +38,9 @@
 //             double-buffered; also writes dS (the float mask's or the bias table's gradient) when asked.
 // Shared memory per CTA stays under 99 KiB (the opt-in limit of sm_86/sm_89; sm_80 and sm_90 allow more):
 // forward 36 KiB (DT 64) / 68 KiB (DT 128) with 2 K/V stages, dK/dV 55 / 68.5 KiB, dQ 54 / 68 KiB (static_asserts
-// below; the window layout adds none).  Registers, no spills (sm_80 / sm_90): forward 226 / 221 (DT 64), 206 / 209
-// (DT 128; +2 for the split-KV epilogue; FASTATTN_FWD_D128_WARPS=4: 244 / 245); dK/dV 219 / 226, 230 / 229; dQ
+// below; the window layout adds none; DT 256 forward 66 KiB).  Registers, no spills (sm_80 / sm_90): forward
+// 226 / 221 (DT 64), 206 / 209 (DT 128; +2 for the split-KV epilogue; FASTATTN_FWD_D128_WARPS=4: 244 / 245),
+// 253 / 254 (DT 256: at the limit, 2 CTAs of 4 warps per SM); dK/dV 219 / 226, 230 / 229; dQ
 // 166 / 166, 157 / 158; Delta 39 -- as many CTAs per SM as before the window layout.  dQ DT 64 sits just under 168,
 // the most for 3 CTAs of 128 threads: a version needing more made ptxas spill instead.
 #pragma once
@@ -441,11 +442,13 @@ struct FwdTile {
   // DT 64: 4 warps x 32 rows (two 16-row m-tiles share every K/V fragment: half the ldmatrix traffic per MMA);
   // DT 128: 8 warps x 16 rows (two m-tiles with Q fragments in registers would need ~290 registers for O, S and Q),
   // or with FASTATTN_FWD_D128_WARPS=4 4 warps x 32 rows with Q read from shared memory (kQInSmem).
-  static constexpr bool kQInSmem = DT > 64 && FASTATTN_FWD_D128_WARPS == 4;
+  // DT 256 (head dims 136..256, the forward only; their backward runs on the CUDA-core kernels): 4 warps x 16 rows,
+  // Q fragments (64 registers) and O (128) in registers, 32-key tiles with Q aliased into the last stage: 66 KiB.
+  static constexpr bool kQInSmem = DT == 128 && FASTATTN_FWD_D128_WARPS == 4;
   static constexpr int kMT = DT <= 64 || kQInSmem ? 2 : 1;  // 16-row m-tiles per warp
-  static constexpr int kWarps = DT <= 64 || kQInSmem ? 4 : 8, kThreads = 32 * kWarps;
-  static constexpr int kBM = 16 * kMT * kWarps;   // queries per CTA (128)
-  static constexpr int kBN = DT <= 64 ? 32 : FASTATTN_FWD_BN_D128;  // keys per K/V tile
+  static constexpr int kWarps = DT <= 64 || kQInSmem || DT > 128 ? 4 : 8, kThreads = 32 * kWarps;
+  static constexpr int kBM = 16 * kMT * kWarps;   // queries per CTA (128; 64 for DT 256)
+  static constexpr int kBN = DT <= 64 || DT > 128 ? 32 : FASTATTN_FWD_BN_D128;  // keys per K/V tile
   // K/V tiles in shared memory: tile j + kStages - 1 is fetched while tile j is used.  Measured on an H200
   // (bench/NOTES.md, entry 8): 3 stages ran 2-3 % slower than 2 at every shape -- the forward is not waiting on
   // its loads -- so the default stays double buffering (4 stages exceed the 99 KiB limit at DT 128).
@@ -1106,6 +1109,7 @@ __global__ void __launch_bounds__(BwdQTile<DT>::kThreads) attn_bwd_dq_kernel(con
 constexpr size_t kSmemLimit = 99 * 1024;  // opt-in dynamic shared memory per block on sm_86 / sm_89
 static_assert(FwdTile<64>::smem_bytes<__half>() <= kSmemLimit, "forward, DT 64");
 static_assert(FwdTile<128>::smem_bytes<__half>() <= kSmemLimit, "forward, DT 128");
+static_assert(FwdTile<256>::smem_bytes<__half>() <= kSmemLimit, "forward, DT 256");
 static_assert(BwdKVTile<64>::smem_bytes<__half>() <= kSmemLimit, "dK/dV, DT 64");
 static_assert(BwdKVTile<128>::smem_bytes<__half>() <= kSmemLimit, "dK/dV, DT 128");
 static_assert(BwdQTile<64>::smem_bytes<__half>() <= kSmemLimit, "dQ, DT 64");

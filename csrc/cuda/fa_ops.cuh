@@ -3,11 +3,11 @@
 // dispatch over dtype x padded head dim.  Device-agnostic except where marked, so that the same code also runs
 // with the host-emulated kernels (FASTATTN_EMULATE, CPU tensors; see fa_emulate_ops.cuh).
 //
-// Two kernel families behind the same ops (use_simt picks one per call):
-//   tensor cores (fa_kernels.cuh): float16 / bfloat16, head dims 8..128 in steps of 8 with Dv == Dqk, padded to
-//     64 or 128;
+// Two kernel families behind the same ops (kernel_family picks one per call and direction):
+//   tensor cores (fa_kernels.cuh): float16 / bfloat16 with Dv == Dqk, a multiple of 8 -- forward up to 256 (padded
+//     to 64, 128 or 256), backward up to 128;
 //   CUDA cores (fa_simt.cuh): everything else up to head dim 256 -- float32, head dims 1..256 (Dqk and Dv each,
-//     any values, Dv may differ).
+//     any values, Dv may differ), the backward of head dims 136..256.
 // Both: GQA/MQA; causal top-left (1) / bottom-right (2); bool or float masks broadcastable to [B, Hq, Lq, Lk]
 // (with the float mask's gradient); dropout with the Philox stream of the Triton kernels; any (batch, head, row)
 // strides of q/k/v with a contiguous head dim.  Window ops: the same dtypes and head dims, any window / shift /
@@ -36,13 +36,19 @@
 
 namespace fastattn_cuda {
 
-constexpr int64_t kMaxHeadDim = kSimtMaxDim;  // 256 (the CUDA-core kernels); 128 on tensor cores
-constexpr int64_t kMaxTensorCoreHeadDim = 128;
+constexpr int64_t kMaxHeadDim = kSimtMaxDim;  // 256, every kernel family's limit
+constexpr int64_t kMaxTensorCoreBwdHeadDim = 128;  // the tensor-core backward's (its forward takes up to 256)
 
-// Does a call take the CUDA-core kernels (fa_simt.cuh)?  Everything the tensor-core kernels cannot: float32, head
-// dims past 128 or not a multiple of 8, Dv != Dqk.
-inline bool use_simt(at::ScalarType dtype, int64_t d, int64_t dv) {
-  return dtype == at::kFloat || d != dv || d % 8 != 0 || d > kMaxTensorCoreHeadDim;
+// Which kernels a call runs: the CUDA-core ones (fa_simt.cuh) for everything the tensor-core kernels cannot take --
+// float32, Dv != Dqk, head dims not a multiple of 8, and the backward of head dims past 128 (the dK/dV accumulators
+// of a 16-key warp tile would need 256 registers).
+struct Family {
+  bool simt_fwd, simt_bwd;
+};
+
+inline Family kernel_family(at::ScalarType dtype, int64_t d, int64_t dv) {
+  const bool simt = dtype == at::kFloat || d != dv || d % 8 != 0;
+  return {simt, simt || d > kMaxTensorCoreBwdHeadDim};
 }
 
 inline void check_dtype(const at::Tensor& q) {
@@ -117,7 +123,7 @@ inline void set_dropout(AttnParams& p, const std::optional<at::Tensor>& seed, do
 struct Problem {
   at::Tensor q, k, v, mask;  // mask: expanded view or undefined
   int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
-  bool simt;  // the CUDA-core kernels (use_simt)
+  Family family;  // which kernels (kernel_family)
 };
 
 // Checks q/k/v/mask/seed/causal/scale/dropout_p and fills the shared part of the kernel parameters.
@@ -147,10 +153,10 @@ inline Problem prepare(AttnParams& p, const at::Tensor& q_in, const at::Tensor& 
   TORCH_CHECK(std::isfinite(scale), "scale: must be finite, got ", scale);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: must be in [0, 1), got ", dropout_p);
 
-  pr.simt = use_simt(q_in.scalar_type(), pr.D, pr.Dv);
-  pr.q = kernel_layout(q_in, pr.simt);
-  pr.k = kernel_layout(k_in, pr.simt);
-  pr.v = kernel_layout(v_in, pr.simt);
+  pr.family = kernel_family(q_in.scalar_type(), pr.D, pr.Dv);
+  pr.q = kernel_layout(q_in, pr.family.simt_fwd);  // (the CUDA-core backward reads any layout the forward takes)
+  pr.k = kernel_layout(k_in, pr.family.simt_fwd);
+  pr.v = kernel_layout(v_in, pr.family.simt_fwd);
 
   p = AttnParams{};
   p.q = pr.q.data_ptr();
@@ -216,7 +222,7 @@ inline int64_t choose_splits(const Problem& pr, int sms) {
   const int64_t key_blocks = std::max<int64_t>(1, (pr.Lk + quantum - 1) / quantum);
   if (const char* forced = std::getenv("FASTATTN_NUM_SPLITS"); forced != nullptr && *forced != '\0')
     return std::clamp<int64_t>(std::atoll(forced), 1, key_blocks);
-  const int64_t rows_per_cta = pr.simt ? kSimtBlock : FwdTile<64>::kBM;
+  const int64_t rows_per_cta = pr.family.simt_fwd ? kSimtBlock : pr.D > 128 ? FwdTile<256>::kBM : FwdTile<64>::kBM;
   const int64_t ctas = (pr.Lq + rows_per_cta - 1) / rows_per_cta * pr.B * pr.Hq;
   if (ctas >= sms) return 1;
   const int64_t max_splits = (pr.Lk + 4 * quantum - 1) / (4 * quantum);
@@ -225,10 +231,21 @@ inline int64_t choose_splits(const Problem& pr, int sms) {
 static_assert(FwdTile<64>::kBM == FwdTile<128>::kBM, "choose_splits assumes one query block size");
 
 // Launches the forward / backward kernels for q's dtype (float16, bfloat16 or float32, checked by prepare*), the
-// kernel family (use_simt) and the padded head dim on the current stream, once p points at every input and output.
+// kernel family (kernel_family) and the padded head dim on the current stream, once p points at every input and
+// output.
+template <typename T>
+void launch_tensor_core_fwd(const AttnParams& p, Stream stream) {
+  if (p.D <= 64)
+    launch_fwd<T, 64>(p, stream);
+  else if (p.D <= 128)
+    launch_fwd<T, 128>(p, stream);
+  else
+    launch_fwd<T, 256>(p, stream);
+}
+
 inline void dispatch_fwd(const AttnParams& p, const at::Tensor& q, bool simt) {
   const Stream stream = current_stream(q);
-  const bool half = q.scalar_type() == at::kHalf, d64 = p.D <= 64;
+  const bool half = q.scalar_type() == at::kHalf;
   if (simt) {
     if (q.scalar_type() == at::kFloat)
       launch_simt_fwd<float>(p, stream);
@@ -236,10 +253,7 @@ inline void dispatch_fwd(const AttnParams& p, const at::Tensor& q, bool simt) {
       half ? launch_simt_fwd<__half>(p, stream) : launch_simt_fwd<__nv_bfloat16>(p, stream);
     return;
   }
-  if (half)
-    d64 ? launch_fwd<__half, 64>(p, stream) : launch_fwd<__half, 128>(p, stream);
-  else
-    d64 ? launch_fwd<__nv_bfloat16, 64>(p, stream) : launch_fwd<__nv_bfloat16, 128>(p, stream);
+  half ? launch_tensor_core_fwd<__half>(p, stream) : launch_tensor_core_fwd<__nv_bfloat16>(p, stream);
 }
 
 inline void dispatch_bwd(const AttnParams& p, const at::Tensor& q, bool simt) {
@@ -290,7 +304,7 @@ inline std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, con
       p.keys_per_split = static_cast<int>(pr.Lk);
     }
   }
-  dispatch_fwd(p, q, pr.simt);
+  dispatch_fwd(p, q, pr.family.simt_fwd);
   return {out, lse};
 }
 
@@ -315,7 +329,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   TORCH_CHECK(lse_in.defined() && lse_in.sizes() == row_shape && lse_in.scalar_type() == at::kFloat &&
                   lse_in.device() == q.device(),
               "lse: expected a float32 tensor of shape ", row_shape, " on ", q.device());
-  at::Tensor out = kernel_layout(out_in, pr.simt), dout = kernel_layout(dout_in, pr.simt), lse = lse_in.contiguous();
+  at::Tensor out = kernel_layout(out_in, pr.family.simt_bwd), dout = kernel_layout(dout_in, pr.family.simt_bwd);
+  at::Tensor lse = lse_in.contiguous();
   at::Tensor dlse;
   if (dlse_in.has_value() && dlse_in->defined()) {
     TORCH_CHECK(dlse_in->sizes() == row_shape && dlse_in->device() == q.device() &&
@@ -349,7 +364,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   p.dv = dv.data_ptr();
   p.dv_sb = dv.stride(0), p.dv_sh = dv.stride(1), p.dv_sm = dv.stride(2);
   p.dmask = mask_needs_grad ? dmask.data_ptr<float>() : nullptr;
-  dispatch_bwd(p, q, pr.simt);
+  dispatch_bwd(p, q, pr.family.simt_bwd);
   return {dq, dk, dv, dmask};
 }
 
@@ -365,7 +380,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 struct WindowProblem {
   at::Tensor q, k, v, table;  // kernel layouts; the table as float32, contiguous (undefined without one)
   int64_t B, H, W, heads, D, Dv, wh, ww, windows, N;
-  bool simt;  // the CUDA-core kernels (use_simt)
+  Family family;  // which kernels (kernel_family)
 };
 
 inline void check_image(const char* name, const at::Tensor& t) {
@@ -399,16 +414,16 @@ inline WindowProblem prepare_window(AttnParams& p, const at::Tensor& q_in, const
   WindowProblem wp;
   wp.B = q_in.size(0), wp.H = H, wp.W = W, wp.heads = q_in.size(3), wp.D = q_in.size(4), wp.Dv = v_in.size(4);
   check_head_dims(wp.D, wp.Dv);
-  wp.simt = use_simt(q_in.scalar_type(), wp.D, wp.Dv);
+  wp.family = kernel_family(q_in.scalar_type(), wp.D, wp.Dv);
   wp.wh = wh, wp.ww = ww, wp.windows = (H / wh) * (W / ww), wp.N = wh * ww;
   TORCH_CHECK(wp.heads <= 65535, "q: heads (", wp.heads, ") must be at most 65535 (a CUDA grid dimension)");
   TORCH_CHECK(wp.B * H * W * wp.heads < (int64_t(1) << 31), "q: B * H * W * heads (", wp.B * H * W * wp.heads,
               ") must be below 2^31 (int32 row indices)");
   if (table.has_value() && table->defined()) wp.table = table->to(at::kFloat).contiguous();
 
-  wp.q = kernel_layout(q_in, wp.simt);
-  wp.k = kernel_layout(k_in, wp.simt);
-  wp.v = kernel_layout(v_in, wp.simt);
+  wp.q = kernel_layout(q_in, wp.family.simt_fwd);
+  wp.k = kernel_layout(k_in, wp.family.simt_fwd);
+  wp.v = kernel_layout(v_in, wp.family.simt_fwd);
   p = AttnParams{};
   p.q = wp.q.data_ptr();
   p.k = wp.k.data_ptr();
@@ -470,7 +485,7 @@ inline std::tuple<at::Tensor, at::Tensor> window_fwd(const at::Tensor& q, const 
   p.out = out.data_ptr();
   image_strides(out, p.o_sb, p.o_sh, p.o_sm, p.o_sx);
   p.lse = lse.data_ptr<float>();
-  dispatch_fwd(p, q, wp.simt);
+  dispatch_fwd(p, q, wp.family.simt_fwd);
   return {out, lse};
 }
 
@@ -499,7 +514,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_bwd(
               "lse: expected a float32 tensor on ", q.device(), " of shape [B * windows, heads, N] = [", groups, ", ",
               wp.heads, ", ", wp.N, "], got ", lse_in.defined() ? lse_in.sizes() : at::IntArrayRef{});
   TORCH_CHECK(!table_needs_grad || wp.table.defined(), "table_needs_grad: True needs a table");
-  at::Tensor out = kernel_layout(out_in, wp.simt), dout = kernel_layout(dout_in, wp.simt), lse = lse_in.contiguous();
+  at::Tensor out = kernel_layout(out_in, wp.family.simt_bwd), dout = kernel_layout(dout_in, wp.family.simt_bwd);
+  at::Tensor lse = lse_in.contiguous();
 
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), q.options()),
              dv = at::empty(v.sizes(), q.options());
@@ -525,7 +541,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_bwd(
   p.dv = dv.data_ptr();
   image_strides(dv, p.dv_sb, p.dv_sh, p.dv_sm, p.dv_sx);
   p.dmask = table_needs_grad ? dscores.data_ptr<float>() : nullptr;
-  dispatch_bwd(p, q, wp.simt);
+  dispatch_bwd(p, q, wp.family.simt_bwd);
   const at::Tensor dtable =
       table_needs_grad ? table_gradient(dscores, wp.wh, wp.ww) : at::empty({0}, q.options().dtype(at::kFloat));
   return {dq, dk, dv, dtable};

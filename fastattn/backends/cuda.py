@@ -11,11 +11,13 @@ keys are split across CTAs and the partial results merged by their LSE (split-KV
 ``FASTATTN_NUM_SPLITS`` forces a count).
 
 Everything the tensor cores cannot take runs on CUDA-core kernels of the same design (csrc/cuda/fa_simt.cuh):
-float32 (IEEE products and sums, no TF32), head dims past 128 or not multiples of 8, Dv != Dqk.  They are a
-complete fallback, not a fast path: in float32 the triton backend comes first in dispatch.
+float32 (IEEE products and sums, no TF32), head dims not multiples of 8, Dv != Dqk, and the backward of head dims
+136..256 (their forward runs on tensor cores, 64-query CTAs).  They are a complete fallback, not a fast path: in
+float32 the triton backend comes first in dispatch.
 
-Supported: CUDA tensors on compute capability >= 8.0; float16, bfloat16 (tensor cores for head dims 8..128 in
-steps of 8 with Dv == Dqk, padded to 64 or 128) and float32; head dims 1..256 for q/k and v each; GQA/MQA; causal
+Supported: CUDA tensors on compute capability >= 8.0; float16, bfloat16 (tensor cores for head dims 8..256 in
+steps of 8 with Dv == Dqk, padded to 64, 128 or 256; backward up to 128) and float32; head dims 1..256 for q/k
+and v each; GQA/MQA; causal
 top-left and bottom-right; bool and float masks broadcast by strides (the float mask's gradient too); dropout with
 the Philox stream of the other backends (bit-identical keep-masks); the log-sum-exp and its gradient; any (batch,
 head, sequence) strides with a contiguous head dim.  Declined, with the reason: other devices, float64 (the triton
@@ -26,7 +28,7 @@ implementations in fastattn/_ext.py), so torch.compile sees them as opaque ops.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 import torch
 
@@ -37,7 +39,7 @@ from .cpu import ExtensionBackend
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256                # the CUDA-core kernels' limit, for q/k and v each
-MAX_TENSOR_CORE_HEAD_DIM = 128    # the tensor-core kernels: multiples of 8 up to 128, Dv == Dqk
+MAX_TENSOR_CORE_BWD_HEAD_DIM = 128  # tensor-core backward: multiples of 8 up to 128 (the forward: up to 256)
 MAX_GRID_DIM = 65535  # batch and heads are CUDA grid dimensions (z, y)
 
 
@@ -74,11 +76,11 @@ def head_dim_reasons(dim_qk: int, dim_v: int) -> List[str]:
     return why
 
 
-def uses_tensor_cores(dtype: torch.dtype, dim_qk: int, dim_v: int) -> bool:
-    """Which kernels a call runs (csrc/cuda/fa_ops.cuh use_simt): tensor cores for float16/bfloat16 with
-    Dv == Dqk, a multiple of 8 up to 128; the CUDA-core kernels otherwise."""
-    return (dtype in TENSOR_CORE_DTYPES and dim_qk == dim_v and dim_qk % 8 == 0
-            and dim_qk <= MAX_TENSOR_CORE_HEAD_DIM)
+def tensor_core_directions(dtype: torch.dtype, dim_qk: int, dim_v: int) -> Tuple[bool, bool]:
+    """(forward, backward) on tensor cores? -- csrc/cuda/fa_ops.cuh kernel_family: float16/bfloat16 with
+    Dv == Dqk, a multiple of 8: the forward up to 256, the backward up to 128; the CUDA-core kernels otherwise."""
+    ok = dtype in TENSOR_CORE_DTYPES and dim_qk == dim_v and dim_qk % 8 == 0 and dim_qk <= MAX_HEAD_DIM
+    return ok, ok and dim_qk <= MAX_TENSOR_CORE_BWD_HEAD_DIM
 
 
 def window_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> List[str]:
@@ -101,9 +103,9 @@ def window_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> List[st
 class CudaBackend(ExtensionBackend):
     name = "cuda"
     summary = ("FlashAttention-2 CUDA C++ kernels (fastattn._C): sm_80+, fp16/bf16 on mma.sync tensor cores (head "
-               "dims 8..128, multiples of 8, Dv == Dqk), float32 and head dims up to 256 (Dv may differ) on CUDA "
-               "cores; any strides, GQA, masks with gradient, dropout, both causal alignments, LSE, deterministic "
-               "backward")
+               "dims multiples of 8 with Dv == Dqk: forward up to 256, backward up to 128), float32 and any other "
+               "head dims up to 256 (Dv may differ) on CUDA cores; any strides, GQA, masks with gradient, dropout, "
+               "both causal alignments, LSE, deterministic backward")
 
     def reasons(self, p: AttentionProblem) -> List[str]:
         why = device_reasons(p.device)
@@ -125,10 +127,15 @@ class CudaBackend(ExtensionBackend):
 
     def plan(self, p: AttentionProblem) -> str:
         """The launch configuration, for fastattn.explain."""
-        if not uses_tensor_cores(p.dtype, p.dim_qk, p.dim_v):
-            return (f"CUDA-core kernels (float32 arithmetic, head dims {p.dim_qk}/{p.dim_v}): forward and dQ CTAs of "
-                    "16 queries (4 warps x 4 rows) over 32-key tiles, dK/dV CTAs of 16 keys over 32-query tiles; "
-                    "split-KV forward when the query blocks cannot fill the GPU")
+        forward, backward = tensor_core_directions(p.dtype, p.dim_qk, p.dim_v)
+        simt = ("CUDA-core kernels (float32 arithmetic, head dims {}/{}): forward and dQ CTAs of 16 queries (4 warps "
+                "x 4 rows) over 32-key tiles, dK/dV CTAs of 16 keys over 32-query tiles".format(p.dim_qk, p.dim_v))
+        split = "; split-KV forward when the query blocks cannot fill the GPU"
+        if not forward:
+            return simt + split
+        if not backward:
+            return (f"CUDA FlashAttention-2 forward, head dim {p.dim_qk} padded to 256: CTAs of 64 queries (4 warps x "
+                    f"16 rows) over 32-key tiles{split}; backward on the " + simt)
         padded = 64 if p.dim_qk <= 64 else 128
         warps = "4 warps x 32 rows" if padded == 64 else "8 warps x 16 rows"
         return (f"CUDA FlashAttention-2, head dim {p.dim_qk} padded to {padded}: forward CTAs of 128 queries "
