@@ -44,6 +44,17 @@
 //     -> (dq, dk, dv, dtable)
 //   dq, dk, dv: contiguous, in q's dtype.  dtable: the table's gradient (table's shape, float32/float64) when
 //   table_needs_grad, else an empty tensor of shape [0].
+//
+// spatial_fwd(q, k, v, num_frames, token_order, scale) -> (out, out_cls, lse)     (TimeSformer's spatial half)
+//   q, k [B, 1 + T*N, heads, d], v [B, 1 + T*N, heads, dv]: token 0 the cls token, then N patches per frame in
+//     token_order "nt" (patch n of frame t at token 1 + n*T + t) or "tn" (1 + t*N + n); one dtype, any strides.
+//   Each frame's [cls, N patches] attend over themselves; the cls output is the mean over the T frames
+//   (fastattn.spatial_attention with cls_token=True, no dropout).  CPU only (csrc/cpu/spacetime_cpu.cpp).
+//   out: [B, 1 + T*N, heads, dv] contiguous, q's dtype.  out_cls: the cls token's per-frame outputs
+//   [B, T, heads, dv]; lse: [B, T, heads, 1 + N] (row 0: the cls query); both float32 (float64 for float64).
+//
+// spatial_bwd(q, k, v, out, out_cls, lse, dout, num_frames, token_order, scale) -> (dq, dk, dv)
+//   dq, dk, dv: contiguous, in q's dtype.  Deterministic (the cls token's per-frame terms are summed in order).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -62,6 +73,12 @@ TORCH_LIBRARY(fastattn, m) {
       "window_bwd(Tensor q, Tensor k, Tensor v, Tensor? table, Tensor? seed, Tensor out, Tensor lse, Tensor dout, "
       "int[] geometry, float scale, float dropout_p, bool table_needs_grad) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dtable)");
+  m.def(
+      "spatial_fwd(Tensor q, Tensor k, Tensor v, int num_frames, str token_order, float scale) "
+      "-> (Tensor out, Tensor out_cls, Tensor lse)");
+  m.def(
+      "spatial_bwd(Tensor q, Tensor k, Tensor v, Tensor out, Tensor out_cls, Tensor lse, Tensor dout, "
+      "int num_frames, str token_order, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 // `import fastattn._C` (setup.py) needs a module init function; the ops themselves are registered by the

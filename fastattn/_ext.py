@@ -1,5 +1,5 @@
 """The compiled extension: the ops ``torch.ops.fastattn.attention_fwd`` / ``attention_bwd`` / ``window_fwd`` /
-``window_bwd`` (csrc/ops.cpp).
+``window_bwd`` / ``spatial_fwd`` / ``spatial_bwd`` (csrc/ops.cpp).
 
 ``load()`` makes them available, once per process:
 
@@ -31,7 +31,7 @@ BUILD_HINT = ("build it with `pip install --no-deps --no-build-isolation -e .` i
               "(or let fastattn JIT-build it on first use: unset FASTATTN_NO_JIT; needs a C++ compiler and ninja)")
 
 # Every op of csrc/ops.cpp: an older build without one of them counts as absent (and is rebuilt).
-OPS = ("attention_fwd", "attention_bwd", "window_fwd", "window_bwd")
+OPS = ("attention_fwd", "attention_bwd", "window_fwd", "window_bwd", "spatial_fwd", "spatial_bwd")
 
 _lock = threading.Lock()
 _state = {"done": False, "ok": False, "error": None, "how": None}
@@ -195,3 +195,14 @@ def _register_fakes():
         dtable_shape = tuple(table.shape) if table_needs_grad else (0,)
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
                 q.new_empty(dtable_shape, dtype=_stats_dtype(q.dtype)))
+
+    @torch.library.register_fake("fastattn::spatial_fwd")
+    def _(q, k, v, num_frames, token_order, scale):
+        B, L, heads, _ = q.shape
+        stats, dv = _stats_dtype(q.dtype), v.shape[-1]
+        return (q.new_empty((B, L, heads, dv)), q.new_empty((B, num_frames, heads, dv), dtype=stats),
+                q.new_empty((B, num_frames, heads, 1 + (L - 1) // num_frames), dtype=stats))
+
+    @torch.library.register_fake("fastattn::spatial_bwd")
+    def _(q, k, v, out, out_cls, lse, dout, num_frames, token_order, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

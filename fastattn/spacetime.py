@@ -91,7 +91,12 @@ the attention layout; the result is exact either way.  Other copies, by op:
   e.g. on CPU), when ``dropout_p > 0`` (the cls key's probability must be dropped like the others), or when
   the patch views would need copies anyway (``tn`` order, interleaved qkv), the spatial op instead concatenates the cls token to each frame's queries, keys and values (one
   ``[B, T, 1+N, heads, d]`` copy each, TimeSformer's own composite) and makes one call.  The output
-  ``[B, 1+T*N, heads, dv]`` is written once (the cls row and the patch rows into one new tensor);
+  ``[B, 1+T*N, heads, dv]`` is written once (the cls row and the patch rows into one new tensor).
+  Where the dispatch picks the ``cpu`` backend (fastattn._C) and there is no dropout, neither: the op
+  ``fastattn::spatial_fwd`` / ``spatial_bwd`` (csrc/cpu/spacetime_cpu.cpp) gathers each (video, frame, head)'s
+  ``[cls, N patches]`` rows by index math into per-thread buffers, runs the dense CPU kernels' tile on them and
+  writes the rows back -- no concatenation, no output copy, the cls mean and its gradients' frame sums in the
+  kernel;
 * model 4: the two halves' outputs are written into one new ``[.., heads, dv]`` tensor (the concatenation);
 * local: when ``window`` divides the grid, the blocks are views of the grid and only the block dims are
   merged (a copy unless a block spans whole rows/frames); otherwise one gather per q/k/v into
@@ -101,8 +106,7 @@ the attention layout; the result is exact either way.  Other copies, by op:
   does not merge into one dimension); the queries are a view.
 
 Backward: autograd through these views and copies and through ``fastattn.attention`` (including its LSE
-output in the spatial op's merge).  A fused kernel that reads the cls token and the groups by index math
-(issue 3) is future work.
+output in the spatial op's merge); the spatial op's fused CPU path has its own backward op.
 """
 from __future__ import annotations
 
@@ -394,20 +398,45 @@ def _are_views(tensors, seq_dims) -> bool:
     return True
 
 
-def _lse_path(patches, n_dim, scale, dropout_p, backend) -> bool:
+def _spatial_backend(q, k, v, scale, backend):
+    """The backend the dispatch picks for the spatial op's per-frame attention (probed with 1-token views of
+    q, k, v, so the choice sees their device and dtype), and the problem probe for asking it about the LSE."""
+    def one_token(t):
+        if t.numel() == 0:  # an empty batch: a stand-in of the same dtype, device and autograd state
+            return t.new_zeros(1, 1, 1, t.shape[-1]).requires_grad_(t.requires_grad)
+        return t[(slice(0, 1),) * (t.dim() - 1)].reshape(1, 1, 1, t.shape[-1])
+    probe = [one_token(t) for t in (q, k, v)]
+    return dispatch.select(make_problem(*probe, None, False, scale, 0.0, False), backend), probe
+
+
+def _lse_path(chosen, probe, patches, n_dim, scale, dropout_p) -> bool:
     """Whether the spatial op merges the cls key by the LSE: no dropout, the patch views are read in place
     (otherwise concatenating the cls token costs fewer copies), and the backend dispatch picks for the plain
-    call also returns the LSE (Triton, reference) -- but not on the "cpu" backend: there the merge's
-    elementwise passes over the [B, T*N, heads, d] outputs (and their autograd) cost more than concatenating
-    the cls token (TimeSformer-B, T = 8, 2 cores: forward 10.9 ms merged vs 8.8 ms concatenated, forward +
-    backward 45 vs 32 ms; bench/NOTES.md entry 7)."""
-    if dropout_p > 0.0 or not _are_views(patches, [n_dim]):
-        return False
-    probe = [t[(slice(0, 1),) * (t.dim() - 1)].reshape(1, 1, 1, t.shape[-1]) for t in patches]  # 1-token views
-    chosen = dispatch.select(make_problem(*probe, None, False, scale, 0.0, False), backend)
-    if chosen.name == "cpu":
+    call also returns the LSE (Triton, reference).  Not on the "cpu" backend (its own op serves it without
+    dropout; with dropout the concatenation is cheaper than the merge's elementwise passes: bench/NOTES.md
+    entry 7)."""
+    if dropout_p > 0.0 or chosen.name == "cpu" or not _are_views(patches, [n_dim]):
         return False
     return not chosen.reasons(make_problem(*probe, None, False, scale, 0.0, True))
+
+
+class _SpatialCPU(torch.autograd.Function):
+    """The fused CPU spatial op (ops fastattn::spatial_fwd / spatial_bwd, csrc/cpu/spacetime_cpu.cpp)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, num_frames, token_order, scale):
+        from . import _ext
+        out, out_cls, lse = _ext.ops().spatial_fwd(q, k, v, num_frames, token_order, scale)
+        ctx.save_for_backward(q, k, v, out, out_cls, lse)
+        ctx.args = (num_frames, token_order, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from . import _ext
+        q, k, v, out, out_cls, lse = ctx.saved_tensors
+        dq, dk, dv = _ext.ops().spatial_bwd(q, k, v, out, out_cls, lse, dout, *ctx.args)
+        return dq, dk, dv, None, None, None
 
 
 def _key_scores(tokens: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -470,10 +499,14 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_
         out, _ = _attend(*patches, [n_dim], **kw)
         return _finish(out, q)
 
+    chosen, probe = _spatial_backend(q, k, v, scale, backend)
+    if chosen.name == "cpu" and dropout_p == 0.0:
+        return _SpatialCPU.apply(q, k, v, T, token_order, scale)
+
     qp, kp, vp = patches
     qc, kc, vc = q[:, 0], k[:, 0], v[:, 0]                                    # [B, heads, d]
     one = [B, 1, 1, heads]                                                    # the cls broadcast over the grid
-    if _lse_path(patches, n_dim, scale, dropout_p, backend):
+    if _lse_path(chosen, probe, patches, n_dim, scale, dropout_p):
         # Patch queries: one call over the frame's patch keys, then the cls key merged in by the LSE.
         out_p, lse_p = _attend(qp, kp, vp, [n_dim], **kw, return_lse=True)
         s = _key_scores(q[:, 1:], kc).view(B, *grid, heads).to(lse_p.dtype) * scale  # scale q.k_cls per query

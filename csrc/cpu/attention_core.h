@@ -1,0 +1,423 @@
+// The building blocks of the CPU attention kernels, shared by the dense ops (attention_cpu.cpp) and TimeSformer's
+// spatial op (spacetime_cpu.cpp): the problem as the kernels see it, the score modifications, the forward's
+// online-softmax tile and the backward's block-pair recomputation.  The algorithm is described at the top of
+// attention_cpu.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "../ops.h"
+#include "../philox.h"
+#include "blas.h"
+#include "kernel_common.h"
+#include "row_kernels.h"
+
+namespace fastattn::cpu {
+
+// Block sizes (tuned on a 2-core AMD EPYC with MKL, D = 64, L = 1k-8k).  The forward's [128, 512] float32 score
+// tile (256 KiB) stays in L2 while the two products and the softmax pass over it; larger query blocks make the
+// BLAS calls more efficient (each K and V block is reused by more rows).  The backward holds three [128, 128]
+// tiles (P, dropout(P), dS).
+constexpr int64_t kFwdBlockM = 128;
+constexpr int64_t kFwdBlockN = 512;
+constexpr int64_t kBwdBlockM = 128;
+constexpr int64_t kBwdBlockN = 128;
+
+// Work item t of n -> block index, alternating from both ends (0, n-1, 1, n-2, ...).  Under causal masking the
+// cost of a block grows with its index; at::parallel_for hands each thread a contiguous range of work items, so
+// this interleaving gives every thread a similar mix of cheap and expensive blocks.
+inline int64_t zigzag(int64_t t, int64_t n) { return (t % 2 == 0) ? t / 2 : n - 1 - t / 2; }
+
+
+// ------------------------------------------------------------------------------------------------------------
+// The problem as the kernels see it
+// ------------------------------------------------------------------------------------------------------------
+enum MaskKind { kMaskNone = 0, kMaskBool = 1, kMaskFloat = 2 };
+
+struct Problem {
+  int64_t B = 0, Hq = 0, Hkv = 0, group = 1, Lq = 0, Lk = 0, D = 0, Dv = 0;
+  HeadTensor q, k, v;
+  // mask [B, Hq, Lq, Lk] through its strides (in elements)
+  MaskKind mask_kind = kMaskNone;
+  const char* mask = nullptr;
+  at::ScalarType mask_dtype = at::kFloat;
+  int64_t mask_elem = 0, msb = 0, msh = 0, msm = 0, msn = 0;
+  int64_t causal = kCausalNone;
+  int64_t causal_off = 0;  // query i sees key j iff j <= i + causal_off
+  double scale = 1.0;
+  bool dropout = false;
+  uint64_t seed = 0;
+  uint32_t threshold = 0;
+  double drop_scale = 1.0;
+  bool use_blas = true;
+
+  // Keys [0, kv_end) can be visible to the queries [i0, i0 + rows).
+  int64_t kv_end(int64_t i0, int64_t rows) const {
+    if (causal == kCausalNone) return Lk;
+    return std::min(Lk, std::max<int64_t>(0, i0 + rows + causal_off));
+  }
+  // First query that can see a key of [j0, ...).
+  int64_t q_begin(int64_t j0) const {
+    if (causal == kCausalNone) return 0;
+    return std::min(Lq, std::max<int64_t>(0, j0 - causal_off));
+  }
+};
+
+template <typename acc_t, typename mask_t>
+void apply_mask_tile(acc_t* S, int64_t lds, int64_t rows, int64_t cols, const char* base, int64_t s_row,
+                     int64_t s_col) {
+  const auto* m0 = reinterpret_cast<const mask_t*>(base);
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    const mask_t* m = m0 + r * s_row;
+    acc_t* s = S + r * lds;
+    if constexpr (std::is_same<mask_t, bool>::value) {
+      if (s_col == 1) {
+        for (int64_t c = 0; c < cols; ++c) s[c] = m[c] ? s[c] : kNegInf;
+      } else {
+        for (int64_t c = 0; c < cols; ++c) s[c] = m[c * s_col] ? s[c] : kNegInf;
+      }
+    } else {
+      if (s_col == 1) {
+        for (int64_t c = 0; c < cols; ++c) s[c] += static_cast<acc_t>(static_cast<float>(m[c]));
+      } else {
+        for (int64_t c = 0; c < cols; ++c) s[c] += static_cast<acc_t>(static_cast<float>(m[c * s_col]));
+      }
+    }
+  }
+}
+
+template <typename acc_t>
+void apply_mask_tile_f64(acc_t* S, int64_t lds, int64_t rows, int64_t cols, const char* base, int64_t s_row,
+                         int64_t s_col) {  // float64 masks keep their precision
+  const auto* m0 = reinterpret_cast<const double*>(base);
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* s = S + r * lds;
+    for (int64_t c = 0; c < cols; ++c) s[c] += static_cast<acc_t>(m0[r * s_row + c * s_col]);
+  }
+}
+
+// The score modifications of the tile S[rows, cols] at queries i0.., keys j0.. of head (b, h):
+// the mask (bool: -inf where False; float: added) and causal masking (-inf where j > i + causal_off).
+template <typename acc_t>
+void modify_scores(const Problem& p, acc_t* S, int64_t lds, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                   int64_t j0, int64_t cols) {
+  if (p.mask_kind != kMaskNone) {
+    const char* base = p.mask + (b * p.msb + h * p.msh + i0 * p.msm + j0 * p.msn) * p.mask_elem;
+    switch (p.mask_dtype) {
+      case at::kBool: apply_mask_tile<acc_t, bool>(S, lds, rows, cols, base, p.msm, p.msn); break;
+      case at::kFloat: apply_mask_tile<acc_t, float>(S, lds, rows, cols, base, p.msm, p.msn); break;
+      case at::kDouble: apply_mask_tile_f64<acc_t>(S, lds, rows, cols, base, p.msm, p.msn); break;
+      case at::kBFloat16: apply_mask_tile<acc_t, c10::BFloat16>(S, lds, rows, cols, base, p.msm, p.msn); break;
+      case at::kHalf: apply_mask_tile<acc_t, c10::Half>(S, lds, rows, cols, base, p.msm, p.msn); break;
+      default: TORCH_CHECK(false, "mask: unsupported dtype ", p.mask_dtype);
+    }
+  }
+  if (p.causal != kCausalNone) {
+    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t r = 0; r < rows; ++r) {
+      // keys j0 + c with c < visible are allowed for query i0 + r
+      const int64_t visible = std::max<int64_t>(0, i0 + r + p.causal_off + 1 - j0);
+      acc_t* s = S + r * lds;
+      for (int64_t c = visible; c < cols; ++c) s[c] = kNegInf;
+    }
+  }
+}
+
+template <typename acc_t>
+void apply_dropout(const Problem& p, acc_t* row, int64_t n, int64_t bh, int64_t i, int64_t j0) {
+  dropout_row(row, n, p.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i), static_cast<uint32_t>(j0),
+              p.threshold, static_cast<acc_t>(p.drop_scale));
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------------------------
+// Key splits of the forward (flash-decoding on the CPU): when (batch, head, query block) work items are fewer
+// than the threads -- few queries against many keys: Perceiver's latents, decoding -- each item's keys are cut
+// into splits that run in parallel; each split leaves its unnormalised rows (acc, m, l), and a merge pass
+// combines them in split order (deterministic).  1 = no split.
+inline int64_t forward_key_splits(const Problem& p, int64_t items) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t key_blocks = ceil_div(p.Lk, kFwdBlockN);
+  if (items >= threads || key_blocks < 2) return 1;
+  return std::min(key_blocks, ceil_div(2 * threads, items));  // about two splits per thread
+}
+
+// The per-thread buffers of the forward and the online-softmax loop over the keys [j_begin, j_end) of the query
+// rows [i0, i0 + rows) of head (b, h): on return acc holds the unnormalised output rows, m the row maxima and
+// l the row sums of exp(S - m).
+template <typename acc_t>
+struct ForwardTile {
+  Scratch<acc_t> scratch;
+  acc_t *S, *acc, *m, *l, *q_buf, *k_buf, *v_buf, *extra_buf;
+
+  // block_m: the most query rows one run() takes.
+  explicit ForwardTile(const Problem& p, int64_t block_m = kFwdBlockM)
+      : scratch(Scratch<acc_t>::rounded(block_m * kFwdBlockN) + Scratch<acc_t>::rounded(block_m * p.Dv) +
+                2 * Scratch<acc_t>::rounded(block_m) + Scratch<acc_t>::rounded(block_m * p.D) +
+                Scratch<acc_t>::rounded(kFwdBlockN * p.D) + Scratch<acc_t>::rounded(kFwdBlockN * p.Dv) +
+                Scratch<acc_t>::rounded(p.D + p.Dv)) {
+    S = scratch.take(block_m * kFwdBlockN);  // scores, then probabilities, of one block pair
+    acc = scratch.take(block_m * p.Dv);      // unnormalised output rows
+    m = scratch.take(block_m);               // running row max
+    l = scratch.take(block_m);               // running row sum of exp(S - m)
+    q_buf = scratch.take(block_m * p.D);     // conversion buffers (bf16/fp16 inputs)
+    k_buf = scratch.take(kFwdBlockN * p.D);
+    v_buf = scratch.take(kFwdBlockN * p.Dv);
+    extra_buf = scratch.take(p.D + p.Dv);       // the extra key and value row, converted
+  }
+
+  // `extra`: one more key (and its value) for every query row, outside the index space of the keys
+  // [j_begin, j_end) -- no mask, causal limit or dropout applies to it (TimeSformer's cls key in the spatial op,
+  // csrc/cpu/spacetime_cpu.cpp).  extra_k / extra_v: its rows, in the dtypes of p.k / p.v.  It joins the last key
+  // block as one more score column when that block has room (one softmax pass, a rank-1 update of acc), else it
+  // is a block of its own.
+  void run(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j_begin, int64_t j_end,
+           const char* extra_k = nullptr, const char* extra_v = nullptr) {
+    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+    const int64_t hk = h / p.group;
+    int64_t ldq, ldk, ldv;
+    const acc_t* Q = load_rows(p.q, b, h, i0, rows, q_buf, &ldq);
+    std::fill(acc, acc + rows * p.Dv, acc_t(0));
+    std::fill(m, m + rows, kNegInf);
+    std::fill(l, l + rows, acc_t(0));
+    Extra extra;
+    bool fold = false;
+    if (extra_k != nullptr) {
+      extra.k = load_row(extra_k, p.k.dtype, p.D, extra_buf);
+      extra.v = load_row(extra_v, p.v.dtype, p.Dv, extra_buf + p.D);
+      const int64_t last_cols = j_end > j_begin ? (j_end - j_begin - 1) % kFwdBlockN + 1 : kFwdBlockN;
+      fold = last_cols < kFwdBlockN;
+      if (!fold) step(p, Q, ldq, extra.k, p.D, extra.v, p.Dv, b, h, i0, rows, -1, 1, Extra{});
+    }
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += kFwdBlockN) {
+      const int64_t cols = std::min(kFwdBlockN, j_end - j0);
+      const acc_t* K = load_rows(p.k, b, hk, j0, cols, k_buf, &ldk);
+      const acc_t* V = load_rows(p.v, b, hk, j0, cols, v_buf, &ldv);
+      step(p, Q, ldq, K, ldk, V, ldv, b, h, i0, rows, j0, cols, fold && j0 + cols == j_end ? extra : Extra{});
+    }
+  }
+
+ private:
+  struct Extra {
+    const acc_t* k = nullptr;
+    const acc_t* v = nullptr;
+  };
+
+  // sum_d x[d] * y[d], in 16 independent partial sums (so the compiler vectorises it without reassociating).
+  static acc_t dot(const acc_t* x, const acc_t* y, int64_t n) {
+    constexpr int64_t kLanes = 16;
+    acc_t part[kLanes] = {};
+    int64_t d = 0;
+    for (; d + kLanes <= n; d += kLanes) {
+      for (int64_t j = 0; j < kLanes; ++j) part[j] += x[d + j] * y[d + j];
+    }
+    for (; d < n; ++d) part[0] += x[d] * y[d];
+    acc_t sum = 0;
+    for (int64_t j = 0; j < kLanes; ++j) sum += part[j];
+    return sum;
+  }
+
+  static const acc_t* load_row(const char* row, at::ScalarType dtype, int64_t n, acc_t* buf) {
+    if (dtype == acc_scalar_type<acc_t>()) return reinterpret_cast<const acc_t*>(row);
+    convert_row(row, dtype, buf, n);
+    return buf;
+  }
+
+  // One block of keys [j0, j0 + cols) (j0 = -1: the extra key alone) for the query rows [i0, i0 + rows); with
+  // `with.k`, the extra key rides along as score column `cols`.
+  void step(const Problem& p, const acc_t* Q, int64_t ldq, const acc_t* K, int64_t ldk, const acc_t* V, int64_t ldv,
+            int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, const Extra& with) {
+    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+    // S's leading dimension: the block's columns rounded up to 16 (a short key range keeps S compact).
+    const int64_t BN = std::min(kFwdBlockN, (cols + (with.k != nullptr ? 1 : 0) + 15) / 16 * 16);
+    const int64_t Dv = p.Dv, bh = b * p.Hq + h;
+    const acc_t scale = static_cast<acc_t>(p.scale);
+    mm_nt<acc_t>(p.use_blas, rows, cols, p.D, scale, Q, ldq, K, ldk, acc_t(0), S, BN);
+    if (j0 >= 0) modify_scores(p, S, BN, b, h, i0, rows, j0, cols);
+    const int64_t width = with.k != nullptr ? cols + 1 : cols;  // the softmax's columns
+    if (with.k != nullptr) {  // the extra key's score column: rows x D dot products (cheaper than a BLAS gemv)
+      for (int64_t r = 0; r < rows; ++r) S[r * BN + cols] = scale * dot(Q + r * ldq, with.k, p.D);
+    }
+
+    for (int64_t r = 0; r < rows; ++r) {
+      acc_t* s = S + r * BN;
+      const acc_t m_new = std::max(m[r], row_max(s, width));
+      if (m_new == kNegInf) {  // no visible key so far: nothing to add
+        std::fill(s, s + width, acc_t(0));
+        continue;
+      }
+      // alpha rescales what was accumulated against the old maximum (0 when nothing was).
+      const acc_t alpha = m[r] == kNegInf ? acc_t(0) : std::exp(m[r] - m_new);
+      const acc_t row_sum = exp_shift_sum(s, width, m_new);  // s = exp(s - m_new)
+      l[r] = l[r] * alpha + row_sum;                         // the normaliser sees P before dropout
+      m[r] = m_new;
+      acc_t* a = acc + r * Dv;
+      if (alpha != acc_t(1)) {
+        for (int64_t d = 0; d < Dv; ++d) a[d] *= alpha;
+      }
+      if (p.dropout && j0 >= 0) apply_dropout(p, s, cols, bh, i0 + r, j0);
+      if (with.v != nullptr) {  // acc += P[r, extra] * v_extra
+        const acc_t pe = s[cols];
+        for (int64_t d = 0; d < Dv; ++d) a[d] += pe * with.v[d];
+      }
+    }
+    mm_nn<acc_t>(p.use_blas, rows, Dv, cols, acc_t(1), S, BN, V, ldv, acc_t(1), acc, Dv);
+  }
+};
+
+// out = acc / l and lse = m + log l for one row (a row that saw no key: out 0, lse -inf).
+template <typename acc_t>
+void finish_row(const Problem& p, acc_t* a, acc_t m, acc_t l, const HeadTensor& out, int64_t b, int64_t h, int64_t i,
+                acc_t* lse) {
+  if (l > acc_t(0)) {
+    const acc_t inv = acc_t(1) / l;
+    for (int64_t d = 0; d < p.Dv; ++d) a[d] *= inv;
+    lse[(b * p.Hq + h) * p.Lq + i] = m + std::log(l);
+  } else {
+    std::fill(a, a + p.Dv, acc_t(0));
+    lse[(b * p.Hq + h) * p.Lq + i] = -std::numeric_limits<acc_t>::infinity();
+  }
+  store_row(a, out.dtype, out.row(b, h, i), p.Dv);
+}
+
+
+// ------------------------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------------------------
+struct BackwardTensors {
+  HeadTensor out, dout, dq, dk, dv;
+};
+
+// P = exp(S - lse) for the rows of a tile (a row with lse = -inf saw no key: P = 0).
+template <typename acc_t>
+void probabilities(acc_t* S, int64_t lds, int64_t rows, int64_t cols, const acc_t* lse_rows) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* s = S + r * lds;
+    if (lse_rows[r] == -std::numeric_limits<acc_t>::infinity()) {
+      std::fill(s, s + cols, acc_t(0));
+    } else {
+      exp_shift_sum(s, cols, lse_rows[r]);
+    }
+  }
+}
+
+// Pd = dropout(P), into its own buffer (P itself is still needed for dS).
+template <typename acc_t>
+void dropped_probabilities(const Problem& p, const acc_t* P, acc_t* Pd, int64_t ld, int64_t rows, int64_t cols,
+                           int64_t bh, int64_t i0, int64_t j0) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy(P + r * ld, P + r * ld + cols, Pd + r * ld);
+    apply_dropout(p, Pd + r * ld, cols, bh, i0 + r, j0);
+  }
+}
+
+// dS = P * (dP' - Delta), written over dP, where dP' = dP * keep / (1 - p) under dropout.  The keep-mask is read
+// back from Pd (Pd != 0 exactly where the element was kept and P > 0; where P == 0, dS is 0 either way).
+template <typename acc_t>
+void score_gradients(const Problem& p, const acc_t* P, const acc_t* Pd, acc_t* dP, int64_t ld, int64_t rows,
+                     int64_t cols, const acc_t* delta_rows) {
+  const acc_t ds = static_cast<acc_t>(p.drop_scale);
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* pr = P + r * ld;
+    acc_t* g = dP + r * ld;
+    const acc_t delta = delta_rows[r];
+    if (p.dropout) {
+      const acc_t* pd = Pd + r * ld;
+      for (int64_t c = 0; c < cols; ++c) g[c] = pr[c] * ((pd[c] != acc_t(0) ? g[c] * ds : acc_t(0)) - delta);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) g[c] = pr[c] * (g[c] - delta);
+    }
+  }
+}
+
+template <typename acc_t>
+void delta_kernel(const Problem& p, const BackwardTensors& t, const acc_t* dlse, acc_t* delta) {
+  const int64_t rows_total = p.B * p.Hq * p.Lq;
+  at::parallel_for(0, rows_total, 64, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tmp(2 * p.Dv);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t i = idx % p.Lq, bh = idx / p.Lq, b = bh / p.Hq, h = bh % p.Hq;
+      acc_t d = row_dot<acc_t>(t.out.row(b, h, i), t.dout.row(b, h, i), t.out.dtype, p.Dv, tmp.data(),
+                               tmp.data() + p.Dv);
+      if (dlse != nullptr) d -= dlse[idx];
+      delta[idx] = d;
+    }
+  });
+}
+
+// The score tiles of one (query block, key block) pair in the backward, each [BM, BN] with leading dimension BN.
+template <typename acc_t>
+struct PairTiles {
+  acc_t* P;   // probabilities exp(S - lse)
+  acc_t* Pd;  // dropout(P) (only with dropout)
+  acc_t* dS;  // dP = dO V^T, then dS in place
+  const acc_t* dropped() const { return Pd != nullptr ? Pd : P; }
+};
+
+// Recomputes P (and Pd) of the block pair and its score gradient dS; the callers apply the products they need.
+template <typename acc_t>
+void recompute_pair(const Problem& p, const PairTiles<acc_t>& t, const acc_t* Q, int64_t ldq, const acc_t* dO,
+                    int64_t ldo, const acc_t* K, int64_t ldk, const acc_t* V, int64_t ldv, int64_t b, int64_t h,
+                    int64_t i0, int64_t rows, int64_t j0, int64_t cols, const acc_t* lse, const acc_t* delta) {
+  const int64_t BN = kBwdBlockN;
+  const int64_t bh = b * p.Hq + h;
+  mm_nt<acc_t>(p.use_blas, rows, cols, p.D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), t.P, BN);
+  modify_scores(p, t.P, BN, b, h, i0, rows, j0, cols);
+  probabilities(t.P, BN, rows, cols, lse + bh * p.Lq + i0);
+  if (p.dropout) dropped_probabilities(p, t.P, t.Pd, BN, rows, cols, bh, i0, j0);
+  mm_nt<acc_t>(p.use_blas, rows, cols, p.Dv, acc_t(1), dO, ldo, V, ldv, acc_t(0), t.dS, BN);  // dP = dO V^T
+  score_gradients(p, t.P, t.Pd, t.dS, BN, rows, cols, delta + bh * p.Lq + i0);
+}
+
+template <typename acc_t>
+void write_mask_grad(const Problem& p, acc_t* dmask, const acc_t* dS, int64_t bh, int64_t i0, int64_t rows, int64_t j0,
+                     int64_t cols) {
+  if (dmask == nullptr) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy(dS + r * kBwdBlockN, dS + r * kBwdBlockN + cols, dmask + (bh * p.Lq + i0 + r) * p.Lk + j0);
+  }
+}
+
+// Per-thread buffers of the backward kernels.
+template <typename acc_t>
+struct BwdScratch {
+  Scratch<acc_t> scratch;
+  PairTiles<acc_t> tiles;
+  acc_t *q_buf, *do_buf, *k_buf, *v_buf, *dq, *dk, *dv;
+
+  // dk_rows / dv_rows: rows of the dK / dV accumulators (a key block, or every key of a head).
+  BwdScratch(const Problem& p, int64_t dk_rows)
+      : scratch(3 * Scratch<acc_t>::rounded(kBwdBlockM * kBwdBlockN) + Scratch<acc_t>::rounded(kBwdBlockM * p.D) * 2 +
+                Scratch<acc_t>::rounded(kBwdBlockM * p.Dv) + Scratch<acc_t>::rounded(kBwdBlockN * p.D) +
+                Scratch<acc_t>::rounded(kBwdBlockN * p.Dv) + Scratch<acc_t>::rounded(dk_rows * p.D) +
+                Scratch<acc_t>::rounded(dk_rows * p.Dv)) {
+    tiles.P = scratch.take(kBwdBlockM * kBwdBlockN);
+    tiles.Pd = scratch.take(kBwdBlockM * kBwdBlockN);
+    tiles.dS = scratch.take(kBwdBlockM * kBwdBlockN);
+    if (!p.dropout) tiles.Pd = nullptr;
+    q_buf = scratch.take(kBwdBlockM * p.D);
+    dq = scratch.take(kBwdBlockM * p.D);
+    do_buf = scratch.take(kBwdBlockM * p.Dv);
+    k_buf = scratch.take(kBwdBlockN * p.D);
+    v_buf = scratch.take(kBwdBlockN * p.Dv);
+    dk = scratch.take(dk_rows * p.D);
+    dv = scratch.take(dk_rows * p.Dv);
+  }
+};
+
+template <typename acc_t>
+void store_rows(const acc_t* src, int64_t rows, const HeadTensor& dst, int64_t b, int64_t h, int64_t row0) {
+  for (int64_t r = 0; r < rows; ++r) store_row(src + r * dst.dim, dst.dtype, dst.row(b, h, row0 + r), dst.dim);
+}
+
+
+}  // namespace fastattn::cpu

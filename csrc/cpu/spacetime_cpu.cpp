@@ -1,0 +1,436 @@
+// TimeSformer's spatial attention with its cls token on the CPU (ops spatial_fwd / spatial_bwd, schemas in
+// csrc/ops.cpp): fastattn.spatial_attention's semantics without the composite's cls repeat and concatenation.
+//
+// Layout.  q, k, v are [B, 1 + T*N, heads, d] token tensors (any strides, contiguous last dim): token 0 is the
+// video's cls token, then N patches for each of T frames; patch n of frame t is token 1 + n*T + t ("nt",
+// TimeSformer's order) or 1 + t*N + n ("tn").  Frame t's sequence is [cls, the frame's N patches] (R = 1 + N
+// rows, the cls first); every token of it attends over all of it.  A patch's output goes to its token; the cls
+// token's output is the mean of its T per-frame outputs.
+//
+// Forward.  Work items are (b, t, head).  The frame's patch rows are a uniform stride apart, so the dense kernels'
+// online-softmax tile (attention_core.h) reads its patch queries, keys and values in place, with the cls key and
+// value as the tile's one extra key; the cls query is one more 1-row tile.  Patch rows are written to their
+// tokens of out, the cls row to out_cls[b, t, head] (float32/float64); afterwards out[b, 0, head] =
+// mean_t out_cls[b, t, head], summed in frame order.
+//
+// Backward.  Per item, the dense single-pass backward over its R rows (attention_core.h's block-pair
+// recomputation) on gathered q, k, v, out, dout, with the cls row's out = out_cls[b, t] and its
+// dout = dout[b, 0] / T (the mean's gradient).  A patch's dq, dk, dv rows belong to one item and are written
+// directly; the cls token's get one contribution per frame, written to [B, T, heads, d] partial buffers and
+// summed over t in frame order afterwards -- no atomics, bitwise reproducible, independent of the threads.
+//
+// The backward's gathers copy each row once per item (then read from cache by every block pair); nothing of size
+// [B, T, R, ...] is materialised.  No dropout: fastattn.spatial_attention takes its
+// concatenating path for dropout_p > 0.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../ops.h"
+#include "attention_core.h"
+#include "blas.h"
+#include "kernel_common.h"
+
+namespace fastattn::cpu {
+namespace {
+
+// A [B, L, heads, dim] token tensor with a contiguous last dimension; strides in elements.
+struct TokenTensor {
+  char* data = nullptr;
+  at::ScalarType dtype = at::kFloat;
+  int64_t elem = 0, sb = 0, sl = 0, sh = 0, dim = 0;
+
+  char* row(int64_t b, int64_t l, int64_t h) const { return data + (b * sb + l * sl + h * sh) * elem; }
+};
+
+TokenTensor token_tensor(const at::Tensor& t) {
+  TokenTensor v;
+  v.data = static_cast<char*>(t.data_ptr());
+  v.dtype = t.scalar_type();
+  v.elem = static_cast<int64_t>(t.element_size());
+  v.sb = t.stride(0);
+  v.sl = t.stride(1);
+  v.sh = t.stride(2);
+  v.dim = t.size(3);
+  return v;
+}
+
+at::Tensor with_contiguous_last_dim(const at::Tensor& t) {
+  return (t.size(3) <= 1 || t.stride(3) == 1) ? t : t.contiguous();
+}
+
+// The shape of the problem and the token of each row of a frame's sequence.
+struct Frames {
+  int64_t B = 0, L = 0, heads = 0, T = 1, N = 0, D = 0, Dv = 0;
+  bool frames_inner = true;  // "nt": patch n of frame t is token 1 + n*T + t; "tn": 1 + t*N + n
+  double scale = 1.0;
+
+  int64_t rows() const { return N + 1; }
+  int64_t items() const { return B * T * heads; }
+  // Row r of frame t's sequence: the cls token (r = 0) or patch r - 1 of the frame.
+  int64_t token(int64_t t, int64_t r) const {
+    if (r == 0) return 0;
+    return 1 + (frames_inner ? (r - 1) * T + t : t * N + (r - 1));
+  }
+};
+
+// A contiguous [rows, dim] acc_t buffer as the one-head HeadTensor the tile code reads.
+template <typename acc_t>
+HeadTensor buffer_tensor(acc_t* data, int64_t dim) {
+  HeadTensor t;
+  t.data = reinterpret_cast<char*>(data);
+  t.dtype = acc_scalar_type<acc_t>();
+  t.elem = sizeof(acc_t);
+  t.sl = dim;
+  t.dim = dim;
+  return t;
+}
+
+// The problem the tile code sees for one item: one batch, one head, R queries and R keys in the buffers.
+template <typename acc_t>
+Problem frame_problem(const Frames& f, acc_t* q, acc_t* k, acc_t* v) {
+  Problem p;
+  p.Lq = p.Lk = f.rows();
+  p.D = f.D;
+  p.Dv = f.Dv;
+  p.q = buffer_tensor(q, f.D);
+  p.k = buffer_tensor(k, f.D);
+  p.v = buffer_tensor(v, f.Dv);
+  p.scale = f.scale;
+  p.use_blas = blas_available();
+  return p;
+}
+
+// Rows [first, R) of frame t's sequence of head h, video b -> dst rows [first, R) (converted to acc_t).
+template <typename acc_t>
+void gather_frame(const Frames& f, const TokenTensor& src, int64_t b, int64_t t, int64_t h, acc_t* dst,
+                  int64_t first = 0) {
+  for (int64_t r = first; r < f.rows(); ++r) {
+    convert_row(src.row(b, f.token(t, r), h), src.dtype, dst + r * src.dim, src.dim);
+  }
+}
+
+// Work item -> (video, frame, head); items are ordered (b, t, h), so partial buffers [B, T, heads, ...] are
+// indexed by the item itself.
+struct Item {
+  int64_t b, t, h;
+};
+Item locate(const Frames& f, int64_t item) {
+  return {item / (f.T * f.heads), (item / f.heads) % f.T, item % f.heads};
+}
+
+// dst[b, slot, h] = sum over t (in order) of part[b, t, h] / divisor, for every (b, h): the cls token's output
+// (the mean over frames) and its gradients (sums over frames).
+template <typename acc_t>
+void reduce_over_frames(const Frames& f, const acc_t* part, int64_t dim, acc_t divisor, const TokenTensor& dst) {
+  at::parallel_for(0, f.B * f.heads, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(dim);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / f.heads, h = bh % f.heads;
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      for (int64_t t = 0; t < f.T; ++t) {
+        const acc_t* src = part + ((b * f.T + t) * f.heads + h) * dim;
+        for (int64_t d = 0; d < dim; ++d) sum[d] += src[d];
+      }
+      for (int64_t d = 0; d < dim; ++d) sum[d] /= divisor;
+      store_row(sum.data(), dst.dtype, dst.row(b, 0, h), dim);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------------------------
+// The forward's query blocks: up to 256 rows, so a frame of up to 256 patches (TimeSformer's 14 x 14) is one
+// block -- its keys and values are packed by BLAS once per item instead of once per block (2 x 98 rows: 3-6 %
+// slower on the 2-core EPYC; the dense kernels' 128 was tuned for long sequences).
+constexpr int64_t kSpatialBlockM = 256;
+
+// The N patch rows of frame t of video b, head h, as the one-head HeadTensor the tile reads in place: rows a
+// uniform stride apart (T tokens for "nt", 1 for "tn").
+HeadTensor frame_patches(const Frames& f, const TokenTensor& x, int64_t b, int64_t t, int64_t h) {
+  HeadTensor v;
+  v.data = x.row(b, f.token(t, 1), h);
+  v.dtype = x.dtype;
+  v.elem = x.elem;
+  v.sl = (f.frames_inner ? f.T : 1) * x.sl;
+  v.dim = x.dim;
+  return v;
+}
+
+// acc / l in place and lse = m + log l of one finished row (no finite score -- non-finite inputs: as the dense
+// kernels, out 0 and lse -inf).
+template <typename acc_t>
+void normalise_row(acc_t* a, int64_t Dv, acc_t m, acc_t l, acc_t* lse) {
+  if (l > acc_t(0)) {
+    const acc_t inv = acc_t(1) / l;
+    for (int64_t d = 0; d < Dv; ++d) a[d] *= inv;
+    *lse = m + std::log(l);
+  } else {
+    std::fill(a, a + Dv, acc_t(0));
+    *lse = -std::numeric_limits<acc_t>::infinity();
+  }
+}
+
+// Forward: nothing is gathered.  The patch queries of an item are read in place in blocks of <= kSpatialBlockM, its
+// patch keys/values in blocks of kFwdBlockN, and the cls key/value row is the tile's extra key; the cls query is
+// one more 1-row tile over the same keys.
+template <typename acc_t>
+void spatial_forward_kernel(const Frames& f, const TokenTensor& q, const TokenTensor& k, const TokenTensor& v,
+                            const TokenTensor& out, acc_t* out_cls, acc_t* lse) {
+  const int64_t R = f.rows(), N = f.N, Dv = f.Dv;
+  Problem base;
+  base.Lq = base.Lk = N;
+  base.D = f.D;
+  base.Dv = f.Dv;
+  base.scale = f.scale;
+  base.use_blas = blas_available();
+  // Query blocks of at most kSpatialBlockM rows, balanced (TimeSformer's N = 196: one block).
+  const int64_t block_m = ceil_div(N, ceil_div(N, kSpatialBlockM));
+  at::parallel_for(0, f.items(), 1, [&](int64_t begin, int64_t end) {
+    SerialBlasGuard serial_blas;
+    ForwardTile<acc_t> tile(base, block_m);
+    Problem p = base;
+    for (int64_t item = begin; item < end; ++item) {
+      const Item it = locate(f, item);
+      p.q = frame_patches(f, q, it.b, it.t, it.h);
+      p.k = frame_patches(f, k, it.b, it.t, it.h);
+      p.v = frame_patches(f, v, it.b, it.t, it.h);
+      const char* k_cls = k.row(it.b, 0, it.h);
+      const char* v_cls = v.row(it.b, 0, it.h);
+      acc_t* lse_rows = lse + item * R;  // row 0: the cls query, row 1 + n: patch n
+      for (int64_t i0 = 0; i0 < N; i0 += block_m) {
+        const int64_t rows = std::min(block_m, N - i0);
+        tile.run(p, 0, 0, i0, rows, 0, N, k_cls, v_cls);
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* a = tile.acc + r * Dv;
+          normalise_row(a, Dv, tile.m[r], tile.l[r], lse_rows + 1 + i0 + r);
+          store_row(a, out.dtype, out.row(it.b, f.token(it.t, 1 + i0 + r), it.h), Dv);
+        }
+      }
+      p.q.data = q.row(it.b, 0, it.h);  // the cls query of this frame: one row
+      tile.run(p, 0, 0, 0, 1, 0, N, k_cls, v_cls);
+      normalise_row(tile.acc, Dv, tile.m[0], tile.l[0], lse_rows);
+      std::copy(tile.acc, tile.acc + Dv, out_cls + item * Dv);
+    }
+  });
+  reduce_over_frames(f, out_cls, Dv, static_cast<acc_t>(f.T), out);  // the cls token: mean over the frames
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------------------------
+struct SpatialGrads {
+  TokenTensor out, dout, dq, dk, dv;
+};
+
+template <typename acc_t>
+void spatial_backward_kernel(const Frames& f, const TokenTensor& q, const TokenTensor& k, const TokenTensor& v,
+                             const SpatialGrads& g, const acc_t* out_cls, const acc_t* lse, acc_t* cls_dq,
+                             acc_t* cls_dk, acc_t* cls_dv) {
+  const int64_t R = f.rows(), D = f.D, Dv = f.Dv, BM = kBwdBlockM, BN = kBwdBlockN;
+  const acc_t scale = static_cast<acc_t>(f.scale), inv_frames = acc_t(1) / static_cast<acc_t>(f.T);
+  at::parallel_for(0, f.items(), 1, [&](int64_t begin, int64_t end) {
+    SerialBlasGuard serial_blas;
+    Scratch<acc_t> buffers(2 * Scratch<acc_t>::rounded(R * D) + 3 * Scratch<acc_t>::rounded(R * Dv) +
+                           Scratch<acc_t>::rounded(R));
+    acc_t* Qb = buffers.take(R * D);
+    acc_t* Kb = buffers.take(R * D);
+    acc_t* Vb = buffers.take(R * Dv);
+    acc_t* Ob = buffers.take(R * Dv);
+    acc_t* dOb = buffers.take(R * Dv);
+    acc_t* delta = buffers.take(R);
+    const Problem p = frame_problem(f, Qb, Kb, Vb);
+    BwdScratch<acc_t> s(p, R);  // s.dk, s.dv: every row of the item; s.dq: one query block
+    for (int64_t item = begin; item < end; ++item) {
+      const Item it = locate(f, item);
+      gather_frame(f, q, it.b, it.t, it.h, Qb);
+      gather_frame(f, k, it.b, it.t, it.h, Kb);
+      gather_frame(f, v, it.b, it.t, it.h, Vb);
+      std::copy(out_cls + item * Dv, out_cls + (item + 1) * Dv, Ob);  // the cls row's per-frame output
+      gather_frame(f, g.out, it.b, it.t, it.h, Ob, 1);
+      convert_row(g.dout.row(it.b, 0, it.h), g.dout.dtype, dOb, Dv);  // d(mean)/d(frame t's cls output) = 1/T
+      for (int64_t d = 0; d < Dv; ++d) dOb[d] *= inv_frames;
+      gather_frame(f, g.dout, it.b, it.t, it.h, dOb, 1);
+      for (int64_t r = 0; r < R; ++r) {  // Delta = rowsum(dO * O)
+        acc_t sum = 0;
+        for (int64_t d = 0; d < Dv; ++d) sum += dOb[r * Dv + d] * Ob[r * Dv + d];
+        delta[r] = sum;
+      }
+      const acc_t* lse_rows = lse + item * R;
+      std::fill(s.dk, s.dk + R * D, acc_t(0));
+      std::fill(s.dv, s.dv + R * Dv, acc_t(0));
+      for (int64_t i0 = 0; i0 < R; i0 += BM) {
+        const int64_t rows = std::min(BM, R - i0);
+        const acc_t* Q = Qb + i0 * D;
+        const acc_t* dO = dOb + i0 * Dv;
+        std::fill(s.dq, s.dq + rows * D, acc_t(0));
+        for (int64_t j0 = 0; j0 < R; j0 += BN) {
+          const int64_t cols = std::min(BN, R - j0);
+          const acc_t* K = Kb + j0 * D;
+          const acc_t* V = Vb + j0 * Dv;
+          recompute_pair(p, s.tiles, Q, D, dO, Dv, K, D, V, Dv, 0, 0, i0, rows, j0, cols, lse_rows, delta);
+          mm_tn<acc_t>(p.use_blas, cols, Dv, rows, acc_t(1), s.tiles.P, BN, dO, Dv, acc_t(1), s.dv + j0 * Dv,
+                       Dv);  // dV += P^T dO
+          mm_tn<acc_t>(p.use_blas, cols, D, rows, scale, s.tiles.dS, BN, Q, D, acc_t(1), s.dk + j0 * D,
+                       D);  // dK += scale * dS^T Q
+          mm_nn<acc_t>(p.use_blas, rows, D, cols, scale, s.tiles.dS, BN, K, D, acc_t(1), s.dq,
+                       D);  // dQ += scale * dS K
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r;
+          if (i == 0) {
+            std::copy(s.dq, s.dq + D, cls_dq + item * D);
+          } else {
+            store_row(s.dq + r * D, g.dq.dtype, g.dq.row(it.b, f.token(it.t, i), it.h), D);
+          }
+        }
+      }
+      std::copy(s.dk, s.dk + D, cls_dk + item * D);
+      std::copy(s.dv, s.dv + Dv, cls_dv + item * Dv);
+      for (int64_t r = 1; r < R; ++r) {
+        const int64_t tok = f.token(it.t, r);
+        store_row(s.dk + r * D, g.dk.dtype, g.dk.row(it.b, tok, it.h), D);
+        store_row(s.dv + r * Dv, g.dv.dtype, g.dv.row(it.b, tok, it.h), Dv);
+      }
+    }
+  });
+  reduce_over_frames(f, cls_dq, D, acc_t(1), g.dq);  // the cls token's gradients: sums over the frames
+  reduce_over_frames(f, cls_dk, D, acc_t(1), g.dk);
+  reduce_over_frames(f, cls_dv, Dv, acc_t(1), g.dv);
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// The ops
+// ------------------------------------------------------------------------------------------------------------
+void check_token_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.dim() == 4, name, ": expected a 4-D tensor [B, 1 + T*N, heads, head_dim], got shape ", t.sizes());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, name,
+              ": dtype ", dt, " is not supported by the CPU kernels (float32, float64, bfloat16, float16)");
+}
+
+Frames make_frames(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t num_frames,
+                   const std::string& token_order, double scale) {
+  check_token_tensor(q, "q");
+  check_token_tensor(k, "k");
+  check_token_tensor(v, "v");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "k, v: dtypes must match q's (", q.scalar_type(), "), got k ", k.scalar_type(), ", v ",
+              v.scalar_type());
+  TORCH_CHECK(k.sizes() == q.sizes(), "k: shape ", k.sizes(), " must equal q's ", q.sizes());
+  TORCH_CHECK(v.sizes().slice(0, 3) == q.sizes().slice(0, 3), "v: shape ", v.sizes(),
+              " must match q's [B, 1 + T*N, heads] (only its head dim may differ), got q ", q.sizes());
+  TORCH_CHECK(num_frames >= 1, "num_frames: expected a positive int, got ", num_frames);
+  TORCH_CHECK(token_order == "nt" || token_order == "tn", "token_order: expected 'nt' or 'tn', got '", token_order,
+              "'");
+  TORCH_CHECK(std::isfinite(scale), "scale: must be finite, got ", scale);
+  Frames f;
+  f.B = q.size(0);
+  f.L = q.size(1);
+  f.heads = q.size(2);
+  f.D = q.size(3);
+  f.Dv = v.size(3);
+  f.T = num_frames;
+  TORCH_CHECK(f.L > num_frames && (f.L - 1) % num_frames == 0, "q: ", f.L,
+              " tokens do not fit num_frames=", num_frames, "; expected 1 + num_frames * N with N >= 1");
+  TORCH_CHECK(f.D > 0 && f.Dv > 0, "q, v: head dims must be at least 1, got ", f.D, " and ", f.Dv);
+  f.N = (f.L - 1) / num_frames;
+  f.frames_inner = token_order == "nt";
+  f.scale = scale;
+  return f;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                               const at::Tensor& v_in, int64_t num_frames,
+                                                               c10::string_view token_order, double scale) {
+  const Frames f = make_frames(q_in, k_in, v_in, num_frames, std::string(token_order), scale);
+  const at::Tensor q = with_contiguous_last_dim(q_in), k = with_contiguous_last_dim(k_in),
+                   v = with_contiguous_last_dim(v_in);
+  const auto stats = q.options().dtype(stats_dtype(q.scalar_type()));
+  at::Tensor out = at::empty({f.B, f.L, f.heads, f.Dv}, q.options());
+  at::Tensor out_cls = at::empty({f.B, f.T, f.heads, f.Dv}, stats);
+  at::Tensor lse = at::empty({f.B, f.T, f.heads, f.rows()}, stats);
+  maybe_poison(out);
+  maybe_poison(out_cls);
+  maybe_poison(lse);
+  if (f.items() == 0) return {out, out_cls, lse};
+  auto run = [&](auto zero) {
+    using acc_t = decltype(zero);
+    spatial_forward_kernel<acc_t>(f, token_tensor(q), token_tensor(k), token_tensor(v), token_tensor(out),
+                                  out_cls.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
+  };
+  if (lse.scalar_type() == at::kDouble) {
+    run(0.0);
+  } else {
+    run(0.0f);
+  }
+  return {out, out_cls, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_bwd_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in,
+    const at::Tensor& out_cls_in, const at::Tensor& lse_in, const at::Tensor& dout_in, int64_t num_frames,
+    c10::string_view token_order, double scale) {
+  const Frames f = make_frames(q_in, k_in, v_in, num_frames, std::string(token_order), scale);
+  const auto stats_type = stats_dtype(q_in.scalar_type());
+  for (const auto& [t, name] : {std::make_pair(&out_in, "out"), std::make_pair(&dout_in, "dout")}) {
+    check_token_tensor(*t, name);
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({f.B, f.L, f.heads, f.Dv}), name, ": expected size [", f.B, ", ",
+                f.L, ", ", f.heads, ", ", f.Dv, "], got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == q_in.scalar_type(), name, ": dtype must match q's (", q_in.scalar_type(),
+                "), got ", t->scalar_type());
+  }
+  TORCH_CHECK(out_cls_in.device().is_cpu() && out_cls_in.scalar_type() == stats_type &&
+                  out_cls_in.sizes() == at::IntArrayRef({f.B, f.T, f.heads, f.Dv}),
+              "out_cls: expected a CPU ", stats_type, " tensor of size [", f.B, ", ", f.T, ", ", f.heads, ", ", f.Dv,
+              "], got ", out_cls_in.scalar_type(), " ", out_cls_in.sizes(), " on ", out_cls_in.device());
+  TORCH_CHECK(lse_in.device().is_cpu() && lse_in.scalar_type() == stats_type &&
+                  lse_in.sizes() == at::IntArrayRef({f.B, f.T, f.heads, f.rows()}),
+              "lse: expected a CPU ", stats_type, " tensor of size [", f.B, ", ", f.T, ", ", f.heads, ", ", f.rows(),
+              "], got ", lse_in.scalar_type(), " ", lse_in.sizes(), " on ", lse_in.device());
+  const at::Tensor q = with_contiguous_last_dim(q_in), k = with_contiguous_last_dim(k_in),
+                   v = with_contiguous_last_dim(v_in), out = with_contiguous_last_dim(out_in),
+                   dout = with_contiguous_last_dim(dout_in);
+  const at::Tensor out_cls = out_cls_in.contiguous(), lse = lse_in.contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  maybe_poison(dq);
+  maybe_poison(dk);
+  maybe_poison(dv);
+  if (f.items() == 0) return {dq, dk, dv};  // no video or no head: no element
+  SpatialGrads g{token_tensor(out), token_tensor(dout), token_tensor(dq), token_tensor(dk), token_tensor(dv)};
+  const auto stats = q.options().dtype(stats_type);
+  at::Tensor cls_dq = at::empty({f.items(), f.D}, stats);  // per-frame gradients of the cls token
+  at::Tensor cls_dk = at::empty({f.items(), f.D}, stats);
+  at::Tensor cls_dv = at::empty({f.items(), f.Dv}, stats);
+  auto run = [&](auto zero) {
+    using acc_t = decltype(zero);
+    spatial_backward_kernel<acc_t>(f, token_tensor(q), token_tensor(k), token_tensor(v), g,
+                                   out_cls.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), cls_dq.data_ptr<acc_t>(),
+                                   cls_dk.data_ptr<acc_t>(), cls_dv.data_ptr<acc_t>());
+  };
+  if (stats_type == at::kDouble) {
+    run(0.0);
+  } else {
+    run(0.0f);
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace fastattn::cpu
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("spatial_fwd", &fastattn::cpu::spatial_fwd_cpu);
+  m.impl("spatial_bwd", &fastattn::cpu::spatial_bwd_cpu);
+}
