@@ -354,12 +354,14 @@ void delta_kernel(const Problem& p, const BackwardTensors& t, const acc_t* dlse,
   });
 }
 
-// The score tiles of one (query block, key block) pair in the backward, each [BM, BN] with leading dimension BN.
+// The score tiles of one (query block, key block) pair in the backward, each [BM, BN] with leading dimension ld
+// (kBwdBlockN unless BwdScratch was given other block sizes).
 template <typename acc_t>
 struct PairTiles {
   acc_t* P;   // probabilities exp(S - lse)
   acc_t* Pd;  // dropout(P) (only with dropout)
   acc_t* dS;  // dP = dO V^T, then dS in place
+  int64_t ld = kBwdBlockN;
   const acc_t* dropped() const { return Pd != nullptr ? Pd : P; }
 };
 
@@ -368,7 +370,7 @@ template <typename acc_t>
 void recompute_pair(const Problem& p, const PairTiles<acc_t>& t, const acc_t* Q, int64_t ldq, const acc_t* dO,
                     int64_t ldo, const acc_t* K, int64_t ldk, const acc_t* V, int64_t ldv, int64_t b, int64_t h,
                     int64_t i0, int64_t rows, int64_t j0, int64_t cols, const acc_t* lse, const acc_t* delta) {
-  const int64_t BN = kBwdBlockN;
+  const int64_t BN = t.ld;
   const int64_t bh = b * p.Hq + h;
   mm_nt<acc_t>(p.use_blas, rows, cols, p.D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), t.P, BN);
   modify_scores(p, t.P, BN, b, h, i0, rows, j0, cols);
@@ -394,21 +396,23 @@ struct BwdScratch {
   PairTiles<acc_t> tiles;
   acc_t *q_buf, *do_buf, *k_buf, *v_buf, *dq, *dk, *dv;
 
-  // dk_rows / dv_rows: rows of the dK / dV accumulators (a key block, or every key of a head).
-  BwdScratch(const Problem& p, int64_t dk_rows)
-      : scratch(3 * Scratch<acc_t>::rounded(kBwdBlockM * kBwdBlockN) + Scratch<acc_t>::rounded(kBwdBlockM * p.D) * 2 +
-                Scratch<acc_t>::rounded(kBwdBlockM * p.Dv) + Scratch<acc_t>::rounded(kBwdBlockN * p.D) +
-                Scratch<acc_t>::rounded(kBwdBlockN * p.Dv) + Scratch<acc_t>::rounded(dk_rows * p.D) +
+  // dk_rows / dv_rows: rows of the dK / dV accumulators (a key block, or every key of a head).  block_m,
+  // block_n: the most query / key rows of a block pair (the score tiles' leading dimension is block_n).
+  BwdScratch(const Problem& p, int64_t dk_rows, int64_t block_m = kBwdBlockM, int64_t block_n = kBwdBlockN)
+      : scratch(3 * Scratch<acc_t>::rounded(block_m * block_n) + Scratch<acc_t>::rounded(block_m * p.D) * 2 +
+                Scratch<acc_t>::rounded(block_m * p.Dv) + Scratch<acc_t>::rounded(block_n * p.D) +
+                Scratch<acc_t>::rounded(block_n * p.Dv) + Scratch<acc_t>::rounded(dk_rows * p.D) +
                 Scratch<acc_t>::rounded(dk_rows * p.Dv)) {
-    tiles.P = scratch.take(kBwdBlockM * kBwdBlockN);
-    tiles.Pd = scratch.take(kBwdBlockM * kBwdBlockN);
-    tiles.dS = scratch.take(kBwdBlockM * kBwdBlockN);
+    tiles.P = scratch.take(block_m * block_n);
+    tiles.Pd = scratch.take(block_m * block_n);
+    tiles.dS = scratch.take(block_m * block_n);
+    tiles.ld = block_n;
     if (!p.dropout) tiles.Pd = nullptr;
-    q_buf = scratch.take(kBwdBlockM * p.D);
-    dq = scratch.take(kBwdBlockM * p.D);
-    do_buf = scratch.take(kBwdBlockM * p.Dv);
-    k_buf = scratch.take(kBwdBlockN * p.D);
-    v_buf = scratch.take(kBwdBlockN * p.Dv);
+    q_buf = scratch.take(block_m * p.D);
+    dq = scratch.take(block_m * p.D);
+    do_buf = scratch.take(block_m * p.Dv);
+    k_buf = scratch.take(block_n * p.D);
+    v_buf = scratch.take(block_n * p.Dv);
     dk = scratch.take(dk_rows * p.D);
     dv = scratch.take(dk_rows * p.Dv);
   }
