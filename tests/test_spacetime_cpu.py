@@ -195,3 +195,16 @@ def test_argument_errors_name_the_argument(ops):
         ops.spatial_bwd(q, k, v, out, out_cls, lse, out[:, :3], 2, "nt", 1.0)
     with pytest.raises(RuntimeError, match="out: dtype must match"):
         ops.spatial_bwd(q, k, v, out.double(), out_cls, lse, out, 2, "nt", 1.0)
+
+
+def test_torch_compile(ops):
+    """Under torch.compile the op still runs (the custom ops' fake implementations give the traced shapes) and
+    matches the eager reference, output and gradients."""
+    (q, k, v), T, order = _inputs("nt_small", dtype=torch.float32)
+    compiled = torch.compile(lambda q, k, v: fastattn.spatial_attention(q, k, v, num_frames=T, token_order=order))
+    out = compiled(q, k, v)
+    ref = fastattn.spatial_attention(q, k, v, num_frames=T, token_order=order, backend="reference")
+    assert (out - ref).abs().max().item() <= 1e-5
+    dout = torch.randn_like(ref)
+    for got, want in zip(_grads(out, (q, k, v), dout), _grads(ref, (q, k, v), dout)):
+        assert (got - want).abs().max().item() <= 1e-5
