@@ -41,6 +41,9 @@ def _inputs(case, dtype=torch.float64, layout="separate"):
     L = 1 + T * N
     if layout == "interleaved":  # views of one [B, L, 3, heads, d] qkv projection (d == dv)
         q, k, v = torch.randn(B, L, 3, heads, d, dtype=dtype, generator=g).unbind(2)
+    elif layout == "broadcast_tokens":  # every token the same row (stride 0): copied once by the op
+        q, k = (torch.randn(B, 1, heads, d, dtype=dtype, generator=g).expand(B, L, heads, d) for _ in range(2))
+        v = torch.randn(B, L, heads, dv, dtype=dtype, generator=g)
     elif layout == "strided_last":  # head dims not contiguous: copied once by the op
         q, k = (torch.randn(B, L, d, heads, dtype=dtype, generator=g).transpose(2, 3) for _ in range(2))
         v = torch.randn(B, L, dv, heads, dtype=dtype, generator=g).transpose(2, 3)
@@ -66,7 +69,7 @@ def test_matches_naive_float64(ops, case):
         assert (got - want).abs().max().item() <= 1e-10, f"grad {name}"
 
 
-@pytest.mark.parametrize("layout", ["interleaved", "strided_last"])
+@pytest.mark.parametrize("layout", ["interleaved", "strided_last", "broadcast_tokens"])
 def test_strided_inputs(ops, layout):
     case = "nt_small" if layout == "strided_last" else "one_frame"
     (q, k, v), T, order = _inputs(case, layout=layout)
