@@ -381,11 +381,11 @@ void recompute_pair(const Problem& p, const PairTiles<acc_t>& t, const acc_t* Q,
 }
 
 template <typename acc_t>
-void write_mask_grad(const Problem& p, acc_t* dmask, const acc_t* dS, int64_t bh, int64_t i0, int64_t rows, int64_t j0,
-                     int64_t cols) {
+void write_mask_grad(const Problem& p, acc_t* dmask, const acc_t* dS, int64_t ld, int64_t bh, int64_t i0, int64_t rows,
+                     int64_t j0, int64_t cols) {
   if (dmask == nullptr) return;
   for (int64_t r = 0; r < rows; ++r) {
-    std::copy(dS + r * kBwdBlockN, dS + r * kBwdBlockN + cols, dmask + (bh * p.Lq + i0 + r) * p.Lk + j0);
+    std::copy(dS + r * ld, dS + r * ld + cols, dmask + (bh * p.Lq + i0 + r) * p.Lk + j0);
   }
 }
 

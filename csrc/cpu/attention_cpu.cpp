@@ -203,7 +203,7 @@ void dq_kernel(const Problem& p, const BackwardTensors& t, const acc_t* lse, con
         const acc_t* K = load_rows(p.k, b, hk, j0, cols, s.k_buf, &ldk);
         const acc_t* V = load_rows(p.v, b, hk, j0, cols, s.v_buf, &ldv);
         recompute_pair(p, s.tiles, Q, ldq, dO, ldo, K, ldk, V, ldv, b, h, i0, rows, j0, cols, lse, delta);
-        write_mask_grad(p, dmask, s.tiles.dS, bh, i0, rows, j0, cols);
+        write_mask_grad(p, dmask, s.tiles.dS, kBwdBlockN, bh, i0, rows, j0, cols);
         mm_nn<acc_t>(p.use_blas, rows, p.D, cols, static_cast<acc_t>(p.scale), s.tiles.dS, BN, K, ldk, acc_t(1),
                      s.dq, p.D);  // dQ += scale * dS K
       }
@@ -211,6 +211,8 @@ void dq_kernel(const Problem& p, const BackwardTensors& t, const acc_t* lse, con
     }
   });
 }
+
+constexpr int64_t kOnePairMax = 256;
 
 // Single-pass backward: work items (batch, kv head, key stripe) walk each block pair of their keys once (5 block
 // products instead of the two-pass 7), for the whole GQA group of query heads.  Stripe s of S owns the key blocks
@@ -220,11 +222,16 @@ void dq_kernel(const Problem& p, const BackwardTensors& t, const acc_t* lse, con
 template <typename acc_t>
 void fused_backward_kernel(const Problem& p, const BackwardTensors& t, const acc_t* lse, const acc_t* delta,
                            acc_t* dmask, int64_t stripes, acc_t* dq_partial) {
-  const int64_t BM = kBwdBlockM, BN = kBwdBlockN;
+  // Short non-causal sequences (ViT's 197 tokens, BERT's 128-512 at the short end) in one block pair per head: fewer,
+  // larger BLAS products (ViT-B shapes, 2-core EPYC: 2-4 % faster; bench/NOTES.md entry 19).  Causal keeps the
+  // 128 x 128 blocks, whose hidden pairs it skips.
+  const bool one_pair = stripes == 1 && p.causal == kCausalNone && p.Lq <= kOnePairMax && p.Lk <= kOnePairMax;
+  const int64_t BM = one_pair ? std::max<int64_t>(p.Lq, 1) : kBwdBlockM, BN = one_pair ? std::max<int64_t>(p.Lk, 1) : kBwdBlockN;
+  const int64_t ld = one_pair ? (BN + 15) / 16 * 16 : kBwdBlockN;
   const int64_t n_kblocks = ceil_div(p.Lk, BN);
   at::parallel_for(0, p.B * p.Hkv * stripes, 1, [&](int64_t begin, int64_t end) {
     SerialBlasGuard serial_blas;
-    BwdScratch<acc_t> s(p, p.Lk);  // dK, dV accumulators for every key of a head (a stripe uses its blocks)
+    BwdScratch<acc_t> s(p, p.Lk, BM, ld);  // dK, dV accumulators for every key of a head (a stripe uses its blocks)
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bhk = item / stripes, stripe = item % stripes;
       const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv;
@@ -247,12 +254,12 @@ void fused_backward_kernel(const Problem& p, const BackwardTensors& t, const acc
             const acc_t* K = load_rows(p.k, b, hk, j0, cols, s.k_buf, &ldk);
             const acc_t* V = load_rows(p.v, b, hk, j0, cols, s.v_buf, &ldv);
             recompute_pair(p, s.tiles, Q, ldq, dO, ldo, K, ldk, V, ldv, b, h, i0, rows, j0, cols, lse, delta);
-            write_mask_grad(p, dmask, s.tiles.dS, bh, i0, rows, j0, cols);
-            mm_tn<acc_t>(p.use_blas, cols, p.Dv, rows, acc_t(1), s.tiles.dropped(), BN, dO, ldo, acc_t(1),
+            write_mask_grad(p, dmask, s.tiles.dS, ld, bh, i0, rows, j0, cols);
+            mm_tn<acc_t>(p.use_blas, cols, p.Dv, rows, acc_t(1), s.tiles.dropped(), ld, dO, ldo, acc_t(1),
                          s.dv + j0 * p.Dv, p.Dv);  // dV += Pd^T dO
-            mm_tn<acc_t>(p.use_blas, cols, p.D, rows, static_cast<acc_t>(p.scale), s.tiles.dS, BN, Q, ldq,
+            mm_tn<acc_t>(p.use_blas, cols, p.D, rows, static_cast<acc_t>(p.scale), s.tiles.dS, ld, Q, ldq,
                          acc_t(1), s.dk + j0 * p.D, p.D);  // dK += scale * dS^T Q
-            mm_nn<acc_t>(p.use_blas, rows, p.D, cols, static_cast<acc_t>(p.scale), s.tiles.dS, BN, K, ldk,
+            mm_nn<acc_t>(p.use_blas, rows, p.D, cols, static_cast<acc_t>(p.scale), s.tiles.dS, ld, K, ldk,
                          acc_t(1), s.dq, p.D);  // dQ += scale * dS K
           }
           if (stripes == 1) {
