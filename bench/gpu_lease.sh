@@ -66,6 +66,9 @@ stamp "bench.run exit $?"
 FASTATTN_NO_JIT=1 timeout 90 $PY -m bench.run --dtypes fp32 --seqlens 1024,4096 --head-dims 64,128 \
   --backends triton,cuda --no-plot --out-dir "$OUT" >> "$OUT/bench.log" 2>&1
 stamp "bench.run fp32 exit $?"
+FASTATTN_NO_JIT=1 timeout 45 $PY -m bench.run --dtypes bf16 --seqlens 4096 --head-dims 256 \
+  --backends triton,cuda --no-plot --out-dir "$OUT" >> "$OUT/bench.log" 2>&1  # the d256 backward (NOTES 20)
+stamp "bench.run d256 exit $?"
 
 stamp "stage 4: bench.ops"
 FASTATTN_NO_JIT=1 timeout 75 $PY -m bench.ops --dtypes bf16 --impls fastattn,fastattn-cuda,eager --out-dir "$OUT" \

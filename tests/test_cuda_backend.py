@@ -71,14 +71,19 @@ def test_head_dim_reasons(dqk, dv, ok):
         assert any(w.startswith("v: head dim") for w in why)
 
 
-@pytest.mark.parametrize("dtype,dqk,dv,forward,backward", [
-    (torch.float16, 64, 64, True, True), (torch.bfloat16, 128, 128, True, True),
-    (torch.float16, 136, 136, True, False), (torch.bfloat16, 256, 256, True, False),
-    (torch.float16, 60, 60, False, False), (torch.bfloat16, 64, 32, False, False),
-    (torch.float32, 64, 64, False, False)])
-def test_kernel_family_choice(dtype, dqk, dv, forward, backward):
-    """The Python mirror of fa_ops.cuh's kernel_family (fastattn.explain's plan names the kernels)."""
-    assert cuda_backend.tensor_core_directions(dtype, dqk, dv) == (forward, backward)
+SM86_SMEM, SM90_SMEM = 99 * 1024, 227 * 1024  # opt-in shared memory per block
+
+
+@pytest.mark.parametrize("dtype,dqk,dv,smem,forward,backward", [
+    (torch.float16, 64, 64, SM86_SMEM, True, True), (torch.bfloat16, 128, 128, SM86_SMEM, True, True),
+    (torch.float16, 136, 136, SM90_SMEM, True, True), (torch.bfloat16, 256, 256, None, True, True),
+    (torch.float16, 136, 136, SM86_SMEM, True, False), (torch.bfloat16, 256, 256, SM86_SMEM, True, False),
+    (torch.float16, 60, 60, SM90_SMEM, False, False), (torch.bfloat16, 64, 32, SM90_SMEM, False, False),
+    (torch.float32, 64, 64, SM90_SMEM, False, False)])
+def test_kernel_family_choice(dtype, dqk, dv, smem, forward, backward):
+    """The Python mirror of fa_ops.cuh's kernel_family (fastattn.explain's plan names the kernels): the backward of
+    head dims past 128 on tensor cores where the device has the wide tiles' shared memory (sm_80, sm_90)."""
+    assert cuda_backend.tensor_core_directions(dtype, dqk, dv, smem) == (forward, backward)
 
 
 def _extension_file():
@@ -252,11 +257,17 @@ EMULATED_CASES = {
     "rows_without_keys": dict(shape=(1, 2, 2, 9, 4, 16), causal=2, dlse=True),
     # the CUDA-core kernels (fa_simt.cuh): float32, head dims past 128 or not multiples of 8, Dv != Dqk
     "simt_f32_causal_odd": dict(shape=(1, 2, 1, 37, 45, 40), causal=1, dtype=torch.float32),
-    # head dims 136..256 in float16 / bfloat16: the tensor-core forward (DT 256), the CUDA-core backward
+    # head dims 136..256 in float16 / bfloat16: the tensor-core forward and backward (DT 256; the emulator has an
+    # H100's shared memory, so the wide dK/dV kernel runs)
     "d256_causal_bf16": dict(shape=(1, 2, 1, 70, 90, 256), causal=1, dtype=torch.bfloat16),
     "d136_dropout_float_grad": dict(shape=(1, 2, 2, 40, 50, 136), dropout_p=0.2, mask_grad=True,
                                     mask=lambda: torch.randn(1, 2, 40, 50)),
     "d192_one_query_bottom_right_lse": dict(shape=(1, 1, 1, 1, 129, 192), causal=2, dlse=True),
+    "wide_d256_gqa_dropout_bool_blhd": dict(shape=(2, 4, 2, 45, 130, 256), mask=lambda: torch.rand(45, 130) > 0.3,
+                                            dropout_p=0.2, layout="blhd"),
+    "wide_d200_fully_masked_float_grad_bf16": dict(shape=(1, 2, 2, 9, 12, 200), mask=_fully_masked_float,
+                                                   mask_grad=True, dlse=True, dtype=torch.bfloat16),
+    "wide_d144_rows_without_keys": dict(shape=(1, 2, 2, 9, 4, 144), causal=2, dlse=True),
     "simt_f32_d256_float_grad_lse": dict(shape=(1, 2, 2, 19, 33, 256), mask=lambda: torch.randn(2, 1, 33),
                                          mask_grad=True, dlse=True, dtype=torch.float32),
     "simt_f16_d200_dv72_bottom_right": dict(shape=(1, 2, 1, 20, 35, 200, 72), causal=2),
@@ -392,7 +403,7 @@ def test_gpu_float32(shape, causal):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,causal", SIMT_SHAPES)
 def test_gpu_head_dims_past_128_and_uneven(dtype, shape, causal):
-    """Head dims 136..256 (tensor-core forward, CUDA-core backward), Dv != Dqk and odd head dims (CUDA cores)."""
+    """Head dims 136..256 (tensor cores both ways on sm_80 / sm_90), Dv != Dqk and odd head dims (CUDA cores)."""
     _check(dtype, shape, causal=causal)
 
 

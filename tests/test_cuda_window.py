@@ -105,12 +105,16 @@ EMULATED_CASES = {
                                    dtype=torch.bfloat16),
     "w7_shift3_d128": dict(B=1, H=7, W=14, heads=1, d=128, window=(7, 7), shift=(3, 3)),
     "w12_several_tiles_d16": dict(B=1, H=12, W=12, heads=1, d=16, window=(12, 12), shift=(5, 6)),
+    # head dims past 128 in float16 / bfloat16: the DT 256 tensor-core kernels (the wide dK/dV kernel)
+    "wide_f16_d160_w4x8_shift_one_axis": dict(B=1, H=8, W=16, heads=1, d=160, window=(4, 8), shift=(0, 3)),
+    "wide_d256_w7_shift3_dropout_bf16": dict(B=1, H=7, W=14, heads=1, d=256, window=(7, 7), shift=(3, 3),
+                                             dropout_p=0.2, dtype=torch.bfloat16),
+    "wide_w12_several_tiles_d136": dict(B=1, H=12, W=12, heads=1, d=136, window=(12, 12), shift=(5, 6)),
     # the CUDA-core kernels (fa_simt.cuh): float32, head dims past 128 or not multiples of 8
     "simt_f32_w7_shift3_qkv_views_d32": dict(B=1, H=14, W=14, heads=2, d=32, window=(7, 7), shift=(3, 3),
                                              qkv_views=True, dtype=torch.float32),
     "simt_f32_roll_then_pad_d20_dropout": dict(B=1, H=8, W=8, heads=2, d=20, window=(4, 4), shift=(2, 2),
                                                unpadded=(7, 6), dropout_p=0.25, dtype=torch.float32),
-    "simt_f16_d160_w4x8_shift_one_axis": dict(B=1, H=8, W=16, heads=1, d=160, window=(4, 8), shift=(0, 3)),
     "simt_f32_d160_w4x8_shift_one_axis": dict(B=1, H=8, W=16, heads=1, d=160, window=(4, 8), shift=(0, 3),
                                               dtype=torch.float32),
 }

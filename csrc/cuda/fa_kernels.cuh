@@ -973,6 +973,164 @@ __global__ void __launch_bounds__(BwdKVTile<DT>::kThreads) attn_bwd_dkdv_kernel(
   store_tile<T, BN, DT, NT>(dvg, dv_rows, sV, n0, p.Lk, p.D, tid);
 }
 
+// dK/dV for head dims past 128 (DT 256): a 16-key warp tile accumulating dK and dV over the whole head dim would
+// need 2 x 128 registers, so the head dim is split between two warps (FA2's decomposition; bench/NOTES.md entry 20).
+// 8 warps, 64 keys per CTA, 32 queries per step; per step:
+//   phase 1: warp w computes S^T and dP^T for keys 16 (w % 4).. and queries 16 (w / 4).. (each score once), turns
+//     them into Pd^T and dS^T as the 4-warp kernel does, and writes both to shared memory as T;
+//   phase 2: warp w accumulates dV += Pd^T dO and dK += dS^T Q for keys 16 (w % 4).. and head-dim half w / 4, the
+//     A operands read from shared memory (128 accumulator registers per thread).
+template <int DT>
+struct BwdKVWideTile {
+  static constexpr int kWarps = 8, kThreads = 32 * kWarps;
+  static constexpr int kBN = 64;  // keys per CTA: 4 groups of 16
+  static constexpr int kBM = 32;  // queries per step: 2 halves of 16
+  static constexpr int kStride = DT + 8;
+  static constexpr int kPStride = kBM + 8;  // the Pd^T / dS^T tiles [kBN][kBM + 8]
+  template <typename T>
+  static constexpr size_t smem_bytes() {  // K, V, 2 x (Q, dO), Pd^T, dS^T, 2 x (lse2, delta)
+    return size_t(2 * kBN + 4 * kBM) * kStride * sizeof(T) + size_t(2 * kBN * kPStride) * sizeof(T) +
+           4 * kBM * sizeof(float);
+  }
+};
+
+template <typename T, int DT>
+__global__ void __launch_bounds__(BwdKVWideTile<DT>::kThreads) attn_bwd_dkdv_wide_kernel(const AttnParams p) {
+  using Tile = BwdKVWideTile<DT>;
+  constexpr int BM = Tile::kBM, BN = Tile::kBN, S = Tile::kStride, PS = Tile::kPStride, NT = Tile::kThreads;
+  constexpr int KS = DT / 16, HALF = DT / 2;
+  FA_SHARED_MEMORY(smem);
+  T* sK = reinterpret_cast<T*>(smem);  // [BN][S]; reused to stage dK
+  T* sV = sK + BN * S;                 // [BN][S]; reused to stage dV
+  T* sQ = sV + BN * S;                 // [2][BM][S]
+  T* sdO = sQ + 2 * BM * S;            // [2][BM][S]
+  T* sPt = sdO + 2 * BM * S;           // [BN][PS]: Pd^T of the step
+  T* sdSt = sPt + BN * PS;             // [BN][PS]: dS^T of the step
+  float* sLse2 = reinterpret_cast<float*>(sdSt + BN * PS);  // [2][BM]
+  float* sDelta = sLse2 + 2 * BM;                            // [2][BM]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int key_group = warp % 4, half = warp / 4;  // phase 1: query half; phase 2: head-dim half
+  const Group grp = cta_group(p);
+  const int n_block = blockIdx.x, hk = blockIdx.y, b = grp.b;
+  const int n0 = n_block * BN;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  auto q_rows = [&](int m) { return row_offset(p, grp, p.q_sm, p.q_sx, m); };
+  auto do_rows = [&](int m) { return row_offset(p, grp, p.do_sm, p.do_sx, m); };
+  auto k_rows = [&](int n) { return row_offset(p, grp, p.k_sm, p.k_sx, n); };
+  auto v_rows = [&](int n) { return row_offset(p, grp, p.v_sm, p.v_sx, n); };
+  auto dk_rows = [&](int n) { return row_offset(p, grp, p.dk_sm, p.dk_sx, n); };
+  auto dv_rows = [&](int n) { return row_offset(p, grp, p.dv_sm, p.dv_sx, n); };
+  load_tile_async<T, BN, DT, NT>(sK, kg, k_rows, n0, p.Lk, p.D, tid);
+  load_tile_async<T, BN, DT, NT>(sV, vg, v_rows, n0, p.Lk, p.D, tid);
+  cp_async_commit();
+
+  // Work items: (query head of the group, query tile), as the 4-warp kernel.
+  const int m_start = p.causal ? imax(0, n0 - p.causal_offset) : 0;
+  const int mt_lo = m_start / BM;
+  const int mt_count = m_start >= p.Lq ? 0 : ceil_div(p.Lq, BM) - mt_lo;
+  const int items = p.group * mt_count;
+
+  auto issue = [&](int item, int st) {  // start loading item's Q, dO, lse2, Delta into buffer st
+    const int hq = hk * p.group + item / mt_count, m0 = (mt_lo + item % mt_count) * BM;
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + hq * p.q_sh;
+    const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + hq * p.do_sh;
+    load_tile_async<T, BM, DT, NT>(sQ + st * BM * S, qg, q_rows, m0, p.Lq, p.D, tid);
+    load_tile_async<T, BM, DT, NT>(sdO + st * BM * S, dog, do_rows, m0, p.Lq, p.D, tid);
+    if (tid < BM) {  // plain stores: visible after the next __syncthreads
+      const int m = m0 + tid;
+      const int64_t row = static_cast<int64_t>(grp.z * p.Hq + hq) * p.Lq + m;
+      sLse2[st * BM + tid] = m < p.Lq ? lse_log2(p.lse[row]) : INFINITY;
+      sDelta[st * BM + tid] = m < p.Lq ? p.delta[row] : 0.f;
+    }
+  };
+  if (items > 0) issue(0, 0);
+  cp_async_commit();
+
+  float dk[HALF / 8][4], dv[HALF / 8][4];
+#pragma unroll
+  for (int i = 0; i < HALF / 8; ++i)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dk[i][c] = dv[i][c] = 0.f;
+  const int n_row = n0 + key_group * 16 + g;  // this lane's keys (rows of S^T): n_row, n_row + 8
+  const int q_off = half * 16;                // phase 1: this warp's queries within the step
+
+  for (int it = 0; it < items; ++it) {
+    const int st = it & 1;
+    if (it + 1 < items) {
+      issue(it + 1, st ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int hq = hk * p.group + it / mt_count, m0 = (mt_lo + it % mt_count) * BM;
+    const int bh = grp.z * p.Hq + hq;
+    const char* mask = mask_slice(p, grp, hq);
+    const T* q_s = sQ + st * BM * S;
+    const T* do_s = sdO + st * BM * S;
+    const float* lse2_s = sLse2 + st * BM;
+    const float* delta_s = sDelta + st * BM;
+
+    // Phase 1.  S^T = K Q^T for 16 keys x 16 queries; element (nb, i): key n_row + 8 (i / 2),
+    // query m0 + q_off + 8 nb + 2t + i % 2.
+    float s[2][4], dp[2][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[i][c] = dp[i][c] = 0.f;
+    gemm_ss<T, KS, 2, false>(s, sK + key_group * 16 * S, S, q_s + q_off * S, S, lane);
+    const bool mods = tile_needs_mods(p, m0, m0 + BM, n0, n0 + BN);
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int ml = q_off + 8 * nb + 2 * t + (i % 2);
+        const float x =
+            mods ? modified_score(p, grp, mask, s[nb][i], m0 + ml, n_row + 8 * (i / 2)) : s[nb][i] * p.scale_log2;
+        s[nb][i] = fast_exp2(x - lse2_s[ml]);  // P^T
+      }
+    gemm_ss<T, KS, 2, false>(dp, sV + key_group * 16 * S, S, do_s + q_off * S, S, lane);  // dP^T = V dO^T
+    const uint32_t keep = !p.dropout ? 0xffffffffu : dropout_keep_bits<8>(
+        p, bh, [&](int e) { return m0 + q_off + 8 * (e / 4) + 2 * t + (e % 2); },  // element e = 4 nb + i
+        [&](int e) { return n_row + 8 * ((e % 4) / 2); });
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int ml = q_off + 8 * nb + 2 * t + (i % 2);
+        if (p.dropout) {
+          const bool kept = (keep >> (4 * nb + i)) & 1u;
+          dp[nb][i] = s[nb][i] * ((kept ? dp[nb][i] * p.drop_scale : 0.f) - delta_s[ml]);
+          s[nb][i] = kept ? s[nb][i] * p.drop_scale : 0.f;
+        } else {
+          dp[nb][i] = s[nb][i] * (dp[nb][i] - delta_s[ml]);
+        }
+      }
+    frag_to_smem<T, 2, PS>(sPt + key_group * 16 * PS + q_off, s, 1.f, 1.f, lane);
+    frag_to_smem<T, 2, PS>(sdSt + key_group * 16 * PS + q_off, dp, 1.f, 1.f, lane);
+    __syncthreads();
+
+    // Phase 2.  dV += Pd^T dO and dK += dS^T Q for this warp's 16 keys and head-dim columns [half * HALF, +HALF):
+    // Pd^T and dS^T (rows keys, columns the step's BM queries) are the A operands, dO and Q the k-major B operands.
+    gemm_ss<T, BM / 16, HALF / 8, true>(dv, sPt + key_group * 16 * PS, PS, do_s + half * HALF, S, lane);
+    gemm_ss<T, BM / 16, HALF / 8, true>(dk, sdSt + key_group * 16 * PS, PS, q_s + half * HALF, S, lane);
+    __syncthreads();  // buffer st and the Pd^T / dS^T tiles are free for the next step
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // sK, sV free (the K/V copies may still have been in flight when items == 0)
+
+  frag_to_smem<T, HALF / 8, S>(sK + key_group * 16 * S + half * HALF, dk, p.scale, p.scale, lane);
+  frag_to_smem<T, HALF / 8, S>(sV + key_group * 16 * S + half * HALF, dv, 1.f, 1.f, lane);
+  __syncthreads();
+  T* dkg = static_cast<T*>(p.dk) + b * p.dk_sb + hk * p.dk_sh;
+  T* dvg = static_cast<T*>(p.dv) + b * p.dv_sb + hk * p.dv_sh;
+  store_tile<T, BN, DT, NT>(dkg, dk_rows, sK, n0, p.Lk, p.D, tid);
+  store_tile<T, BN, DT, NT>(dvg, dv_rows, sV, n0, p.Lk, p.D, tid);
+}
+
 template <int DT>
 struct BwdQTile {
   static constexpr int kWarps = 4, kThreads = 32 * kWarps;
@@ -1114,6 +1272,12 @@ static_assert(BwdKVTile<64>::smem_bytes<__half>() <= kSmemLimit, "dK/dV, DT 64")
 static_assert(BwdKVTile<128>::smem_bytes<__half>() <= kSmemLimit, "dK/dV, DT 128");
 static_assert(BwdQTile<64>::smem_bytes<__half>() <= kSmemLimit, "dQ, DT 64");
 static_assert(BwdQTile<128>::smem_bytes<__half>() <= kSmemLimit, "dQ, DT 128");
+// The tensor-core backward of head dims past 128 needs more: sm_80 (163 KiB) and sm_90 (227 KiB) have it; elsewhere
+// kernel_family (fa_ops.cuh) sends that backward to the CUDA-core kernels.
+constexpr size_t kWideBwdSmemBytes = BwdKVWideTile<256>::smem_bytes<__half>() > BwdQTile<256>::smem_bytes<__half>()
+                                         ? BwdKVWideTile<256>::smem_bytes<__half>()
+                                         : BwdQTile<256>::smem_bytes<__half>();
+static_assert(kWideBwdSmemBytes <= 163 * 1024, "dK/dV and dQ, DT 256: within sm_80's opt-in shared memory");
 
 // ==========================================================================================================
 // Launchers (grids: x = row tiles, y = heads, z = batch or (batch, window) group)
@@ -1158,9 +1322,15 @@ void launch_bwd(const AttnParams& p, Stream stream) {
   if (p.B == 0 || p.Hq == 0) return;
   if (p.Lq > 0) launch_over_z(attn_bwd_delta_kernel<T>, ceil_div(p.Lq, kDeltaRows), p.Hq, 128, 0, p, stream);
   if (p.Lk > 0) {
-    using Tile = BwdKVTile<DT>;
-    launch_over_z(attn_bwd_dkdv_kernel<T, DT>, ceil_div(p.Lk, Tile::kBN), p.Hkv, Tile::kThreads,
-                  Tile::template smem_bytes<T>(), p, stream);
+    if constexpr (DT > 128) {  // the head dim split between two warps (BwdKVWideTile)
+      using Tile = BwdKVWideTile<DT>;
+      launch_over_z(attn_bwd_dkdv_wide_kernel<T, DT>, ceil_div(p.Lk, Tile::kBN), p.Hkv, Tile::kThreads,
+                    Tile::template smem_bytes<T>(), p, stream);
+    } else {
+      using Tile = BwdKVTile<DT>;
+      launch_over_z(attn_bwd_dkdv_kernel<T, DT>, ceil_div(p.Lk, Tile::kBN), p.Hkv, Tile::kThreads,
+                    Tile::template smem_bytes<T>(), p, stream);
+    }
   }
   if (p.Lq > 0) {
     using Tile = BwdQTile<DT>;

@@ -4,10 +4,11 @@
 // with the host-emulated kernels (FASTATTN_EMULATE, CPU tensors; see fa_emulate_ops.cuh).
 //
 // Two kernel families behind the same ops (kernel_family picks one per call and direction):
-//   tensor cores (fa_kernels.cuh): float16 / bfloat16 with Dv == Dqk, a multiple of 8 -- forward up to 256 (padded
-//     to 64, 128 or 256), backward up to 128;
+//   tensor cores (fa_kernels.cuh): float16 / bfloat16 with Dv == Dqk, a multiple of 8 -- forward and backward up to
+//     256 (padded to 64, 128 or 256; the backward past 128 where the device has the shared memory of its wide
+//     tiles: sm_80, sm_90);
 //   CUDA cores (fa_simt.cuh): everything else up to head dim 256 -- float32, head dims 1..256 (Dqk and Dv each,
-//     any values, Dv may differ), the backward of head dims 136..256.
+//     any values, Dv may differ), the backward of head dims 136..256 on sm_86 / sm_89.
 // Both: GQA/MQA; causal top-left (1) / bottom-right (2); bool or float masks broadcastable to [B, Hq, Lq, Lk]
 // (with the float mask's gradient); dropout with the Philox stream of the Triton kernels; any (batch, head, row)
 // strides of q/k/v with a contiguous head dim.  Window ops: the same dtypes and head dims, any window / shift /
@@ -37,18 +38,31 @@
 namespace fastattn_cuda {
 
 constexpr int64_t kMaxHeadDim = kSimtMaxDim;  // 256, every kernel family's limit
-constexpr int64_t kMaxTensorCoreBwdHeadDim = 128;  // the tensor-core backward's (its forward takes up to 256)
+constexpr int64_t kMaxNarrowBwdHeadDim = 128;  // past it, the tensor-core backward needs kWideBwdSmemBytes
+
+// Opt-in dynamic shared memory per block of q's device, in bytes.
+inline int64_t max_smem_optin(const at::Tensor& q) {
+#ifdef FASTATTN_EMULATE
+  (void)q;
+  return 227 * 1024;  // an H100's
+#else
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device()));
+  return bytes;
+#endif
+}
 
 // Which kernels a call runs: the CUDA-core ones (fa_simt.cuh) for everything the tensor-core kernels cannot take --
-// float32, Dv != Dqk, head dims not a multiple of 8, and the backward of head dims past 128 (the dK/dV accumulators
-// of a 16-key warp tile would need 256 registers).
+// float32, Dv != Dqk, head dims not a multiple of 8, and the backward of head dims past 128 on devices without the
+// shared memory of its wide tiles (kWideBwdSmemBytes, ~143 KiB: sm_86 / sm_89).
 struct Family {
   bool simt_fwd, simt_bwd;
 };
 
-inline Family kernel_family(at::ScalarType dtype, int64_t d, int64_t dv) {
+inline Family kernel_family(at::ScalarType dtype, int64_t d, int64_t dv, int64_t smem_optin) {
   const bool simt = dtype == at::kFloat || d != dv || d % 8 != 0;
-  return {simt, simt || d > kMaxTensorCoreBwdHeadDim};
+  const bool wide_fits = smem_optin >= static_cast<int64_t>(kWideBwdSmemBytes);
+  return {simt, simt || (d > kMaxNarrowBwdHeadDim && !wide_fits)};
 }
 
 inline void check_dtype(const at::Tensor& q) {
@@ -153,7 +167,7 @@ inline Problem prepare(AttnParams& p, const at::Tensor& q_in, const at::Tensor& 
   TORCH_CHECK(std::isfinite(scale), "scale: must be finite, got ", scale);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: must be in [0, 1), got ", dropout_p);
 
-  pr.family = kernel_family(q_in.scalar_type(), pr.D, pr.Dv);
+  pr.family = kernel_family(q_in.scalar_type(), pr.D, pr.Dv, max_smem_optin(q_in));
   pr.q = kernel_layout(q_in, pr.family.simt_fwd);  // (the CUDA-core backward reads any layout the forward takes)
   pr.k = kernel_layout(k_in, pr.family.simt_fwd);
   pr.v = kernel_layout(v_in, pr.family.simt_fwd);
@@ -258,7 +272,7 @@ inline void dispatch_fwd(const AttnParams& p, const at::Tensor& q, bool simt) {
 
 inline void dispatch_bwd(const AttnParams& p, const at::Tensor& q, bool simt) {
   const Stream stream = current_stream(q);
-  const bool half = q.scalar_type() == at::kHalf, d64 = p.D <= 64;
+  const bool half = q.scalar_type() == at::kHalf, d64 = p.D <= 64, d128 = p.D <= 128;
   if (simt) {
     if (q.scalar_type() == at::kFloat)
       launch_simt_bwd<float>(p, stream);
@@ -267,9 +281,10 @@ inline void dispatch_bwd(const AttnParams& p, const at::Tensor& q, bool simt) {
     return;
   }
   if (half)
-    d64 ? launch_bwd<__half, 64>(p, stream) : launch_bwd<__half, 128>(p, stream);
+    d64 ? launch_bwd<__half, 64>(p, stream) : d128 ? launch_bwd<__half, 128>(p, stream) : launch_bwd<__half, 256>(p, stream);
   else
-    d64 ? launch_bwd<__nv_bfloat16, 64>(p, stream) : launch_bwd<__nv_bfloat16, 128>(p, stream);
+    d64 ? launch_bwd<__nv_bfloat16, 64>(p, stream)
+        : d128 ? launch_bwd<__nv_bfloat16, 128>(p, stream) : launch_bwd<__nv_bfloat16, 256>(p, stream);
 }
 
 // fastattn::attention_fwd(q, k, v, mask?, seed?, causal, scale, dropout_p) -> (out, lse)
@@ -414,7 +429,7 @@ inline WindowProblem prepare_window(AttnParams& p, const at::Tensor& q_in, const
   WindowProblem wp;
   wp.B = q_in.size(0), wp.H = H, wp.W = W, wp.heads = q_in.size(3), wp.D = q_in.size(4), wp.Dv = v_in.size(4);
   check_head_dims(wp.D, wp.Dv);
-  wp.family = kernel_family(q_in.scalar_type(), wp.D, wp.Dv);
+  wp.family = kernel_family(q_in.scalar_type(), wp.D, wp.Dv, max_smem_optin(q_in));
   wp.wh = wh, wp.ww = ww, wp.windows = (H / wh) * (W / ww), wp.N = wh * ww;
   TORCH_CHECK(wp.heads <= 65535, "q: heads (", wp.heads, ") must be at most 65535 (a CUDA grid dimension)");
   TORCH_CHECK(wp.B * H * W * wp.heads < (int64_t(1) << 31), "q: B * H * W * heads (", wp.B * H * W * wp.heads,

@@ -4,7 +4,9 @@ Forward: one CTA per 128 queries of a (batch, head), 32-key K/V tiles double-buf
 cp.async, S = Q K^T and O += P V on mma.sync m16n8k16 (fp16/bf16 in, fp32 accumulators), the online softmax in
 registers (exp2 with log2(e) folded into the scale), the row log-sum-exp saved.  Backward: Delta =
 rowsum(dO * O) - dLSE, then a dK/dV kernel per key tile looping over the query tiles of every query head of its
-GQA group, and a separate dQ kernel -- no atomics, so the backward is bitwise reproducible.
+GQA group, and a separate dQ kernel -- no atomics, so the backward is bitwise reproducible.  Head dims 136..256
+(padded to 256): 64-query forward CTAs, and a dK/dV kernel of 8 warps that splits the head dim between warp pairs
+(the scores of a step computed once, shared through shared memory; ~143 KiB of it, so sm_80 / sm_90 only).
 
 When the forward's query blocks cannot fill the GPU (few queries, many keys: Perceiver's latents, decoding), the
 keys are split across CTAs and the partial results merged by their LSE (split-KV, the Triton backend's rule;
@@ -12,11 +14,11 @@ keys are split across CTAs and the partial results merged by their LSE (split-KV
 
 Everything the tensor cores cannot take runs on CUDA-core kernels of the same design (csrc/cuda/fa_simt.cuh):
 float32 (IEEE products and sums, no TF32), head dims not multiples of 8, Dv != Dqk, and the backward of head dims
-136..256 (their forward runs on tensor cores, 64-query CTAs).  They are a complete fallback, not a fast path: in
+136..256 on devices without the wide dK/dV kernel's shared memory (sm_86 / sm_89).  They are a complete fallback, not a fast path: in
 float32 the triton backend comes first in dispatch.
 
 Supported: CUDA tensors on compute capability >= 8.0; float16, bfloat16 (tensor cores for head dims 8..256 in
-steps of 8 with Dv == Dqk, padded to 64, 128 or 256; backward up to 128) and float32; head dims 1..256 for q/k
+steps of 8 with Dv == Dqk, padded to 64, 128 or 256; the backward past 128 on sm_80 / sm_90) and float32; head dims 1..256 for q/k
 and v each; GQA/MQA; causal
 top-left and bottom-right; bool and float masks broadcast by strides (the float mask's gradient too); dropout with
 the Philox stream of the other backends (bit-identical keep-masks); the log-sum-exp and its gradient; any (batch,
@@ -28,7 +30,7 @@ implementations in fastattn/_ext.py), so torch.compile sees them as opaque ops.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -39,7 +41,8 @@ from .cpu import ExtensionBackend
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256                # the CUDA-core kernels' limit, for q/k and v each
-MAX_TENSOR_CORE_BWD_HEAD_DIM = 128  # tensor-core backward: multiples of 8 up to 128 (the forward: up to 256)
+MAX_NARROW_BWD_HEAD_DIM = 128  # past it, the tensor-core backward needs WIDE_BWD_SMEM_BYTES of shared memory
+WIDE_BWD_SMEM_BYTES = 145_920  # csrc/cuda/fa_kernels.cuh kWideBwdSmemBytes (BwdKVWideTile<256>, fp16/bf16)
 MAX_GRID_DIM = 65535  # batch and heads are CUDA grid dimensions (z, y)
 
 
@@ -76,11 +79,23 @@ def head_dim_reasons(dim_qk: int, dim_v: int) -> List[str]:
     return why
 
 
-def tensor_core_directions(dtype: torch.dtype, dim_qk: int, dim_v: int) -> Tuple[bool, bool]:
+def smem_optin(device) -> Optional[int]:
+    """Opt-in shared memory per block of a CUDA device in bytes (None when torch does not report it)."""
+    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(torch.device(device))
+    return getattr(props, "shared_memory_per_block_optin", None)
+
+
+def tensor_core_directions(dtype: torch.dtype, dim_qk: int, dim_v: int,
+                           smem_bytes: Optional[int] = None) -> Tuple[bool, bool]:
     """(forward, backward) on tensor cores? -- csrc/cuda/fa_ops.cuh kernel_family: float16/bfloat16 with
-    Dv == Dqk, a multiple of 8: the forward up to 256, the backward up to 128; the CUDA-core kernels otherwise."""
+    Dv == Dqk, a multiple of 8, up to 256; the backward past 128 only where the device's opt-in shared memory
+    (``smem_bytes``; None: assume an sm_80 / sm_90 device, which have it) holds the wide tiles; the CUDA-core
+    kernels otherwise."""
     ok = dtype in TENSOR_CORE_DTYPES and dim_qk == dim_v and dim_qk % 8 == 0 and dim_qk <= MAX_HEAD_DIM
-    return ok, ok and dim_qk <= MAX_TENSOR_CORE_BWD_HEAD_DIM
+    wide_fits = smem_bytes is None or smem_bytes >= WIDE_BWD_SMEM_BYTES
+    return ok, ok and (dim_qk <= MAX_NARROW_BWD_HEAD_DIM or wide_fits)
 
 
 def window_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> List[str]:
@@ -103,7 +118,7 @@ def window_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> List[st
 class CudaBackend(ExtensionBackend):
     name = "cuda"
     summary = ("FlashAttention-2 CUDA C++ kernels (fastattn._C): sm_80+, fp16/bf16 on mma.sync tensor cores (head "
-               "dims multiples of 8 with Dv == Dqk: forward up to 256, backward up to 128), float32 and any other "
+               "dims multiples of 8 with Dv == Dqk, up to 256; the backward past 128 on sm_80 / sm_90), float32 and any other "
                "head dims up to 256 (Dv may differ) on CUDA cores; any strides, GQA, masks with gradient, dropout, "
                "both causal alignments, LSE, deterministic backward")
 
@@ -127,7 +142,7 @@ class CudaBackend(ExtensionBackend):
 
     def plan(self, p: AttentionProblem) -> str:
         """The launch configuration, for fastattn.explain."""
-        forward, backward = tensor_core_directions(p.dtype, p.dim_qk, p.dim_v)
+        forward, backward = tensor_core_directions(p.dtype, p.dim_qk, p.dim_v, smem_optin(p.device))
         simt = ("CUDA-core kernels (float32 arithmetic, head dims {}/{}): forward and dQ CTAs of 16 queries (4 warps "
                 "x 4 rows) over 32-key tiles, dK/dV CTAs of 16 keys over 32-query tiles".format(p.dim_qk, p.dim_v))
         split = "; split-KV forward when the query blocks cannot fill the GPU"
@@ -136,6 +151,10 @@ class CudaBackend(ExtensionBackend):
         if not backward:
             return (f"CUDA FlashAttention-2 forward, head dim {p.dim_qk} padded to 256: CTAs of 64 queries (4 warps x "
                     f"16 rows) over 32-key tiles{split}; backward on the " + simt)
+        if p.dim_qk > MAX_NARROW_BWD_HEAD_DIM:
+            return (f"CUDA FlashAttention-2, head dim {p.dim_qk} padded to 256: forward CTAs of 64 queries (4 warps "
+                    f"x 16 rows) over 32-key tiles{split}; backward dK/dV CTAs of 64 keys x 32-query tiles (8 warps, "
+                    "the head dim split between warp pairs), dQ CTAs of 64 queries x 32-key tiles (4 warps)")
         padded = 64 if p.dim_qk <= 64 else 128
         warps = "4 warps x 32 rows" if padded == 64 else "8 warps x 16 rows"
         return (f"CUDA FlashAttention-2, head dim {p.dim_qk} padded to {padded}: forward CTAs of 128 queries "
