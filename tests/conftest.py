@@ -36,3 +36,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ops():
+    """torch.ops.fastattn, the compiled extension's ops (skips the test where the extension is unavailable)."""
+    from fastattn import _ext
+    err = _ext.error()
+    if err is not None:
+        pytest.skip(f"the compiled kernels are not available here: {err}")
+    return torch.ops.fastattn

@@ -25,13 +25,6 @@ from test_attention import GRADCHECK_CASES, MASK_KINDS, _mask, check_against_ref
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def ops():
-    err = _ext.error()
-    if err is not None:
-        pytest.skip(f"the CPU kernels are not available here: {err}")
-    return torch.ops.fastattn
-
 
 def _attn(q, k, v, mask=None, **kw):
     return fastattn.attention(q, k, v, attn_mask=mask, **kw)

@@ -10,17 +10,9 @@ import pytest
 import torch
 
 import fastattn
-from fastattn import _ext
 from helpers import assert_close_rule
 from test_spacetime import naive_spatial
 
-
-@pytest.fixture(scope="module")
-def ops():
-    err = _ext.error()
-    if err is not None:
-        pytest.skip(f"the CPU kernels are not available here: {err}")
-    return torch.ops.fastattn
 
 
 CASES = {  # B, T, N, heads, d, dv, token order

@@ -8,17 +8,9 @@ import pytest
 import torch
 
 import fastattn
-from fastattn import _ext
 from fastattn.nn import WindowAttention
 from helpers import assert_close_rule
 
-
-@pytest.fixture(scope="module")
-def ops():
-    err = _ext.error()
-    if err is not None:
-        pytest.skip(f"the CPU kernels are not available here: {err}")
-    return torch.ops.fastattn
 
 
 CASES = {  # B, H, W, heads, d, dv, window, shift, unpadded
