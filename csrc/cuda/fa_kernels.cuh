@@ -822,6 +822,79 @@ __global__ void __launch_bounds__(128) attn_bwd_delta_kernel(const AttnParams p)
   }
 }
 
+// The plan both tensor-core dK/dV kernels follow: the CTA's key block (batch b, kv head hk, keys [n0, n0 + BN)) and
+// its steps -- (query head of the GQA group, tile of BM queries) pairs, without the tiles causal masking hides from
+// every key of the block -- each loaded into one of two shared buffers (Q, dO by cp.async; lse2, Delta by plain
+// stores, visible after the next __syncthreads).
+template <typename T, int DT, int BM, int BN, int NT>
+struct KVBlockSteps {
+  static constexpr int S = DT + 8;
+  const AttnParams& p;
+  const Group grp;
+  const int b, hk, n0;
+  int mt_lo, mt_count, items;
+
+  FA_DEVICE explicit KVBlockSteps(const AttnParams& params)
+      : p(params), grp(cta_group(params)), b(grp.b), hk(blockIdx.y), n0(blockIdx.x * BN) {
+    // Query m sees key n iff m >= n - causal_offset, so the first query that sees any key of this block is
+    // n0 - causal_offset.
+    const int m_start = p.causal ? imax(0, n0 - p.causal_offset) : 0;
+    mt_lo = m_start / BM;
+    mt_count = m_start >= p.Lq ? 0 : ceil_div(p.Lq, BM) - mt_lo;
+    items = p.group * mt_count;
+  }
+  FA_DEVICE int head(int item) const { return hk * p.group + item / mt_count; }
+  FA_DEVICE int first_query(int item) const { return (mt_lo + item % mt_count) * BM; }
+
+  FA_DEVICE void load_kv(T* sK, T* sV, int tid) const {
+    const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+    const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+    load_tile_async<T, BN, DT, NT>(sK, kg, [&](int n) { return row_offset(p, grp, p.k_sm, p.k_sx, n); }, n0, p.Lk,
+                                   p.D, tid);
+    load_tile_async<T, BN, DT, NT>(sV, vg, [&](int n) { return row_offset(p, grp, p.v_sm, p.v_sx, n); }, n0, p.Lk,
+                                   p.D, tid);
+  }
+
+  // Starts loading step `item` into buffer st of sQ, sdO ([2][BM][S]) and sLse2, sDelta ([2][BM]).
+  FA_DEVICE void issue(int item, int st, T* sQ, T* sdO, float* sLse2, float* sDelta, int tid) const {
+    const int hq = head(item), m0 = first_query(item);
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + hq * p.q_sh;
+    const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + hq * p.do_sh;
+    load_tile_async<T, BM, DT, NT>(sQ + st * BM * S, qg, [&](int m) { return row_offset(p, grp, p.q_sm, p.q_sx, m); },
+                                   m0, p.Lq, p.D, tid);
+    load_tile_async<T, BM, DT, NT>(sdO + st * BM * S, dog,
+                                   [&](int m) { return row_offset(p, grp, p.do_sm, p.do_sx, m); }, m0, p.Lq, p.D, tid);
+    if (tid < BM) {
+      const int m = m0 + tid;
+      const int64_t row = static_cast<int64_t>(grp.z * p.Hq + hq) * p.Lq + m;
+      sLse2[st * BM + tid] = m < p.Lq ? lse_log2(p.lse[row]) : INFINITY;
+      sDelta[st * BM + tid] = m < p.Lq ? p.delta[row] : 0.f;
+    }
+  }
+
+  // At the top of step it: starts loading step it + 1 into the other buffer, then waits for step it's loads
+  // (issued a step earlier); the caller's __syncthreads makes them visible.
+  FA_DEVICE void advance(int it, T* sQ, T* sdO, float* sLse2, float* sDelta, int tid) const {
+    if (it + 1 < items) {
+      issue(it + 1, (it & 1) ^ 1, sQ, sdO, sLse2, sDelta, tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+  }
+
+  // The staged dK (sK) and dV (sV) tiles to their rows in global memory.
+  FA_DEVICE void store_dkdv(const T* sK, const T* sV, int tid) const {
+    T* dkg = static_cast<T*>(p.dk) + b * p.dk_sb + hk * p.dk_sh;
+    T* dvg = static_cast<T*>(p.dv) + b * p.dv_sb + hk * p.dv_sh;
+    store_tile<T, BN, DT, NT>(dkg, [&](int n) { return row_offset(p, grp, p.dk_sm, p.dk_sx, n); }, sK, n0, p.Lk, p.D,
+                              tid);
+    store_tile<T, BN, DT, NT>(dvg, [&](int n) { return row_offset(p, grp, p.dv_sm, p.dv_sx, n); }, sV, n0, p.Lk, p.D,
+                              tid);
+  }
+};
+
 template <int DT>
 struct BwdKVTile {
   static constexpr int kWarps = 4, kThreads = 32 * kWarps;
@@ -847,42 +920,12 @@ __global__ void __launch_bounds__(BwdKVTile<DT>::kThreads) attn_bwd_dkdv_kernel(
   float* sDelta = sLse2 + 2 * BM;                             // [2][BM]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const Group grp = cta_group(p);
-  const int n_block = blockIdx.x, hk = blockIdx.y, b = grp.b;
-  const int n0 = n_block * BN;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
-  auto q_rows = [&](int m) { return row_offset(p, grp, p.q_sm, p.q_sx, m); };
-  auto do_rows = [&](int m) { return row_offset(p, grp, p.do_sm, p.do_sx, m); };
-  auto k_rows = [&](int n) { return row_offset(p, grp, p.k_sm, p.k_sx, n); };
-  auto v_rows = [&](int n) { return row_offset(p, grp, p.v_sm, p.v_sx, n); };
-  auto dk_rows = [&](int n) { return row_offset(p, grp, p.dk_sm, p.dk_sx, n); };
-  auto dv_rows = [&](int n) { return row_offset(p, grp, p.dv_sm, p.dv_sx, n); };
-  load_tile_async<T, BN, DT, NT>(sK, kg, k_rows, n0, p.Lk, p.D, tid);
-  load_tile_async<T, BN, DT, NT>(sV, vg, v_rows, n0, p.Lk, p.D, tid);
+  const KVBlockSteps<T, DT, BM, BN, NT> plan(p);
+  const Group& grp = plan.grp;
+  const int n0 = plan.n0, items = plan.items;
+  plan.load_kv(sK, sV, tid);
   cp_async_commit();
-
-  // Work items: (query head of the group, query tile).  Query m sees key n iff m >= n - causal_offset, so the
-  // first query that sees any key of this block is n0 - causal_offset.
-  const int m_start = p.causal ? imax(0, n0 - p.causal_offset) : 0;
-  const int mt_lo = m_start / BM;
-  const int mt_count = m_start >= p.Lq ? 0 : ceil_div(p.Lq, BM) - mt_lo;
-  const int items = p.group * mt_count;
-
-  auto issue = [&](int item, int st) {  // start loading item's Q, dO, lse2, Delta into buffer st
-    const int hq = hk * p.group + item / mt_count, m0 = (mt_lo + item % mt_count) * BM;
-    const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + hq * p.q_sh;
-    const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + hq * p.do_sh;
-    load_tile_async<T, BM, DT, NT>(sQ + st * BM * S, qg, q_rows, m0, p.Lq, p.D, tid);
-    load_tile_async<T, BM, DT, NT>(sdO + st * BM * S, dog, do_rows, m0, p.Lq, p.D, tid);
-    if (tid < BM) {  // plain stores: visible after the next __syncthreads
-      const int m = m0 + tid;
-      const int64_t row = static_cast<int64_t>(grp.z * p.Hq + hq) * p.Lq + m;
-      sLse2[st * BM + tid] = m < p.Lq ? lse_log2(p.lse[row]) : INFINITY;
-      sDelta[st * BM + tid] = m < p.Lq ? p.delta[row] : 0.f;
-    }
-  };
-  if (items > 0) issue(0, 0);
+  if (items > 0) plan.issue(0, 0, sQ, sdO, sLse2, sDelta, tid);
   cp_async_commit();
 
   float dk[DT / 8][4], dv[DT / 8][4];
@@ -894,15 +937,9 @@ __global__ void __launch_bounds__(BwdKVTile<DT>::kThreads) attn_bwd_dkdv_kernel(
 
   for (int it = 0; it < items; ++it) {
     const int st = it & 1;
-    if (it + 1 < items) {
-      issue(it + 1, st ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    plan.advance(it, sQ, sdO, sLse2, sDelta, tid);
     __syncthreads();
-    const int hq = hk * p.group + it / mt_count, m0 = (mt_lo + it % mt_count) * BM;
+    const int hq = plan.head(it), m0 = plan.first_query(it);
     const int bh = grp.z * p.Hq + hq;
     const char* mask = mask_slice(p, grp, hq);
     const T* q_s = sQ + st * BM * S;
@@ -967,10 +1004,7 @@ __global__ void __launch_bounds__(BwdKVTile<DT>::kThreads) attn_bwd_dkdv_kernel(
   frag_to_smem<T, DT / 8, S>(sK + warp * 16 * S, dk, p.scale, p.scale, lane);
   frag_to_smem<T, DT / 8, S>(sV + warp * 16 * S, dv, 1.f, 1.f, lane);
   __syncthreads();
-  T* dkg = static_cast<T*>(p.dk) + b * p.dk_sb + hk * p.dk_sh;
-  T* dvg = static_cast<T*>(p.dv) + b * p.dv_sb + hk * p.dv_sh;
-  store_tile<T, BN, DT, NT>(dkg, dk_rows, sK, n0, p.Lk, p.D, tid);
-  store_tile<T, BN, DT, NT>(dvg, dv_rows, sV, n0, p.Lk, p.D, tid);
+  plan.store_dkdv(sK, sV, tid);
 }
 
 // dK/dV for head dims past 128 (DT 256): a 16-key warp tile accumulating dK and dV over the whole head dim would
@@ -1011,41 +1045,12 @@ __global__ void __launch_bounds__(BwdKVWideTile<DT>::kThreads) attn_bwd_dkdv_wid
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int key_group = warp % 4, half = warp / 4;  // phase 1: query half; phase 2: head-dim half
-  const Group grp = cta_group(p);
-  const int n_block = blockIdx.x, hk = blockIdx.y, b = grp.b;
-  const int n0 = n_block * BN;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
-  auto q_rows = [&](int m) { return row_offset(p, grp, p.q_sm, p.q_sx, m); };
-  auto do_rows = [&](int m) { return row_offset(p, grp, p.do_sm, p.do_sx, m); };
-  auto k_rows = [&](int n) { return row_offset(p, grp, p.k_sm, p.k_sx, n); };
-  auto v_rows = [&](int n) { return row_offset(p, grp, p.v_sm, p.v_sx, n); };
-  auto dk_rows = [&](int n) { return row_offset(p, grp, p.dk_sm, p.dk_sx, n); };
-  auto dv_rows = [&](int n) { return row_offset(p, grp, p.dv_sm, p.dv_sx, n); };
-  load_tile_async<T, BN, DT, NT>(sK, kg, k_rows, n0, p.Lk, p.D, tid);
-  load_tile_async<T, BN, DT, NT>(sV, vg, v_rows, n0, p.Lk, p.D, tid);
+  const KVBlockSteps<T, DT, BM, BN, NT> plan(p);
+  const Group& grp = plan.grp;
+  const int n0 = plan.n0, items = plan.items;
+  plan.load_kv(sK, sV, tid);
   cp_async_commit();
-
-  // Work items: (query head of the group, query tile), as the 4-warp kernel.
-  const int m_start = p.causal ? imax(0, n0 - p.causal_offset) : 0;
-  const int mt_lo = m_start / BM;
-  const int mt_count = m_start >= p.Lq ? 0 : ceil_div(p.Lq, BM) - mt_lo;
-  const int items = p.group * mt_count;
-
-  auto issue = [&](int item, int st) {  // start loading item's Q, dO, lse2, Delta into buffer st
-    const int hq = hk * p.group + item / mt_count, m0 = (mt_lo + item % mt_count) * BM;
-    const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + hq * p.q_sh;
-    const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + hq * p.do_sh;
-    load_tile_async<T, BM, DT, NT>(sQ + st * BM * S, qg, q_rows, m0, p.Lq, p.D, tid);
-    load_tile_async<T, BM, DT, NT>(sdO + st * BM * S, dog, do_rows, m0, p.Lq, p.D, tid);
-    if (tid < BM) {  // plain stores: visible after the next __syncthreads
-      const int m = m0 + tid;
-      const int64_t row = static_cast<int64_t>(grp.z * p.Hq + hq) * p.Lq + m;
-      sLse2[st * BM + tid] = m < p.Lq ? lse_log2(p.lse[row]) : INFINITY;
-      sDelta[st * BM + tid] = m < p.Lq ? p.delta[row] : 0.f;
-    }
-  };
-  if (items > 0) issue(0, 0);
+  if (items > 0) plan.issue(0, 0, sQ, sdO, sLse2, sDelta, tid);
   cp_async_commit();
 
   float dk[HALF / 8][4], dv[HALF / 8][4];
@@ -1058,15 +1063,9 @@ __global__ void __launch_bounds__(BwdKVWideTile<DT>::kThreads) attn_bwd_dkdv_wid
 
   for (int it = 0; it < items; ++it) {
     const int st = it & 1;
-    if (it + 1 < items) {
-      issue(it + 1, st ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    plan.advance(it, sQ, sdO, sLse2, sDelta, tid);
     __syncthreads();
-    const int hq = hk * p.group + it / mt_count, m0 = (mt_lo + it % mt_count) * BM;
+    const int hq = plan.head(it), m0 = plan.first_query(it);
     const int bh = grp.z * p.Hq + hq;
     const char* mask = mask_slice(p, grp, hq);
     const T* q_s = sQ + st * BM * S;
@@ -1125,10 +1124,7 @@ __global__ void __launch_bounds__(BwdKVWideTile<DT>::kThreads) attn_bwd_dkdv_wid
   frag_to_smem<T, HALF / 8, S>(sK + key_group * 16 * S + half * HALF, dk, p.scale, p.scale, lane);
   frag_to_smem<T, HALF / 8, S>(sV + key_group * 16 * S + half * HALF, dv, 1.f, 1.f, lane);
   __syncthreads();
-  T* dkg = static_cast<T*>(p.dk) + b * p.dk_sb + hk * p.dk_sh;
-  T* dvg = static_cast<T*>(p.dv) + b * p.dv_sb + hk * p.dv_sh;
-  store_tile<T, BN, DT, NT>(dkg, dk_rows, sK, n0, p.Lk, p.D, tid);
-  store_tile<T, BN, DT, NT>(dvg, dv_rows, sV, n0, p.Lk, p.D, tid);
+  plan.store_dkdv(sK, sV, tid);
 }
 
 template <int DT>
