@@ -93,10 +93,10 @@ the attention layout; the result is exact either way.  Other copies, by op:
   ``[B, T, 1+N, heads, d]`` copy each, TimeSformer's own composite) and makes one call.  The output
   ``[B, 1+T*N, heads, dv]`` is written once (the cls row and the patch rows into one new tensor).
   Where the dispatch picks the ``cpu`` backend (fastattn._C) and there is no dropout, neither: the op
-  ``fastattn::spatial_fwd`` / ``spatial_bwd`` (csrc/cpu/spacetime_cpu.cpp) gathers each (video, frame, head)'s
-  ``[cls, N patches]`` rows by index math into per-thread buffers, runs the dense CPU kernels' tile on them and
-  writes the rows back -- no concatenation, no output copy, the cls mean and its gradients' frame sums in the
-  kernel;
+  ``fastattn::spatial_fwd`` / ``spatial_bwd`` (csrc/cpu/spacetime_cpu.cpp) addresses each (video, frame, head)'s
+  ``[cls, N patches]`` rows by index math -- the forward reads the patch rows in place with the cls key as one
+  extra score column, the backward gathers the rows into per-thread buffers -- and writes the rows back: no
+  concatenation, no output copy, the cls mean and its gradients' frame sums in the kernel;
 * model 4: the two halves' outputs are written into one new ``[.., heads, dv]`` tensor (the concatenation);
 * local: when ``window`` divides the grid, the blocks are views of the grid and only the block dims are
   merged (a copy unless a block spans whole rows/frames); otherwise one gather per q/k/v into

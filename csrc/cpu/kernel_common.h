@@ -26,10 +26,12 @@ struct HeadTensor {
   char* row(int64_t b, int64_t h, int64_t l) const { return data + (b * sb + h * sh + l * sl) * elem; }
 };
 
-// BLAS reads rows with a leading dimension >= the row length; anything else is copied once.
-inline at::Tensor with_contiguous_rows(const at::Tensor& t) {
+// BLAS reads rows with a leading dimension >= the row length: a 4-D tensor whose last dimension is contiguous and
+// whose dimension row_dim (2 for [B, H, L, D], 1 for [B, L, H, D] token tensors) steps at least a row is read in
+// place; anything else (a strided last dimension, rows broadcast with stride 0) is copied once.
+inline at::Tensor with_contiguous_rows(const at::Tensor& t, int64_t row_dim = 2) {
   const bool last_ok = t.size(3) <= 1 || t.stride(3) == 1;
-  const bool rows_ok = t.size(2) <= 1 || t.stride(2) >= t.size(3);
+  const bool rows_ok = t.size(row_dim) <= 1 || t.stride(row_dim) >= t.size(3);
   return (last_ok && rows_ok) ? t : t.contiguous();
 }
 

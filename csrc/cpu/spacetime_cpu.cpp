@@ -55,6 +55,10 @@ struct TokenTensor {
   char* row(int64_t b, int64_t l, int64_t h) const { return data + (b * sb + l * sl + h * sh) * elem; }
 };
 
+// A token tensor as the kernels read it (BLAS reads a frame's patch rows as a matrix): copied once unless its
+// last dimension is contiguous and its tokens are at least a row apart.
+at::Tensor token_rows(const at::Tensor& t) { return with_contiguous_rows(t, 1); }
+
 TokenTensor token_tensor(const at::Tensor& t) {
   TokenTensor v;
   v.data = static_cast<char*>(t.data_ptr());
@@ -65,15 +69,6 @@ TokenTensor token_tensor(const at::Tensor& t) {
   v.sh = t.stride(2);
   v.dim = t.size(3);
   return v;
-}
-
-// The tensor as the kernels can read it: a contiguous last dimension, and token rows at least a row apart (BLAS
-// reads a frame's patch rows as a matrix with leading dimension >= its row length); anything else -- a strided
-// head dim, tokens broadcast with stride 0 -- is copied once.
-at::Tensor with_readable_rows(const at::Tensor& t) {
-  const bool last_ok = t.size(3) <= 1 || t.stride(3) == 1;
-  const bool rows_ok = t.size(1) <= 1 || t.stride(1) >= t.size(3);
-  return (last_ok && rows_ok) ? t : t.contiguous();
 }
 
 // The shape of the problem and the token of each row of a frame's sequence.
@@ -379,8 +374,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_fwd_cpu(const at::Tensor&
                                                                const at::Tensor& v_in, int64_t num_frames,
                                                                c10::string_view token_order, double scale) {
   const Frames f = make_frames(q_in, k_in, v_in, num_frames, std::string(token_order), scale);
-  const at::Tensor q = with_readable_rows(q_in), k = with_readable_rows(k_in),
-                   v = with_readable_rows(v_in);
+  const at::Tensor q = token_rows(q_in), k = token_rows(k_in),
+                   v = token_rows(v_in);
   const auto stats = q.options().dtype(stats_dtype(q.scalar_type()));
   at::Tensor out = at::empty({f.B, f.L, f.heads, f.Dv}, q.options());
   at::Tensor out_cls = at::empty({f.B, f.T, f.heads, f.Dv}, stats);
@@ -423,9 +418,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_bwd_cpu(
                   lse_in.sizes() == at::IntArrayRef({f.B, f.T, f.heads, f.rows()}),
               "lse: expected a CPU ", stats_type, " tensor of size [", f.B, ", ", f.T, ", ", f.heads, ", ", f.rows(),
               "], got ", lse_in.scalar_type(), " ", lse_in.sizes(), " on ", lse_in.device());
-  const at::Tensor q = with_readable_rows(q_in), k = with_readable_rows(k_in),
-                   v = with_readable_rows(v_in), out = with_readable_rows(out_in),
-                   dout = with_readable_rows(dout_in);
+  const at::Tensor q = token_rows(q_in), k = token_rows(k_in),
+                   v = token_rows(v_in), out = token_rows(out_in),
+                   dout = token_rows(dout_in);
   const at::Tensor out_cls = out_cls_in.contiguous(), lse = lse_in.contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
