@@ -22,6 +22,8 @@ ifeq ($(SYSTEM_TORCH),1)
 else
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	# CUTLASS/CuTe headers, the oracle of tests/test_wgmma_layouts.py (headers only: not its Python dependencies)
+	$(PY) -m pip install -q --no-deps nvidia-cutlass==4.2.0.0
 endif
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)

@@ -8,8 +8,10 @@ models/ directory), and the C++/CUDA extension `fastattn._C` (csrc/):
   FASTATTN_SKIP_CUDA is not set -- no GPU is needed to compile them.
 
 Environment:
-  FASTATTN_CUDA_ARCHS   GPU architectures, default "8.0;9.0" -> -gencode arch=compute_80,code=sm_80 ...
-                        ("9.0a" for sm_90a, "+PTX" to embed PTX as well, e.g. "8.0;9.0+PTX")
+  FASTATTN_CUDA_ARCHS   GPU architectures, default "8.0;9.0a" -> -gencode arch=compute_80,code=sm_80 ...
+                        ("+PTX" to embed PTX as well, e.g. "8.0;9.0a;9.0+PTX").  9.0a (H100 / H200 code with
+                        the Hopper-only wgmma instructions) adds the wgmma forward (csrc/cuda/fa_wgmma_fwd.cuh);
+                        plain 9.0 builds everything else for the same GPUs.
   FASTATTN_SKIP_CUDA=1  build the CPU kernels only
   FASTATTN_SKIP_EXT=1   no extension at all (fastattn then JIT-builds it on first use, see fastattn/_ext.py)
   MAX_JOBS              parallel compile jobs (ninja)
@@ -111,8 +113,10 @@ def _extensions():
     kwargs = dict(include_dirs=[os.path.join(HERE, "csrc")], extra_compile_args={"cxx": cxx},
                   extra_link_args=list(OPENMP_FLAGS))
     if use_cuda:
-        archs = os.environ.get("FASTATTN_CUDA_ARCHS", "8.0;9.0")
+        archs = os.environ.get("FASTATTN_CUDA_ARCHS", "8.0;9.0a")
         extra = ["-DFASTATTN_WITH_CUDA"] + _cuda_library_header_flags(cpp_extension.CUDA_HOME)
+        if any(a.strip().split("+")[0] == "9.0a" for a in archs.replace(",", ";").split(";")):
+            extra.append("-DFASTATTN_HAS_SM90A")  # the wgmma forward has code for compute capability 9.0
         kwargs["extra_compile_args"]["cxx"] = cxx + extra
         kwargs["extra_compile_args"]["nvcc"] = (["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + extra
                                                 + _cuda_arch_flags(archs)

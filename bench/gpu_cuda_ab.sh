@@ -10,7 +10,7 @@ set -uo pipefail
 OUT=${1:?output folder}; shift
 [ $# -ge 1 ] || { echo "usage: $0 OUT label:flags [label:flags ...]"; exit 2; }
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PY=python3 FASTATTN_CUDA_ARCHS=9.0 MAX_JOBS=8 FASTATTN_NO_JIT=1
+export PYTHONUNBUFFERED=1 PY=python3 FASTATTN_CUDA_ARCHS=9.0a MAX_JOBS=8 FASTATTN_NO_JIT=1
 export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")}
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }

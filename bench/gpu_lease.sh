@@ -2,7 +2,7 @@
 # The whole GPU check in one short lease (called by `bench/gpu_session.sh lease`; run from the repository root).
 # Stages, each with its own time limit so that a hang or a slow stage cannot eat the next one:
 #   0. environment, and the machine's two ceilings (HBM copy bandwidth, bf16 matmul rate)
-#   1. the extension build for sm_90 (background)  ||  the Triton kernels' GPU tests (pytest-xdist)
+#   1. the extension build for sm_90a (background)  ||  the Triton kernels' GPU tests (pytest-xdist)
 #   2. the CUDA C++ kernels' GPU tests (dense and window ops), in their own processes: a sticky CUDA error there
 #      cannot spoil the Triton results
 #   3. bench.run, bf16, L = 1k / 4k / 16k, d 64 / 128: triton vs cuda vs torch's flash / cuDNN kernels; then fp32,
@@ -39,7 +39,7 @@ PYEOF
 stamp "stage 1: build (background) + Triton GPU tests"
 # In place (setup.py build_ext --inplace, PYTHONPATH above): pip's editable install of a setup.py project runs pip
 # again for setuptools, which an offline GPU image cannot fetch.
-( FASTATTN_CUDA_ARCHS=9.0 MAX_JOBS=16 timeout 240 $PY setup.py build_ext --inplace \
+( FASTATTN_CUDA_ARCHS=9.0a MAX_JOBS=16 timeout 240 $PY setup.py build_ext --inplace \
     > "$OUT/build.log" 2>&1; echo "build exit $?" >> "$OUT/build.log" ) &
 BUILD=$!
 # FASTATTN_NO_JIT: no test process may start a JIT build of its own while the real build runs

@@ -30,7 +30,7 @@ PY=python3
 
 if [ "$mode" != lease ]; then  # lease builds the extension itself, overlapped with the Triton tests
   # the extension in place (pip's editable install wants setuptools from the network, which the GPU image lacks)
-  FASTATTN_CUDA_ARCHS=${FASTATTN_CUDA_ARCHS:-9.0} $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+  FASTATTN_CUDA_ARCHS=${FASTATTN_CUDA_ARCHS:-9.0a} $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
     || echo "extension build failed: see $OUT/build.log"
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   # fastattn.models is the top-level models/ (setup.py's package_dir); without an install, a link stands in

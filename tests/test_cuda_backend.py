@@ -314,6 +314,46 @@ def test_emulated_split_kv_forward(emu, case, splits, monkeypatch):
     emulated_check(emu, **cfg)
 
 
+# The Hopper forward (csrc/cuda/fa_wgmma_fwd.cuh; FASTATTN_CUDA_WGMMA=1 -- the emulator plays an sm_90a device):
+# wgmma for both products, 128-key tiles, two warpgroups.  Every tensor-core case with a head dim up to 128 runs
+# through it (the backward is the mma.sync one either way), plus shapes that need several 128-key tiles, a
+# warpgroup past Lq and 128-key tiles that reach past a split's keys.  tests/test_wgmma_layouts.py checks its
+# descriptors and register layouts against CuTe.
+def _wgmma_eligible(cfg):
+    B, Hq, Hkv, Lq, Lk, D, *rest = cfg["shape"]
+    return cfg.get("dtype", torch.float16) != torch.float32 and D <= 128 and D % 8 == 0 and (not rest or rest[0] == D)
+
+
+WGMMA_CASES = {name: cfg for name, cfg in EMULATED_CASES.items() if _wgmma_eligible(cfg)}
+WGMMA_CASES.update({
+    "wgmma_d96_three_key_tiles_gqa_dropout_bf16": dict(shape=(1, 4, 2, 190, 333, 96), causal=2, dropout_p=0.1,
+                                                       dtype=torch.bfloat16, dlse=True),
+    "wgmma_d64_float_mask_grad_two_query_blocks": dict(shape=(1, 1, 1, 257, 260, 64), mask_grad=True,
+                                                       mask=lambda: torch.randn(1, 1, 257, 260)),
+})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(WGMMA_CASES))
+def test_emulated_wgmma_forward(emu, case, monkeypatch):
+    monkeypatch.setenv("FASTATTN_CUDA_WGMMA", "1")
+    cfg = dict(WGMMA_CASES[case])
+    if callable(cfg.get("mask")):
+        cfg["mask"] = cfg["mask"]()
+    emulated_check(emu, **cfg)
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("case", sorted(c for c, cfg in SPLIT_CASES.items() if _wgmma_eligible(cfg)))
+def test_emulated_wgmma_split_kv_forward(emu, case, splits, monkeypatch):
+    monkeypatch.setenv("FASTATTN_CUDA_WGMMA", "1")
+    monkeypatch.setenv("FASTATTN_NUM_SPLITS", str(splits))
+    cfg = dict(SPLIT_CASES[case])
+    if callable(cfg.get("mask")):
+        cfg["mask"] = cfg["mask"]()
+    emulated_check(emu, **cfg)
+
+
 def test_emulated_op_argument_errors(emu):
     """The op's checks (csrc/cuda/fa_ops.cuh, shared with the CUDA build) name the argument."""
     h = lambda *s: torch.randn(*s, dtype=torch.float16)
@@ -385,6 +425,29 @@ GPU_SHAPES = [((2, 4, 2, 128, 128, 64), False), ((1, 3, 3, 257, 511, 128), True)
 @pytest.mark.parametrize("shape,causal", GPU_SHAPES)
 def test_gpu_odd_sizes(dtype, shape, causal):
     _check(dtype, shape, causal=causal)
+
+
+# The Hopper wgmma forward (sm_90a, FASTATTN_CUDA_WGMMA=1) on the same shapes, where the GPU is compute capability 9.0:
+# it is opt-in until these have passed on one, so the plain GPU tests above run the mma.sync forward.
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,causal", [c for c in GPU_SHAPES if c[0][5] <= 128])
+def test_gpu_wgmma_forward(dtype, shape, causal, monkeypatch):
+    _cuda_or_skip()
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip(f"wgmma needs compute capability 9.0, this GPU has {torch.cuda.get_device_capability()}")
+    monkeypatch.setenv("FASTATTN_CUDA_WGMMA", "1")
+    assert cuda_backend.wgmma_forward_requested(torch.device("cuda"))
+    _check(dtype, shape, causal=causal)
+
+
+def test_wgmma_forward_is_opt_in(monkeypatch):
+    """The Python mirror of use_wgmma_fwd (fa_ops.cuh): only with FASTATTN_CUDA_WGMMA=1, only on CUDA devices."""
+    monkeypatch.delenv("FASTATTN_CUDA_WGMMA", raising=False)
+    assert not cuda_backend.wgmma_forward_requested(torch.device("cpu"))
+    monkeypatch.setenv("FASTATTN_CUDA_WGMMA", "1")
+    assert not cuda_backend.wgmma_forward_requested(torch.device("cpu"))
+    assert not cuda_backend.wgmma_forward_requested(None)
 
 
 # The CUDA-core kernels (fa_simt.cuh): float32 at every size above, and the head dims the tensor cores do not take.

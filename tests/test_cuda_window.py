@@ -126,6 +126,16 @@ def test_emulated_window_kernels_match_composite(emu, case):  # noqa: F811
     print(case, {k: f"{v:.2e}" for k, v in errors.items()})
 
 
+# The Hopper forward (FASTATTN_CUDA_WGMMA=1, csrc/cuda/fa_wgmma_fwd.cuh) on the window layout: the float16 /
+# bfloat16 cases with head dims up to 128 (49-token windows leave the second warpgroup idle).
+@pytest.mark.parametrize("case", sorted(c for c, cfg in EMULATED_CASES.items()
+                                        if cfg.get("dtype", torch.float16) != torch.float32 and cfg["d"] <= 128))
+def test_emulated_window_wgmma_forward(emu, case, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("FASTATTN_CUDA_WGMMA", "1")
+    errors = window_check(emu, name=case, **EMULATED_CASES[case])
+    print(case, {k: f"{v:.2e}" for k, v in errors.items()})
+
+
 def test_emulated_window_op_argument_errors(emu):  # noqa: F811
     """The window ops' checks (csrc/cuda/fa_ops.cuh, shared with the CUDA build) name the argument."""
     h = lambda *s: torch.randn(*s, dtype=torch.float16)

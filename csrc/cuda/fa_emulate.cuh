@@ -10,6 +10,10 @@
 // cp.async copies are deferred: they happen when the issuing thread waits for their group (cp.async.wait_group
 // semantics), so a kernel that reads shared memory before waiting sees stale data here too.  Shared memory
 // starts filled with 0xFF bytes (NaN in fp16, bf16 and fp32), so reads of never-written elements show up.
+// wgmma (fa_wgmma.cuh): the 128 threads of a warpgroup exchange register A operands at issue (a barrier over the
+// warpgroup); each thread computes its own D fragment when it waits for the batch (wgmma.wait_group semantics), reading
+// B (and an SS-form A) from shared memory through the descriptor's canonical 128-byte-swizzled layout, so a kernel
+// that overwrites a tile or reads the accumulators before waiting sees the difference here too.
 #pragma once
 
 #include <barrier>
@@ -38,14 +42,26 @@ struct Warp {
   float f[32];
 };
 
+constexpr int kWgmmaSlots = 64;  // register A operands of the last 64 wgmmas a warpgroup issued
+
+struct WarpGroup {
+  WarpGroup() : bar(128) {}
+  std::barrier<> bar;
+  uint32_t a[kWgmmaSlots][128][4];
+};
+
 struct Cta {
-  Cta(int nthreads, size_t smem_bytes) : bar(nthreads), smem(smem_bytes + 16, static_cast<char>(0xFF)) {
+  Cta(int nthreads, size_t smem_bytes)
+      : bar(nthreads), smem(smem_bytes + 16, static_cast<char>(0xFF)), smem_size(smem_bytes) {
     for (int w = 0; w < (nthreads + 31) / 32; ++w) warps.emplace_back(new Warp());
+    for (int g = 0; g < nthreads / 128; ++g) groups.emplace_back(new WarpGroup());
   }
   std::barrier<> bar;
   std::vector<char> smem;
+  size_t smem_size;
   std::vector<std::unique_ptr<Warp>> warps;
-  char* smem_base() {  // 16-byte aligned
+  std::vector<std::unique_ptr<WarpGroup>> groups;
+  char* smem_base() {  // 16-byte aligned; shared address 0 (smem_offset)
     return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem.data()) + 15) & ~uintptr_t(15));
   }
 };
@@ -56,6 +72,17 @@ struct PendingCopy {
   bool valid;
 };
 
+struct PendingMma {
+  float* d;
+  int n;                   // N of m64nNk16
+  bool scale_d;            // false: d = A B
+  bool a_in_smem;          // SS form (desc_a) or RS form (the warpgroup's slot of register operands)
+  int slot;
+  uint64_t desc_a, desc_b;
+  bool b_mn_major;
+  bool bf16;
+};
+
 struct ThreadState {
   Cta* cta = nullptr;
   uint3 tid{0, 0, 0};
@@ -64,6 +91,9 @@ struct ThreadState {
   dim3 block{1, 1, 1};
   std::vector<std::vector<PendingCopy>> groups;  // committed cp.async groups, oldest first
   std::vector<PendingCopy> open;                 // issued, not yet committed
+  std::vector<std::vector<PendingMma>> mma_groups;  // committed wgmma batches, oldest first
+  std::vector<PendingMma> mma_open;
+  unsigned mma_seq = 0;
 };
 
 inline thread_local ThreadState tls;
@@ -152,6 +182,91 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   w.bar.arrive_and_wait();
 }
 
+inline uint32_t smem_offset(const void* p) {
+  const char* base = tls.cta->smem_base();
+  const char* c = static_cast<const char*>(p);
+  if (c < base || c >= base + tls.cta->smem_size) throw std::runtime_error("smem_offset: not a shared-memory pointer");
+  return static_cast<uint32_t>(c - base);
+}
+
+// Byte offset of element (mn, k) of a wgmma operand from its descriptor (fa_wgmma.cuh): 128-byte swizzle only;
+// K-major: row mn at 128 B, 8-row groups SBO apart, k contiguous; MN-major: 64-element runs of mn LBO apart, rows k
+// at 128 B, 8-row groups SBO apart.  Then the swizzle: address bits [4, 7) ^= bits [7, 10).
+inline uint32_t wgmma_operand_offset(uint64_t desc, int mn, int k, bool mn_major) {
+  if ((desc >> 62) != 1) throw std::runtime_error("wgmma: only the 128-byte swizzle is emulated");
+  if (((desc >> 49) & 7) != 0) throw std::runtime_error("wgmma: nonzero base offset");
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+  uint32_t off;
+  if (!mn_major)
+    off = start + (mn / 8) * sbo + (mn % 8) * 128 + k * 2;
+  else
+    off = start + (mn / 64) * lbo + (mn % 64) * 2 + (k / 8) * sbo + (k % 8) * 128;
+  return off ^ (((off >> 7) & 7) << 4);
+}
+
+inline float wgmma_smem_elem(uint64_t desc, int mn, int k, bool mn_major, bool bf16) {
+  const uint32_t off = wgmma_operand_offset(desc, mn, k, mn_major);
+  if (off + 2 > tls.cta->smem_size) throw std::runtime_error("wgmma: operand outside shared memory");
+  uint16_t bits;
+  memcpy(&bits, tls.cta->smem_base() + off, 2);
+  return half_bits_to_float(bits, bf16);
+}
+
+inline WarpGroup& warpgroup() {
+  if (tls.block.x % 128 != 0) throw std::runtime_error("wgmma: the block is not a whole number of warpgroups");
+  return *tls.cta->groups[tls.tid.x / 128];
+}
+
+// wgmma.mma_async issue (a = null: SS form).  The warpgroup's threads meet once so that the register operands of
+// every thread are in the slot before any thread computes.
+inline void wgmma_issue(float* d, int n, bool scale_d, const uint32_t* a, uint64_t desc_a, uint64_t desc_b,
+                        bool b_mn_major, bool bf16) {
+  WarpGroup& wg = warpgroup();
+  const int slot = static_cast<int>(tls.mma_seq++ % kWgmmaSlots);
+  if (a != nullptr)
+    for (int i = 0; i < 4; ++i) wg.a[slot][tls.tid.x % 128][i] = a[i];
+  wg.bar.arrive_and_wait();
+  tls.mma_open.push_back({d, n, scale_d, a == nullptr, slot, desc_a, desc_b, b_mn_major, bf16});
+}
+
+inline void wgmma_commit() {
+  tls.mma_groups.push_back(std::move(tls.mma_open));
+  tls.mma_open.clear();
+}
+
+// This thread's D fragment of one wgmma: warp w of the warpgroup holds rows 16 w + g (+ 8), register 4 j + i is
+// row 16 w + g + 8 (i / 2), column 8 j + 2 t + i % 2 (mma.sync C fragments, fa_primitives.cuh).
+inline void wgmma_compute(const PendingMma& op) {
+  const WarpGroup& wg = warpgroup();
+  const int wt = static_cast<int>(tls.tid.x % 128), w = wt / 32, lane = wt % 32, g = lane / 4, t = lane % 4;
+  auto a_elem = [&](int row, int k) {  // row 0..63 of the warpgroup's A, k 0..15
+    if (op.a_in_smem) return wgmma_smem_elem(op.desc_a, row, k, /*mn_major=*/false, op.bf16);
+    const int rw = row % 16;  // the owning lane of warp row / 16 (A fragment layout, fa_primitives.cuh)
+    const int src = (row / 16) * 32 + (rw % 8) * 4 + (k % 8) / 2;
+    const uint32_t v = wg.a[op.slot][src][(rw >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+    return half_bits_to_float(static_cast<uint16_t>(k % 2 ? v >> 16 : v & 0xFFFF), op.bf16);
+  };
+  float a_row[2][16];
+  for (int r = 0; r < 2; ++r)
+    for (int k = 0; k < 16; ++k) a_row[r][k] = a_elem(16 * w + g + 8 * r, k);
+  for (int j = 0; j < op.n / 8; ++j)
+    for (int i = 0; i < 4; ++i) {
+      const int col = 8 * j + 2 * t + i % 2;
+      float acc = 0.f;
+      for (int k = 0; k < 16; ++k) acc += a_row[i / 2][k] * wgmma_smem_elem(op.desc_b, col, k, op.b_mn_major, op.bf16);
+      op.d[4 * j + i] = op.scale_d ? op.d[4 * j + i] + acc : acc;
+    }
+}
+
+inline void wgmma_wait(int n) {
+  while (static_cast<int>(tls.mma_groups.size()) > n) {
+    for (const PendingMma& op : tls.mma_groups.front()) wgmma_compute(op);
+    tls.mma_groups.erase(tls.mma_groups.begin());
+  }
+}
+
 inline void cp_async_16(void* dst, const void* src, bool valid) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) throw std::runtime_error("cp.async: unaligned shared address");
   if (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0)
@@ -198,6 +313,7 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
             try {
               kernel();
               if (!tls.open.empty() || !tls.groups.empty()) errors[t] = "cp.async copies never waited for";
+              if (!tls.mma_open.empty() || !tls.mma_groups.empty()) errors[t] = "wgmma batches never waited for";
             } catch (const std::exception& e) {
               errors[t] = e.what();  // a throwing thread leaves the others blocked: report and abort
               fprintf(stderr, "fa_emu: thread %d of CTA (%u,%u,%u): %s\n", t, x, y, z, e.what());

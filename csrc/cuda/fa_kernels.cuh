@@ -148,7 +148,8 @@ struct AttnParams {
   float* lse_split;
 };
 
-constexpr int kSplitKeyQuantum = 64;  // keys_per_split is a multiple of every forward K/V tile (32 or 64 keys)
+constexpr int kSplitKeyQuantum = 64;  // keys_per_split: a multiple of the mma.sync forward's K/V tiles (32 or 64 keys;
+                                      // the wgmma forward's 128-key tiles mask keys past the split's end)
 
 FA_DEVICE int imin(int a, int b) { return a < b ? a : b; }
 FA_DEVICE int imax(int a, int b) { return a > b ? a : b; }
@@ -507,6 +508,168 @@ FA_DEVICE void gemm_rs_mt(float (&c)[MT][NB][4], const uint32_t (&af)[MT][KS][4]
   }
 }
 
+// The per-tile steps of the forward that do not depend on how S and O are multiplied (mma.sync here, wgmma in
+// fa_wgmma_fwd.cuh).  A warp holds MT 16-row m-tiles of S [MT][NB][4] (NB = keys / 8) and of O [MT][NO][4]
+// (NO = head dim / 8) as C fragments: element (mt, nb, i) is query row0 + 16 mt + g + 8 (i / 2), key
+// n0 + 8 nb + 2t + i % 2.
+
+// Raw products -> log2-domain scores: the score modifications where the tile needs them, else only the scale.
+template <int MT, int NB>
+FA_DEVICE void score_tile(const AttnParams& p, const Group& grp, const char* mask, float (&s)[MT][NB][4], bool mods,
+                          int row0, int n0, int g, int t) {
+  if (mods) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          s[mt][nb][i] = modified_score(p, grp, mask, s[mt][nb][i], row0 + 16 * mt + g + 8 * (i / 2),
+                                        n0 + 8 * nb + 2 * t + (i % 2));
+  } else {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[mt][nb][i] *= p.scale_log2;
+  }
+}
+
+// Online softmax: scores -> unnormalised probabilities exp2(s2 - running max), O and the partial sums rescaled.
+// Row r of an m-tile is spread over the 4 lanes of its quad (same g): reduce the tile max with two xor-shuffles.
+// With the new max m_new, everything accumulated so far was relative to the old max, so O and the partial sums
+// are rescaled by alpha = exp2(m_old - m_new).  A row that has seen only -inf keeps m_new = -inf; subtracting 0
+// instead keeps exp2 away from (-inf) - (-inf) = NaN.
+template <int MT, int NB, int NO>
+FA_DEVICE void online_softmax_tile(float (&s)[MT][NB][4], float (&acc)[MT][NO][4], float (&row_max)[MT][2],
+                                   float (&row_sum)[MT][2]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * r], s[mt][nb][2 * r + 1]));
+      mx = fmaxf(mx, shfl_xor(mx, 1));
+      mx = fmaxf(mx, shfl_xor(mx, 2));
+      const float m_new = fmaxf(row_max[mt][r], mx);
+      const float m_sub = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = fast_exp2(row_max[mt][r] - m_sub);
+      row_max[mt][r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+        s[mt][nb][2 * r] = fast_exp2(s[mt][nb][2 * r] - m_sub);
+        s[mt][nb][2 * r + 1] = fast_exp2(s[mt][nb][2 * r + 1] - m_sub);
+        sum += s[mt][nb][2 * r] + s[mt][nb][2 * r + 1];
+      }
+      row_sum[mt][r] = row_sum[mt][r] * alpha + sum;  // the normaliser counts probabilities before dropout
+#pragma unroll
+      for (int nb = 0; nb < NO; ++nb) {
+        acc[mt][nb][2 * r] *= alpha;
+        acc[mt][nb][2 * r + 1] *= alpha;
+      }
+    }
+  }
+}
+
+// Dropout on the probabilities: dropped elements 0, kept ones scaled by 1 / (1 - p).  The keep-bits come 32 at a
+// time: all of a lane's elements at once when there are at most 32 (element e = (mt NB + nb) 4 + i), else per m-tile
+// and group of 8 n-blocks (the wgmma forward's 128-key tiles: 64 per lane).
+template <int MT, int NB>
+FA_DEVICE void dropout_tile(const AttnParams& p, int bh, float (&s)[MT][NB][4], int row0, int n0, int g, int t) {
+  if constexpr (MT * NB * 4 <= 32) {
+    const uint32_t keep = dropout_keep_bits<MT * NB * 4>(
+        p, bh, [&](int e) { return row0 + 16 * (e / (4 * NB)) + g + 8 * ((e % 4) / 2); },
+        [&](int e) { return n0 + 8 * ((e / 4) % NB) + 2 * t + (e % 2); });
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          s[mt][nb][i] = (keep >> ((mt * NB + nb) * 4 + i)) & 1u ? s[mt][nb][i] * p.drop_scale : 0.f;
+  } else {
+    static_assert(NB % 8 == 0, "n-blocks in groups of 8");
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int c = 0; c < NB / 8; ++c) {  // element e = (nb - 8 c) 4 + i
+        const uint32_t keep = dropout_keep_bits<32>(
+            p, bh, [&](int e) { return row0 + 16 * mt + g + 8 * ((e % 4) / 2); },
+            [&](int e) { return n0 + 8 * (8 * c + e / 4) + 2 * t + (e % 2); });
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            s[mt][8 * c + nb][i] = (keep >> (nb * 4 + i)) & 1u ? s[mt][8 * c + nb][i] * p.drop_scale : 0.f;
+      }
+  }
+}
+
+// After the last tile: O / row sum and the LSE.  Split-KV: this split's normalised output (float32) and LSE,
+// straight from the fragments.  Otherwise the tile is staged through `stage` (BM rows of stride STRIDE; free
+// shared memory) for 16-byte global stores.  Every thread of the CTA calls it (it has barriers).
+template <typename T, int MT, int DT, int BM, int NT, int STRIDE>
+FA_DEVICE void fwd_epilogue(const AttnParams& p, const Group& grp, int bh, int split, int m0, int warp_row0,
+                            const float (&acc)[MT][DT / 8][4], const float (&row_max)[MT][2],
+                            const float (&row_sum)[MT][2], T* stage, int tid, int lane) {
+  const int g = lane / 4, t = lane % 4;
+  if (p.num_splits > 1) {
+    const int64_t split_row0 = (static_cast<int64_t>(split) * p.B * p.Hq + bh) * p.Lq;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float l = row_sum[mt][r];
+        l += shfl_xor(l, 1);
+        l += shfl_xor(l, 2);
+        const int m = m0 + warp_row0 + 16 * mt + g + 8 * r;
+        if (m >= p.Lq) continue;
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        float* o = p.out_split + (split_row0 + m) * p.D;
+#pragma unroll
+        for (int nb = 0; nb < DT / 8; ++nb) {
+          const int c = 8 * nb + 2 * t;
+          if (c < p.D) {  // D is a multiple of 8: columns c and c + 1 are both in range
+            o[c] = acc[mt][nb][2 * r] * inv;
+            o[c + 1] = acc[mt][nb][2 * r + 1] * inv;
+          }
+        }
+        if (t == 0) p.lse_split[split_row0 + m] = l > 0.f ? (row_max[mt][r] + fast_log2(l)) * kLn2 : -INFINITY;
+      }
+    }
+    return;
+  }
+
+  // Normalise, stage the tile through shared memory (16-byte global stores), write the LSE.
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    float inv[2], lse[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float l = row_sum[mt][r];
+      l += shfl_xor(l, 1);
+      l += shfl_xor(l, 2);
+      inv[r] = l > 0.f ? 1.f / l : 0.f;
+      lse[r] = l > 0.f ? (row_max[mt][r] + fast_log2(l)) * kLn2 : -INFINITY;
+    }
+    frag_to_smem<T, DT / 8, STRIDE>(stage + (warp_row0 + 16 * mt) * STRIDE, acc[mt], inv[0], inv[1], lane);
+    if (t == 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int m = m0 + warp_row0 + 16 * mt + g + 8 * r;
+        if (m < p.Lq) p.lse[static_cast<int64_t>(bh) * p.Lq + m] = lse[r];
+      }
+    }
+  }
+  __syncthreads();
+  T* og = static_cast<T*>(p.out) + grp.b * p.o_sb + blockIdx.y * p.o_sh;
+  auto o_rows = [&](int m) { return row_offset(p, grp, p.o_sm, p.o_sx, m); };
+  store_tile<T, BM, DT, NT>(og, o_rows, stage, m0, p.Lq, p.D, tid);
+}
+
 template <typename T, int DT>
 __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const AttnParams p) {
   using Tile = FwdTile<DT>;
@@ -531,7 +694,6 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
   auto q_rows = [&](int m) { return row_offset(p, grp, p.q_sm, p.q_sx, m); };
   auto k_rows = [&](int n) { return row_offset(p, grp, p.k_sm, p.k_sx, n); };
   auto v_rows = [&](int n) { return row_offset(p, grp, p.v_sm, p.v_sx, n); };
-  auto o_rows = [&](int m) { return row_offset(p, grp, p.o_sm, p.o_sx, m); };
 
   // Keys any row of this block can see (the last valid row m sees n <= m + causal_offset), within this split's
   // range [n_begin, n_begin + keys_per_split); tile j holds keys n_begin + j BN ...
@@ -616,69 +778,10 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
       else
         gemm_rs_mt<T, MT, KS, BN / 8, false>(s, qf, kt, S, lane);
 
-      // Element (mt, nb, i) is query m0 + warp_row0 + 16 mt + g + 8 (i / 2), key n0 + 8 nb + 2t + i % 2.
-      if (tile_needs_mods(p, m0, m0 + BM, n0, n0 + BN)) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int nb = 0; nb < BN / 8; ++nb)
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-              s[mt][nb][i] = modified_score(p, grp, mask, s[mt][nb][i], m0 + warp_row0 + 16 * mt + g + 8 * (i / 2),
-                                            n0 + 8 * nb + 2 * t + (i % 2));
-      } else {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int nb = 0; nb < BN / 8; ++nb)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) s[mt][nb][i] *= p.scale_log2;
-      }
-
-      // Online softmax.  Row r of an m-tile is spread over the 4 lanes of its quad (same g): reduce the tile max
-      // with two xor-shuffles.  With the new max m_new, everything accumulated so far was relative to the old
-      // max, so O and the partial sums are rescaled by alpha = exp2(m_old - m_new).  A row that has seen only
-      // -inf keeps m_new = -inf; subtracting 0 instead keeps exp2 away from (-inf) - (-inf) = NaN.
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float mx = -INFINITY;
-#pragma unroll
-          for (int nb = 0; nb < BN / 8; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * r], s[mt][nb][2 * r + 1]));
-          mx = fmaxf(mx, shfl_xor(mx, 1));
-          mx = fmaxf(mx, shfl_xor(mx, 2));
-          const float m_new = fmaxf(row_max[mt][r], mx);
-          const float m_sub = m_new == -INFINITY ? 0.f : m_new;
-          const float alpha = fast_exp2(row_max[mt][r] - m_sub);
-          row_max[mt][r] = m_new;
-          float sum = 0.f;
-#pragma unroll
-          for (int nb = 0; nb < BN / 8; ++nb) {
-            s[mt][nb][2 * r] = fast_exp2(s[mt][nb][2 * r] - m_sub);
-            s[mt][nb][2 * r + 1] = fast_exp2(s[mt][nb][2 * r + 1] - m_sub);
-            sum += s[mt][nb][2 * r] + s[mt][nb][2 * r + 1];
-          }
-          row_sum[mt][r] = row_sum[mt][r] * alpha + sum;  // the normaliser counts probabilities before dropout
-#pragma unroll
-          for (int nb = 0; nb < DT / 8; ++nb) {
-            acc[mt][nb][2 * r] *= alpha;
-            acc[mt][nb][2 * r + 1] *= alpha;
-          }
-        }
-      }
-      if (p.dropout) {  // element e = (mt (BN/8) + nb) 4 + i
-        const uint32_t keep = dropout_keep_bits<MT * BN / 2>(
-            p, bh, [&](int e) { return m0 + warp_row0 + 16 * (e / (BN / 2)) + g + 8 * ((e % 4) / 2); },
-            [&](int e) { return n0 + 8 * ((e / 4) % (BN / 8)) + 2 * t + (e % 2); });
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int nb = 0; nb < BN / 8; ++nb)
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-              s[mt][nb][i] = (keep >> ((mt * (BN / 8) + nb) * 4 + i)) & 1u ? s[mt][nb][i] * p.drop_scale : 0.f;
-      }
+      const int row0 = m0 + warp_row0;
+      score_tile(p, grp, mask, s, tile_needs_mods(p, m0, m0 + BM, n0, n0 + BN), row0, n0, g, t);
+      online_softmax_tile(s, acc, row_max, row_sum);
+      if (p.dropout) dropout_tile(p, bh, s, row0, n0, g, t);
 
       // O += P V: P (rounded to T) goes from C to A fragments in registers; V is the k-major B operand.
       uint32_t pf[MT][BN / 16][4];
@@ -691,57 +794,7 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
   cp_async_wait<0>();
   __syncthreads();  // sQ is free (when n_tiles == 0, Q's copy may still have been in flight)
 
-  if (p.num_splits > 1) {  // split-KV: this split's normalised output (float32) and LSE, straight from the fragments
-    const int64_t split_row0 = (static_cast<int64_t>(split) * p.B * p.Hq + bh) * p.Lq;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float l = row_sum[mt][r];
-        l += shfl_xor(l, 1);
-        l += shfl_xor(l, 2);
-        const int m = m0 + warp_row0 + 16 * mt + g + 8 * r;
-        if (m >= p.Lq) continue;
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        float* o = p.out_split + (split_row0 + m) * p.D;
-#pragma unroll
-        for (int nb = 0; nb < DT / 8; ++nb) {
-          const int c = 8 * nb + 2 * t;
-          if (c < p.D) {  // D is a multiple of 8: columns c and c + 1 are both in range
-            o[c] = acc[mt][nb][2 * r] * inv;
-            o[c + 1] = acc[mt][nb][2 * r + 1] * inv;
-          }
-        }
-        if (t == 0) p.lse_split[split_row0 + m] = l > 0.f ? (row_max[mt][r] + fast_log2(l)) * kLn2 : -INFINITY;
-      }
-    }
-    return;
-  }
-
-  // Normalise, stage the tile through shared memory (16-byte global stores), write the LSE.
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    float inv[2], lse[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float l = row_sum[mt][r];
-      l += shfl_xor(l, 1);
-      l += shfl_xor(l, 2);
-      inv[r] = l > 0.f ? 1.f / l : 0.f;
-      lse[r] = l > 0.f ? (row_max[mt][r] + fast_log2(l)) * kLn2 : -INFINITY;
-    }
-    frag_to_smem<T, DT / 8, S>(sQ + (warp_row0 + 16 * mt) * S, acc[mt], inv[0], inv[1], lane);
-    if (t == 0) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int m = m0 + warp_row0 + 16 * mt + g + 8 * r;
-        if (m < p.Lq) p.lse[static_cast<int64_t>(bh) * p.Lq + m] = lse[r];
-      }
-    }
-  }
-  __syncthreads();
-  T* og = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
-  store_tile<T, BM, DT, NT>(og, o_rows, sQ, m0, p.Lq, p.D, tid);
+  fwd_epilogue<T, MT, DT, BM, NT, S>(p, grp, bh, split, m0, warp_row0, acc, row_max, row_sum, sQ, tid, lane);
 }
 
 // Split-KV merge (flash-decoding): with O_s, LSE_s each split's output (normalised over its keys) and log-sum-exp,

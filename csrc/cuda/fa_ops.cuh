@@ -21,10 +21,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
 #include "fa_kernels.cuh"
+#include "fa_wgmma_fwd.cuh"
 #include "fa_simt.cuh"
 #include "ops.h"  // csrc/ops.h: the output layouts shared with the fake implementations
 
@@ -247,12 +249,28 @@ static_assert(FwdTile<64>::kBM == FwdTile<128>::kBM, "choose_splits assumes one 
 // Launches the forward / backward kernels for q's dtype (float16, bfloat16 or float32, checked by prepare*), the
 // kernel family (kernel_family) and the padded head dim on the current stream, once p points at every input and
 // output.
+// The Hopper forward (fa_wgmma_fwd.cuh) runs head dims up to 128 when FASTATTN_CUDA_WGMMA=1, the extension has
+// sm_90a code and q's device is compute capability 9.0.  Opt-in until it has been checked on a GPU.
+inline bool use_wgmma_fwd(const at::Tensor& q) {
+  const char* env = std::getenv("FASTATTN_CUDA_WGMMA");
+  if (env == nullptr || std::strcmp(env, "1") != 0 || !wgmma_fwd_compiled()) return false;
+#ifdef FASTATTN_EMULATE
+  (void)q;
+  return true;
+#else
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
+  return major == 9 && minor == 0;
+#endif
+}
+
 template <typename T>
-void launch_tensor_core_fwd(const AttnParams& p, Stream stream) {
+void launch_tensor_core_fwd(const AttnParams& p, Stream stream, bool wgmma) {
   if (p.D <= 64)
-    launch_fwd<T, 64>(p, stream);
+    wgmma ? launch_fwd_wgmma<T, 64>(p, stream) : launch_fwd<T, 64>(p, stream);
   else if (p.D <= 128)
-    launch_fwd<T, 128>(p, stream);
+    wgmma ? launch_fwd_wgmma<T, 128>(p, stream) : launch_fwd<T, 128>(p, stream);
   else
     launch_fwd<T, 256>(p, stream);
 }
@@ -267,7 +285,8 @@ inline void dispatch_fwd(const AttnParams& p, const at::Tensor& q, bool simt) {
       half ? launch_simt_fwd<__half>(p, stream) : launch_simt_fwd<__nv_bfloat16>(p, stream);
     return;
   }
-  half ? launch_tensor_core_fwd<__half>(p, stream) : launch_tensor_core_fwd<__nv_bfloat16>(p, stream);
+  const bool wgmma = use_wgmma_fwd(q);
+  half ? launch_tensor_core_fwd<__half>(p, stream, wgmma) : launch_tensor_core_fwd<__nv_bfloat16>(p, stream, wgmma);
 }
 
 inline void dispatch_bwd(const AttnParams& p, const at::Tensor& q, bool simt) {

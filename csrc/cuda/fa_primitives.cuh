@@ -30,8 +30,10 @@
 #ifdef FASTATTN_EMULATE
 #include "fa_emulate.cuh"
 #define FA_DEVICE inline
+#define FA_HOST_DEVICE inline
 #else
 #define FA_DEVICE __device__ __forceinline__
+#define FA_HOST_DEVICE __host__ __device__ __forceinline__  // pure index math, also checked from host code
 #endif
 
 namespace fastattn_cuda {

@@ -30,6 +30,7 @@ implementations in fastattn/_ext.py), so torch.compile sees them as opaque ops.
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -98,6 +99,17 @@ def tensor_core_directions(dtype: torch.dtype, dim_qk: int, dim_v: int,
     return ok, ok and (dim_qk <= MAX_NARROW_BWD_HEAD_DIM or wide_fits)
 
 
+def wgmma_forward_requested(device) -> bool:
+    """Will the tensor-core forward of head dims up to 128 run on the Hopper wgmma kernel (csrc/cuda/fa_wgmma_fwd.cuh)?
+    fa_ops.cuh use_wgmma_fwd: FASTATTN_CUDA_WGMMA=1 and a compute capability 9.0 device -- and an extension built
+    with sm_90a code (FASTATTN_CUDA_ARCHS containing 9.0a, the default), which Python cannot see."""
+    if os.environ.get("FASTATTN_CUDA_WGMMA") != "1":
+        return False
+    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(torch.device(device)) == (9, 0)
+
+
 def window_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> List[str]:
     """Why the CUDA window kernels (ops fastattn::window_fwd / window_bwd on CUDA; fastattn.window_attention's
     fused path) cannot serve these [B, H, W, heads, d] inputs -- empty when they can."""
@@ -157,8 +169,11 @@ class CudaBackend(ExtensionBackend):
                     "the head dim split between warp pairs), dQ CTAs of 64 queries x 32-key tiles (4 warps)")
         padded = 64 if p.dim_qk <= 64 else 128
         warps = "4 warps x 32 rows" if padded == 64 else "8 warps x 16 rows"
-        return (f"CUDA FlashAttention-2, head dim {p.dim_qk} padded to {padded}: forward CTAs of 128 queries "
-                f"({warps}) over 32-key tiles; backward dK/dV CTAs of 64 keys x {64 if padded == 64 else 32}-query "
+        fwd = f"forward CTAs of 128 queries ({warps}) over 32-key tiles"
+        if wgmma_forward_requested(p.device):
+            fwd = ("forward on wgmma (sm_90a; FASTATTN_CUDA_WGMMA=1): CTAs of 128 queries (2 warpgroups x 64 rows) "
+                   "over 128-key tiles")
+        return (f"CUDA FlashAttention-2, head dim {p.dim_qk} padded to {padded}: {fwd}; backward dK/dV CTAs of 64 keys x {64 if padded == 64 else 32}-query "
                 f"tiles, dQ CTAs of 64 queries x {64 if padded == 64 else 32}-key tiles (4 warps); split-KV forward "
                 "when the query blocks cannot fill the GPU")
 
