@@ -15,6 +15,8 @@ PYTEST_ARGS ?=
 # The C++/CUDA sources: the editable install compiles them into fastattn/_C*.so (setup.py), so edits reinstall.
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
+# nvidia-cutlass: the CUTLASS/CuTe headers, the oracle of tests/test_wgmma_layouts.py (headers only, so --no-deps:
+# the wheel's Python dependencies are not needed).
 $(STAMP): requirements.txt setup.py $(CSRC)
 ifeq ($(SYSTEM_TORCH),1)
 	python3 -m venv --system-site-packages $(VENV)
@@ -22,7 +24,6 @@ ifeq ($(SYSTEM_TORCH),1)
 else
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
-	# CUTLASS/CuTe headers, the oracle of tests/test_wgmma_layouts.py (headers only: not its Python dependencies)
 	$(PY) -m pip install -q --no-deps nvidia-cutlass==4.2.0.0
 endif
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .

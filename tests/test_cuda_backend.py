@@ -316,8 +316,10 @@ def test_emulated_split_kv_forward(emu, case, splits, monkeypatch):
 
 # The Hopper forward (csrc/cuda/fa_wgmma_fwd.cuh; FASTATTN_CUDA_WGMMA=1 -- the emulator plays an sm_90a device):
 # wgmma for both products, 128-key tiles, two warpgroups.  Every tensor-core case with a head dim up to 128 runs
-# through it (the backward is the mma.sync one either way), plus shapes that need several 128-key tiles, a
-# warpgroup past Lq and 128-key tiles that reach past a split's keys.  tests/test_wgmma_layouts.py checks its
+# through it (the backward is the mma.sync one either way), plus shapes that need several 128-key tiles in one CTA
+# (num_splits=1: the emulator plays 132 SMs, so small problems split their keys), a warpgroup past Lq, and (split
+# tests) 128-key tiles that reach past a split's keys.  The simpler schedule: FASTATTN_EMULATOR_FLAGS=
+# -DFASTATTN_WGMMA_OVERLAP=0.  tests/test_wgmma_layouts.py checks its
 # descriptors and register layouts against CuTe.
 def _wgmma_eligible(cfg):
     B, Hq, Hkv, Lq, Lk, D, *rest = cfg["shape"]
@@ -327,9 +329,12 @@ def _wgmma_eligible(cfg):
 WGMMA_CASES = {name: cfg for name, cfg in EMULATED_CASES.items() if _wgmma_eligible(cfg)}
 WGMMA_CASES.update({
     "wgmma_d96_three_key_tiles_gqa_dropout_bf16": dict(shape=(1, 4, 2, 190, 333, 96), causal=2, dropout_p=0.1,
-                                                       dtype=torch.bfloat16, dlse=True),
+                                                       dtype=torch.bfloat16, dlse=True, num_splits=1),
     "wgmma_d64_float_mask_grad_two_query_blocks": dict(shape=(1, 1, 1, 257, 260, 64), mask_grad=True,
-                                                       mask=lambda: torch.randn(1, 1, 257, 260)),
+                                                       mask=lambda: torch.randn(1, 1, 257, 260), num_splits=1),
+    # five 128-key tiles: the overlapped schedule's loads two tiles ahead (K_{j+3}, V_{j+2}) all run
+    "wgmma_d128_five_key_tiles_bool_mask_bf16": dict(shape=(1, 2, 1, 70, 600, 128), dtype=torch.bfloat16,
+                                                     mask=lambda: torch.rand(70, 600) > 0.2, num_splits=1),
 })
 
 
@@ -338,6 +343,8 @@ WGMMA_CASES.update({
 def test_emulated_wgmma_forward(emu, case, monkeypatch):
     monkeypatch.setenv("FASTATTN_CUDA_WGMMA", "1")
     cfg = dict(WGMMA_CASES[case])
+    if "num_splits" in cfg:  # (few query blocks: the forward would split the keys and see fewer tiles per CTA)
+        monkeypatch.setenv("FASTATTN_NUM_SPLITS", str(cfg.pop("num_splits")))
     if callable(cfg.get("mask")):
         cfg["mask"] = cfg["mask"]()
     emulated_check(emu, **cfg)

@@ -38,11 +38,11 @@
 //             double-buffered; also writes dS (the float mask's or the bias table's gradient) when asked.
 // Shared memory per CTA stays under 99 KiB (the opt-in limit of sm_86/sm_89; sm_80 and sm_90 allow more):
 // forward 36 KiB (DT 64) / 68 KiB (DT 128) with 2 K/V stages, dK/dV 55 / 68.5 KiB, dQ 54 / 68 KiB (static_asserts
-// below; the window layout adds none; DT 256 forward 66 KiB).  Registers, no spills (sm_80 / sm_90): forward
-// 226 / 221 (DT 64), 206 / 209 (DT 128; +2 for the split-KV epilogue; FASTATTN_FWD_D128_WARPS=4: 244 / 245),
-// 253 / 254 (DT 256: at the limit, 2 CTAs of 4 warps per SM); dK/dV 219 / 226, 230 / 229; dQ
-// 166 / 166, 157 / 158; Delta 39 -- as many CTAs per SM as before the window layout.  dQ DT 64 sits just under 168,
-// the most for 3 CTAs of 128 threads: a version needing more made ptxas spill instead.
+// below; the window layout adds none; DT 256 forward 66 KiB).  Registers, no spills (sm_80 / sm_90a, nvcc 13.0):
+// forward 224 / 221 (DT 64), 206 / 209 (DT 128; FASTATTN_FWD_D128_WARPS=4: 244 / 245), 253 / 254 (DT 256: at the
+// limit, 2 CTAs of 4 warps per SM); dK/dV 227-235 (DT 64), 236-238 (DT 128); dQ 166 / 166, 157 / 158; Delta 38-39
+// -- as many CTAs per SM as before the window layout.  dQ DT 64 sits just under 168, the most for 3 CTAs of 128
+// threads: a version needing more made ptxas spill instead.  (The sm_90a wgmma forward, fa_wgmma_fwd.cuh: 238 / 254.)
 #pragma once
 
 #include <cmath>
@@ -536,14 +536,14 @@ FA_DEVICE void score_tile(const AttnParams& p, const Group& grp, const char* mas
   }
 }
 
-// Online softmax: scores -> unnormalised probabilities exp2(s2 - running max), O and the partial sums rescaled.
-// Row r of an m-tile is spread over the 4 lanes of its quad (same g): reduce the tile max with two xor-shuffles.
-// With the new max m_new, everything accumulated so far was relative to the old max, so O and the partial sums
-// are rescaled by alpha = exp2(m_old - m_new).  A row that has seen only -inf keeps m_new = -inf; subtracting 0
-// instead keeps exp2 away from (-inf) - (-inf) = NaN.
-template <int MT, int NB, int NO>
-FA_DEVICE void online_softmax_tile(float (&s)[MT][NB][4], float (&acc)[MT][NO][4], float (&row_max)[MT][2],
-                                   float (&row_sum)[MT][2]) {
+// Online softmax: scores -> unnormalised probabilities exp2(s2 - running max), and the factor alpha by which O (and the
+// partial sums, done here) must be rescaled.  Row r of an m-tile is spread over the 4 lanes of its quad (same g):
+// reduce the tile max with two xor-shuffles.  With the new max m_new, everything accumulated so far was relative to
+// the old max, so it is rescaled by alpha = exp2(m_old - m_new).  A row that has seen only -inf keeps m_new = -inf;
+// subtracting 0 instead keeps exp2 away from (-inf) - (-inf) = NaN.
+template <int MT, int NB>
+FA_DEVICE void softmax_probs_tile(float (&s)[MT][NB][4], float (&row_max)[MT][2], float (&row_sum)[MT][2],
+                                  float (&alpha)[MT][2]) {
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -555,7 +555,7 @@ FA_DEVICE void online_softmax_tile(float (&s)[MT][NB][4], float (&acc)[MT][NO][4
       mx = fmaxf(mx, shfl_xor(mx, 2));
       const float m_new = fmaxf(row_max[mt][r], mx);
       const float m_sub = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = fast_exp2(row_max[mt][r] - m_sub);
+      alpha[mt][r] = fast_exp2(row_max[mt][r] - m_sub);
       row_max[mt][r] = m_new;
       float sum = 0.f;
 #pragma unroll
@@ -564,14 +564,32 @@ FA_DEVICE void online_softmax_tile(float (&s)[MT][NB][4], float (&acc)[MT][NO][4
         s[mt][nb][2 * r + 1] = fast_exp2(s[mt][nb][2 * r + 1] - m_sub);
         sum += s[mt][nb][2 * r] + s[mt][nb][2 * r + 1];
       }
-      row_sum[mt][r] = row_sum[mt][r] * alpha + sum;  // the normaliser counts probabilities before dropout
-#pragma unroll
-      for (int nb = 0; nb < NO; ++nb) {
-        acc[mt][nb][2 * r] *= alpha;
-        acc[mt][nb][2 * r + 1] *= alpha;
-      }
+      row_sum[mt][r] = row_sum[mt][r] * alpha[mt][r] + sum;  // the normaliser counts probabilities before dropout
     }
   }
+}
+
+// O *= alpha, row by row (C fragment rows g and g + 8 of each m-tile: elements 0, 1 and 2, 3).
+template <int MT, int NO>
+FA_DEVICE void rescale_rows(float (&acc)[MT][NO][4], const float (&alpha)[MT][2]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nb = 0; nb < NO; ++nb) {
+      acc[mt][nb][0] *= alpha[mt][0];
+      acc[mt][nb][1] *= alpha[mt][0];
+      acc[mt][nb][2] *= alpha[mt][1];
+      acc[mt][nb][3] *= alpha[mt][1];
+    }
+}
+
+// Both, for kernels whose O is not being written by an MMA in flight.
+template <int MT, int NB, int NO>
+FA_DEVICE void online_softmax_tile(float (&s)[MT][NB][4], float (&acc)[MT][NO][4], float (&row_max)[MT][2],
+                                   float (&row_sum)[MT][2]) {
+  float alpha[MT][2];
+  softmax_probs_tile(s, row_max, row_sum, alpha);
+  rescale_rows(acc, alpha);
 }
 
 // Dropout on the probabilities: dropped elements 0, kept ones scaled by 1 / (1 - p).  The keep-bits come 32 at a

@@ -128,6 +128,19 @@ FA_DEVICE void fence_operands(float (&c)[NB][4]) {
 #endif
 }
 
+// The same for register operands of an MMA in flight (the RS form's A fragments).
+template <int NA>
+FA_DEVICE void fence_operands(uint32_t (&a)[NA][4]) {
+#ifndef FASTATTN_EMULATE
+#pragma unroll
+  for (int i = 0; i < NA; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e])::"memory");
+#else
+  (void)a;
+#endif
+}
+
 FA_DEVICE void fence_proxy_async() {
 #if FA_HAS_WGMMA && !defined(FASTATTN_EMULATE)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");

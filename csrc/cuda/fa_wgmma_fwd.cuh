@@ -4,21 +4,24 @@
 // CTA = 128 queries of one (b, h) (or of one Swin window group: the same layouts, score modifications, dropout and
 // split-KV as attn_fwd_kernel -- only the products differ) on 2 warpgroups x 64 rows.  Per K/V tile of BN keys:
 //   S[64 x BN] = Q K^T   wgmma SS: Q and K K-major in shared memory, DT / 16 async MMAs of m64nBNk16;
-//   softmax              in registers, unchanged (score_tile, online_softmax_tile, dropout_tile of fa_kernels.cuh:
-//                        each warp's 16 rows of S are the C fragments those helpers take);
+//   softmax              in registers, the mma.sync kernel's code (score_tile, softmax_probs_tile, rescale_rows,
+//                        dropout_tile of fa_kernels.cuh: each warp's 16 rows of S are the C fragments they take);
 //   O[64 x DT] += P V    wgmma RS: P from registers (c_to_a), V MN-major in shared memory, BN / 16 MMAs of m64nDTk16.
-// Q, K and V tiles are stored 128-byte-swizzled (sw128_offset) by cp.async, K/V double-buffered as in the mma.sync
-// kernel.  The output is staged through the (then free) K/V buffers with the padded layout of fwd_epilogue.
-// Shared memory: Q 16 / 32 KiB + 2 stages x (K, V) 2 x BN x DT x 2 B + 1 KiB of alignment slack: 81 KiB (DT 64) and
-// 161 KiB (DT 128) at BN = 128 -- sm_90's 227 KiB, one CTA (8 warps) per SM at DT 128.
+// Schedule (FASTATTN_WGMMA_OVERLAP, default 1): a warpgroup issues the next tile's S = Q K^T and this tile's P V
+// back to back and runs the next softmax while P V is still on the tensor cores (FA3's intra-warpgroup overlap;
+// O's rescale waits for P V).  0: one product at a time.  Same registers either way: S, P and O are live together
+// in both (242 at DT 128 with the simple schedule).
+// Q, K and V tiles are stored 128-byte-swizzled (sw128_offset) by cp.async, two K and two V slots.  The output is
+// staged through the (then free) K/V buffers with the padded layout of fwd_epilogue.  Shared memory: Q 16 / 32 KiB
+// + 2 x (K, V) 2 x BN x DT x 2 B + 1 KiB of alignment slack: 81 KiB (DT 64) and 161 KiB (DT 128) at BN = 128 --
+// sm_90's 227 KiB, one CTA (8 warps) per SM at DT 128.
 //
-// What this version does not do yet (bench/NOTES.md, entry 21): overlap a warpgroup's softmax with its own next
-// S = Q K^T (FA3's intra-warpgroup pipelining; needs a second S accumulator), TMA loads and a producer warp, explicit
-// ping-pong scheduling of the two warpgroups.  The two warpgroups overlap each other only as the scheduler interleaves
-// them between the per-tile barriers.
+// Not done yet (bench/NOTES.md, entry 21): TMA loads and a producer warp (the compute warps issue their own cp.async),
+// explicit ping-pong of the two warpgroups (named barriers instead of the per-tile __syncthreads, which keeps them in
+// step).
 //
-// Built only for sm_90a (FASTATTN_CUDA_ARCHS containing "9.0a"); elsewhere the kernel body is empty and
-// wgmma_fwd_available() says no.  Not the default until it has run on a GPU: FASTATTN_CUDA_WGMMA=1 selects it.
+// Built only for sm_90a (FASTATTN_CUDA_ARCHS containing "9.0a", the default); elsewhere the kernel body is empty and
+// wgmma_fwd_compiled() says no.  Not the default until it has run on a GPU: FASTATTN_CUDA_WGMMA=1 selects it.
 #pragma once
 
 #include "fa_kernels.cuh"
@@ -31,6 +34,12 @@ namespace fastattn_cuda {
 #define FASTATTN_WGMMA_BN 128
 #endif
 static_assert(FASTATTN_WGMMA_BN == 64 || FASTATTN_WGMMA_BN == 128, "FASTATTN_WGMMA_BN: 64 or 128");
+// 1: each warpgroup runs a tile's softmax while its previous P V product is on the tensor cores (FA3's
+// intra-warpgroup overlap); 0: one product at a time (the simpler schedule, an A/B knob and fallback).
+#ifndef FASTATTN_WGMMA_OVERLAP
+#define FASTATTN_WGMMA_OVERLAP 1
+#endif
+constexpr bool kWgmmaOverlap = FASTATTN_WGMMA_OVERLAP != 0;
 
 template <int DT>
 struct WgmmaFwdTile {
@@ -98,14 +107,6 @@ __global__ void __launch_bounds__(WgmmaFwdTile<DT>::kThreads) attn_fwd_wgmma_ker
   if (p.causal) n_end = imin(n_end, imax(0, imin(m0 + BM, p.Lq) + p.causal_offset));
   const int n_tiles = n_end > n_begin ? ceil_div(n_end - n_begin, BN) : 0;
 
-  // Prologue: Q and K/V tile 0 (one group); every iteration commits one group (empty past the last tile).
-  load_tile_sw128_async<T, BM, DT, NT>(sQ, qg, q_rows, m0, p.Lq, p.D, tid);
-  if (n_tiles > 0) {
-    load_tile_sw128_async<T, BN, DT, NT>(sK(0), kg, k_rows, n_begin, p.Lk, p.D, tid);
-    load_tile_sw128_async<T, BN, DT, NT>(sV(0), vg, v_rows, n_begin, p.Lk, p.D, tid);
-  }
-  cp_async_commit();
-
   const int warp_row0 = 16 * warp;
   const bool wg_active = m0 + 64 * wg < p.Lq;  // wgmma is warpgroup-wide: skip per warpgroup, not per warp
   float acc[1][DT / 8][4];
@@ -122,55 +123,139 @@ __global__ void __launch_bounds__(WgmmaFwdTile<DT>::kThreads) attn_fwd_wgmma_ker
   auto v_desc = [&](uint32_t v_addr, int ks) {
     return sw128_mnmajor_desc(v_addr + sw128_mn_kstep_bytes(ks), sw128_mn_block_bytes<BN, DT>());
   };
-
-  for (int j = 0; j < n_tiles; ++j) {
-    const int st = j % STAGES;
-    if (j + 1 < n_tiles) {  // prefetch tile j + 1 into the buffer tile j - 1 used (freed by the last barrier)
-      const int sa = (j + 1) % STAGES;
-      load_tile_sw128_async<T, BN, DT, NT>(sK(sa), kg, k_rows, n_begin + (j + 1) * BN, p.Lk, p.D, tid);
-      load_tile_sw128_async<T, BN, DT, NT>(sV(sa), vg, v_rows, n_begin + (j + 1) * BN, p.Lk, p.D, tid);
+  // Tile `tile` (keys n_begin + tile BN ..) lives in K slot and V slot tile % 2.
+  auto load_k = [&](int tile) {
+    load_tile_sw128_async<T, BN, DT, NT>(sK(tile % STAGES), kg, k_rows, n_begin + tile * BN, p.Lk, p.D, tid);
+  };
+  auto load_v = [&](int tile) {
+    load_tile_sw128_async<T, BN, DT, NT>(sV(tile % STAGES), vg, v_rows, n_begin + tile * BN, p.Lk, p.D, tid);
+  };
+  // S = Q K^T of tile `tile` (the first MMA overwrites the accumulator: scale_d = 0), one commit group.
+  auto issue_s = [&](float (&sc)[1][BN / 8][4], int tile) {
+    const uint32_t k_addr = smem_addr(sK(tile % STAGES));
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < DT / 16; ++ks) wgmma_ss<T, BN>(&sc[0][0][0], q_desc(ks), k_desc(k_addr, ks), ks > 0);
+    wgmma_commit();
+  };
+  // O += P V of tile `tile`, P in the A-fragment layout, one commit group.  (The caller pins O with fence_operands
+  // before the first MMA of the stage: ptxas serialises the MMAs if O's registers are touched while one is in flight.)
+  auto issue_pv = [&](const uint32_t (&pf)[BN / 16][4], int tile) {
+    const uint32_t v_addr = smem_addr(sV(tile % STAGES));
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < BN / 16; ++ks) wgmma_rs<T, DT>(&acc[0][0][0], pf[ks], v_desc(v_addr, ks), 1);
+    wgmma_commit();
+  };
+  // Raw S of tile `tile` -> probabilities (rounded later), the running max / sum, and O's rescale factor.
+  auto scores_to_probs = [&](float (&sc)[1][BN / 8][4], int tile, float (&alpha)[1][2]) {
+    const int n0 = n_begin + tile * BN, row0 = m0 + warp_row0;
+    score_tile(p, grp, mask, sc, tile_needs_mods(p, m0, m0 + BM, n0, n0 + BN), row0, n0, g, t);
+    if (n0 + BN > n_end) {  // a 128-key tile can reach past a split's keys (splits are multiples of 64 keys)
+#pragma unroll
+      for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          if (n0 + 8 * nb + 2 * t + (i % 2) >= n_end) sc[0][nb][i] = -INFINITY;
     }
+    softmax_probs_tile(sc, row_max, row_sum, alpha);
+    if (p.dropout) dropout_tile(p, bh, sc, row0, n0, g, t);
+  };
+
+  if constexpr (kWgmmaOverlap) {
+    // FA3's intra-warpgroup overlap: in iteration j the warpgroup issues S_{j+1} = Q K_{j+1}^T, then O += P_j V_j,
+    // waits for S_{j+1} only (wait_group 1: groups complete in order) and runs its softmax while P_j V_j is still
+    // on the tensor cores; O's rescale and the new P wait for it (wait_group 0).  So iteration j needs K_{j+1} and
+    // V_j.  cp.async groups: {Q, K_0}, {K_1, V_0, V_1}, {K_2} (after S_0 has read K slot 0), then at the end of
+    // iteration j {K_{j+3}, V_{j+2}} into the slots K_{j+1} and V_j just freed -- two iterations ahead of use, so
+    // "at most 1 group pending" at the top of iteration j means K_{j+1} and V_j have landed.
+    load_tile_sw128_async<T, BM, DT, NT>(sQ, qg, q_rows, m0, p.Lq, p.D, tid);
+    if (n_tiles > 0) load_k(0);
     cp_async_commit();
-    cp_async_wait<STAGES - 1>();
+    if (n_tiles > 1) load_k(1);
+    if (n_tiles > 0) load_v(0);
+    if (n_tiles > 1) load_v(1);
+    cp_async_commit();
+    cp_async_wait<1>();
     fence_proxy_async();  // this thread's cp.async writes -> visible to the wgmma (async proxy) after the barrier
     __syncthreads();
-    if (wg_active) {
-      const int n0 = n_begin + j * BN;
-      const uint32_t k_addr = smem_addr(sK(st)), v_addr = smem_addr(sV(st));
-
-      // S = Q K^T (the first MMA overwrites the accumulator: scale_d = 0).
-      float s[1][BN / 8][4];
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < DT / 16; ++ks) wgmma_ss<T, BN>(&s[0][0][0], q_desc(ks), k_desc(k_addr, ks), ks > 0);
-      wgmma_commit();
+    uint32_t pf[BN / 16][4];  // P_j, the A operand of the P V product in flight
+    if (wg_active && n_tiles > 0) {
+      float sc[1][BN / 8][4], alpha[1][2];
+      issue_s(sc, 0);
       wgmma_wait<0>();
-      fence_operands(s[0]);
-
-      const int row0 = m0 + warp_row0;
-      score_tile(p, grp, mask, s, tile_needs_mods(p, m0, m0 + BM, n0, n0 + BN), row0, n0, g, t);
-      if (n0 + BN > n_end) {  // a 128-key tile can reach past a split's keys (splits are multiples of 64 keys)
-#pragma unroll
-        for (int nb = 0; nb < BN / 8; ++nb)
-#pragma unroll
-          for (int i = 0; i < 4; ++i)
-            if (n0 + 8 * nb + 2 * t + (i % 2) >= n_end) s[0][nb][i] = -INFINITY;
-      }
-      online_softmax_tile(s, acc, row_max, row_sum);
-      if (p.dropout) dropout_tile(p, bh, s, row0, n0, g, t);
-
-      // O += P V, P rounded to T in the A-fragment layout.
-      uint32_t pf[BN / 16][4];
-      c_to_a<T, BN / 8>(pf, s[0]);
-      fence_operands(acc[0]);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < BN / 16; ++ks) wgmma_rs<T, DT>(&acc[0][0][0], pf[ks], v_desc(v_addr, ks), 1);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_operands(acc[0]);
+      fence_operands(sc[0]);
+      scores_to_probs(sc, 0, alpha);  // O is still 0: nothing to rescale
+      c_to_a<T, BN / 8>(pf, sc[0]);
     }
-    __syncthreads();  // both warpgroups are done with buffer st before iteration j + 1 prefetches into it
+    __syncthreads();  // K slot 0 is free
+    if (n_tiles > 2) load_k(2);
+    cp_async_commit();
+
+    for (int j = 0; j < n_tiles; ++j) {
+      cp_async_wait<1>();
+      fence_proxy_async();
+      __syncthreads();
+      // (Two straight-line branches: with the next tile's MMA issued under a condition and waited for under the same
+      // condition, ptxas cannot prove which group a wait retires and serialises every wgmma of the kernel.)
+      if (wg_active && j + 1 < n_tiles) {
+        float sc[1][BN / 8][4], alpha[1][2];
+        fence_operands(acc[0]);
+        issue_s(sc, j + 1);
+        issue_pv(pf, j);
+        wgmma_wait<1>();  // S_{j+1} has landed; P_j V_j may still run
+        fence_operands(sc[0]);
+        scores_to_probs(sc, j + 1, alpha);
+        wgmma_wait<0>();
+        fence_operands(acc[0]);
+        fence_operands(pf);  // the P V product read pf until here: the next P may not take its registers earlier
+        rescale_rows(acc, alpha);
+        c_to_a<T, BN / 8>(pf, sc[0]);
+      } else if (wg_active) {  // the last tile
+        fence_operands(acc[0]);
+        issue_pv(pf, j);
+        wgmma_wait<0>();
+        fence_operands(acc[0]);
+      }
+      __syncthreads();  // every warpgroup is done with K slot (j + 1) % 2 and V slot j % 2
+      if (j + 3 < n_tiles) load_k(j + 3);
+      if (j + 2 < n_tiles) load_v(j + 2);
+      cp_async_commit();
+    }
+  } else {
+    // One product at a time: S, softmax, P V, each waited for before the next.  Q and K/V tile 0 are one group;
+    // every iteration commits one group (empty past the last tile): tile j + 1 loads while tile j is used.
+    load_tile_sw128_async<T, BM, DT, NT>(sQ, qg, q_rows, m0, p.Lq, p.D, tid);
+    if (n_tiles > 0) {
+      load_k(0);
+      load_v(0);
+    }
+    cp_async_commit();
+    for (int j = 0; j < n_tiles; ++j) {
+      if (j + 1 < n_tiles) {  // into the slots tile j - 1 used (freed by the last barrier)
+        load_k(j + 1);
+        load_v(j + 1);
+      }
+      cp_async_commit();
+      cp_async_wait<1>();
+      fence_proxy_async();
+      __syncthreads();
+      if (wg_active) {
+        float sc[1][BN / 8][4], alpha[1][2];
+        issue_s(sc, j);
+        wgmma_wait<0>();
+        fence_operands(sc[0]);
+        scores_to_probs(sc, j, alpha);
+        rescale_rows(acc, alpha);
+        uint32_t pf[BN / 16][4];
+        c_to_a<T, BN / 8>(pf, sc[0]);
+        fence_operands(acc[0]);
+        issue_pv(pf, j);
+        wgmma_wait<0>();
+        fence_operands(acc[0]);
+      }
+      __syncthreads();  // both warpgroups are done with slot j % 2 before iteration j + 1 loads into it
+    }
   }
   cp_async_wait<0>();
   __syncthreads();  // the K/V buffers are free for the output staging
