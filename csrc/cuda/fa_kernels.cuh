@@ -39,10 +39,11 @@
 // Shared memory per CTA stays under 99 KiB (the opt-in limit of sm_86/sm_89; sm_80 and sm_90 allow more):
 // forward 36 KiB (DT 64) / 68 KiB (DT 128) with 2 K/V stages, dK/dV 55 / 68.5 KiB, dQ 54 / 68 KiB (static_asserts
 // below; the window layout adds none; DT 256 forward 66 KiB).  Registers, no spills (sm_80 / sm_90a, nvcc 13.0):
-// forward 224 / 221 (DT 64), 206 / 209 (DT 128; FASTATTN_FWD_D128_WARPS=4: 244 / 245), 253 / 254 (DT 256: at the
-// limit, 2 CTAs of 4 warps per SM); dK/dV 227-235 (DT 64), 236-238 (DT 128); dQ 166 / 166, 157 / 158; Delta 38-39
-// -- as many CTAs per SM as before the window layout.  dQ DT 64 sits just under 168, the most for 3 CTAs of 128
-// threads: a version needing more made ptxas spill instead.  (The sm_90a wgmma forward, fa_wgmma_fwd.cuh: 238 / 254.)
+// forward 214 / 212 (DT 64), 169 / 172 (DT 128; FASTATTN_FWD_D128_WARPS=4: 244 / 245 before fwd_block), 254 / 253
+// (DT 256: at the limit, 2 CTAs of 4 warps per SM); dK/dV 227-235 (DT 64), 236-238 (DT 128); dQ 166 / 166,
+// 157 / 158; Delta 38-39 -- as many CTAs per SM as before the window layout.  dQ DT 64 sits just under 168, the most
+// for 3 CTAs of 128 threads: a version needing more made ptxas spill instead.  (The sm_90a wgmma forward,
+// fa_wgmma_fwd.cuh: 225 / 255.)
 #pragma once
 
 #include <cmath>
@@ -508,6 +509,44 @@ FA_DEVICE void gemm_rs_mt(float (&c)[MT][NB][4], const uint32_t (&af)[MT][KS][4]
   }
 }
 
+// Where a forward CTA works (both forward kernels): its group, split and head, its first query m0 (query block
+// blockIdx.x / num_splits of BM rows), the (b, h) slices of q, k and v (k and v of the head's key/value head), the
+// mask slice, and the keys any of its rows can see -- this split's range [n_begin, n_begin + keys_per_split) cut
+// at the last valid row's causal limit (row m sees n <= m + causal_offset): [n_begin, n_end).
+template <typename T>
+struct FwdBlock {
+  Group grp;
+  int split, h, bh, m0;
+  const T* qg;
+  const T* kg;
+  const T* vg;
+  const char* mask;
+  int n_begin, n_end;
+  // rows(p, sm, sx)(m): element offset of row m of the group's slice of a tensor with those strides (row_offset)
+  FA_DEVICE auto rows(const AttnParams& p, int64_t sm, int64_t sx) const {
+    return [&p, this, sm, sx](int m) { return row_offset(p, grp, sm, sx, m); };
+  }
+};
+
+template <typename T>
+FA_DEVICE FwdBlock<T> fwd_block(const AttnParams& p, int BM) {
+  FwdBlock<T> blk;
+  blk.grp = cta_group(p);
+  blk.split = blockIdx.x % p.num_splits;
+  blk.h = blockIdx.y;
+  blk.bh = blk.grp.z * p.Hq + blk.h;
+  blk.m0 = (blockIdx.x / p.num_splits) * BM;
+  const int b = blk.grp.b, hk = blk.h / p.group;
+  blk.qg = static_cast<const T*>(p.q) + b * p.q_sb + blk.h * p.q_sh;
+  blk.kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  blk.vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  blk.mask = mask_slice(p, blk.grp, blk.h);
+  blk.n_begin = blk.split * p.keys_per_split;
+  blk.n_end = imin(p.Lk, blk.n_begin + p.keys_per_split);
+  if (p.causal) blk.n_end = imin(blk.n_end, imax(0, imin(blk.m0 + BM, p.Lq) + p.causal_offset));
+  return blk;
+}
+
 // The per-tile steps of the forward that do not depend on how S and O are multiplied (mma.sync here, wgmma in
 // fa_wgmma_fwd.cuh).  A warp holds MT 16-row m-tiles of S [MT][NB][4] (NB = keys / 8) and of O [MT][NO][4]
 // (NO = head dim / 8) as C fragments: element (mt, nb, i) is query row0 + 16 mt + g + 8 (i / 2), key
@@ -701,34 +740,22 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
   auto sV = [&](int stage) { return sKV + stage * 2 * BN * S + BN * S; };
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const Group grp = cta_group(p);
-  const int m_block = blockIdx.x / p.num_splits, split = blockIdx.x % p.num_splits, h = blockIdx.y, b = grp.b;
-  const int bh = grp.z * p.Hq + h, hk = h / p.group;
-  const int m0 = m_block * BM;
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
-  const char* mask = mask_slice(p, grp, h);
-  auto q_rows = [&](int m) { return row_offset(p, grp, p.q_sm, p.q_sx, m); };
-  auto k_rows = [&](int n) { return row_offset(p, grp, p.k_sm, p.k_sx, n); };
-  auto v_rows = [&](int n) { return row_offset(p, grp, p.v_sm, p.v_sx, n); };
-
-  // Keys any row of this block can see (the last valid row m sees n <= m + causal_offset), within this split's
-  // range [n_begin, n_begin + keys_per_split); tile j holds keys n_begin + j BN ...
-  const int n_begin = split * p.keys_per_split;
-  int n_end = imin(p.Lk, n_begin + p.keys_per_split);
-  if (p.causal) n_end = imin(n_end, imax(0, imin(m0 + BM, p.Lq) + p.causal_offset));
-  const int n_tiles = n_end > n_begin ? ceil_div(n_end - n_begin, BN) : 0;
+  const FwdBlock<T> blk = fwd_block<T>(p, BM);
+  const Group& grp = blk.grp;
+  const int split = blk.split, bh = blk.bh, m0 = blk.m0, n_begin = blk.n_begin, n_end = blk.n_end;
+  const auto q_rows = blk.rows(p, p.q_sm, p.q_sx), k_rows = blk.rows(p, p.k_sm, p.k_sx),
+             v_rows = blk.rows(p, p.v_sm, p.v_sx);
+  const int n_tiles = n_end > n_begin ? ceil_div(n_end - n_begin, BN) : 0;  // tile j: keys n_begin + j BN ..
 
   // Pipeline prologue: Q (group 0), K/V tiles 0 .. STAGES - 2 (groups 1 .. STAGES - 1).  Every stage commits a
   // group, empty past the last tile, so that "tile j has landed" is always "at most STAGES - 1 groups pending".
-  load_tile_async<T, BM, DT, NT>(sQ, qg, q_rows, m0, p.Lq, p.D, tid);
+  load_tile_async<T, BM, DT, NT>(sQ, blk.qg, q_rows, m0, p.Lq, p.D, tid);
   cp_async_commit();
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
     if (st < n_tiles) {
-      load_tile_async<T, BN, DT, NT>(sK(st), kg, k_rows, n_begin + st * BN, p.Lk, p.D, tid);
-      load_tile_async<T, BN, DT, NT>(sV(st), vg, v_rows, n_begin + st * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sK(st), blk.kg, k_rows, n_begin + st * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sV(st), blk.vg, v_rows, n_begin + st * BN, p.Lk, p.D, tid);
     }
     cp_async_commit();
   }
@@ -766,8 +793,8 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
     const int ahead = j + STAGES - 1;
     if (ahead < n_tiles) {
       const int sa = ahead % STAGES;
-      load_tile_async<T, BN, DT, NT>(sK(sa), kg, k_rows, n_begin + ahead * BN, p.Lk, p.D, tid);
-      load_tile_async<T, BN, DT, NT>(sV(sa), vg, v_rows, n_begin + ahead * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sK(sa), blk.kg, k_rows, n_begin + ahead * BN, p.Lk, p.D, tid);
+      load_tile_async<T, BN, DT, NT>(sV(sa), blk.vg, v_rows, n_begin + ahead * BN, p.Lk, p.D, tid);
     }
     cp_async_commit();
     cp_async_wait<STAGES - 1>();
@@ -797,7 +824,7 @@ __global__ void __launch_bounds__(FwdTile<DT>::kThreads) attn_fwd_kernel(const A
         gemm_rs_mt<T, MT, KS, BN / 8, false>(s, qf, kt, S, lane);
 
       const int row0 = m0 + warp_row0;
-      score_tile(p, grp, mask, s, tile_needs_mods(p, m0, m0 + BM, n0, n0 + BN), row0, n0, g, t);
+      score_tile(p, grp, blk.mask, s, tile_needs_mods(p, m0, m0 + BM, n0, n0 + BN), row0, n0, g, t);
       online_softmax_tile(s, acc, row_max, row_sum);
       if (p.dropout) dropout_tile(p, bh, s, row0, n0, g, t);
 
@@ -1375,13 +1402,18 @@ void launch_fwd_merge(const AttnParams& p, Stream stream) {
   if (p.num_splits > 1) launch_over_z(attn_fwd_merge_kernel<T>, ceil_div(p.Lq, kMergeRows), p.Hq, 128, 0, p, stream);
 }
 
+// A forward kernel over its Tile's query blocks (x split-KV splits), then the split merge.
+template <typename T, typename Tile, typename Kernel>
+void launch_fwd_kernel(Kernel kernel, const AttnParams& p, Stream stream) {
+  if (p.B == 0 || p.Hq == 0 || p.Lq == 0) return;
+  launch_over_z(kernel, ceil_div(p.Lq, Tile::kBM) * p.num_splits, p.Hq, Tile::kThreads, Tile::template smem_bytes<T>(),
+                p, stream);
+  launch_fwd_merge<T>(p, stream);
+}
+
 template <typename T, int DT>
 void launch_fwd(const AttnParams& p, Stream stream) {
-  using Tile = FwdTile<DT>;
-  if (p.B == 0 || p.Hq == 0 || p.Lq == 0) return;
-  launch_over_z(attn_fwd_kernel<T, DT>, ceil_div(p.Lq, Tile::kBM) * p.num_splits, p.Hq, Tile::kThreads,
-                Tile::template smem_bytes<T>(), p, stream);
-  launch_fwd_merge<T>(p, stream);
+  launch_fwd_kernel<T, FwdTile<DT>>(attn_fwd_kernel<T, DT>, p, stream);
 }
 
 template <typename T, int DT>

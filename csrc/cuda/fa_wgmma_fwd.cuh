@@ -9,8 +9,8 @@
 //   O[64 x DT] += P V    wgmma RS: P from registers (c_to_a), V MN-major in shared memory, BN / 16 MMAs of m64nDTk16.
 // Schedule (FASTATTN_WGMMA_OVERLAP, default 1): a warpgroup issues the next tile's S = Q K^T and this tile's P V
 // back to back and runs the next softmax while P V is still on the tensor cores (FA3's intra-warpgroup overlap;
-// O's rescale waits for P V).  0: one product at a time.  Same registers either way: S, P and O are live together
-// in both (242 at DT 128 with the simple schedule).
+// O's rescale waits for P V).  0: one product at a time.  S, P and O are live together in both: 255 / 225 registers
+// (DT 128 / 64) with the overlap, 240 / 200 without.
 // Q, K and V tiles are stored 128-byte-swizzled (sw128_offset) by cp.async, two K and two V slots.  The output is
 // staged through the (then free) K/V buffers with the padded layout of fwd_epilogue.  Shared memory: Q 16 / 32 KiB
 // + 2 x (K, V) 2 x BN x DT x 2 B + 1 KiB of alignment slack: 81 KiB (DT 64) and 161 KiB (DT 128) at BN = 128 --
@@ -89,23 +89,12 @@ __global__ void __launch_bounds__(WgmmaFwdTile<DT>::kThreads) attn_fwd_wgmma_ker
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int wg = warp / 4;  // warpgroup: rows [64 wg, 64 wg + 64) of the block; this warp's 16 are warp_row0 + ...
-  const Group grp = cta_group(p);
-  const int m_block = blockIdx.x / p.num_splits, split = blockIdx.x % p.num_splits, h = blockIdx.y, b = grp.b;
-  const int bh = grp.z * p.Hq + h, hk = h / p.group;
-  const int m0 = m_block * BM;
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
-  const char* mask = mask_slice(p, grp, h);
-  auto q_rows = [&](int m) { return row_offset(p, grp, p.q_sm, p.q_sx, m); };
-  auto k_rows = [&](int n) { return row_offset(p, grp, p.k_sm, p.k_sx, n); };
-  auto v_rows = [&](int n) { return row_offset(p, grp, p.v_sm, p.v_sx, n); };
-
-  // Keys this block sees, as in attn_fwd_kernel.
-  const int n_begin = split * p.keys_per_split;
-  int n_end = imin(p.Lk, n_begin + p.keys_per_split);
-  if (p.causal) n_end = imin(n_end, imax(0, imin(m0 + BM, p.Lq) + p.causal_offset));
-  const int n_tiles = n_end > n_begin ? ceil_div(n_end - n_begin, BN) : 0;
+  const FwdBlock<T> blk = fwd_block<T>(p, BM);
+  const Group& grp = blk.grp;
+  const int split = blk.split, bh = blk.bh, m0 = blk.m0, n_begin = blk.n_begin, n_end = blk.n_end;
+  const auto q_rows = blk.rows(p, p.q_sm, p.q_sx), k_rows = blk.rows(p, p.k_sm, p.k_sx),
+             v_rows = blk.rows(p, p.v_sm, p.v_sx);
+  const int n_tiles = n_end > n_begin ? ceil_div(n_end - n_begin, BN) : 0;  // tile j: keys n_begin + j BN ..
 
   const int warp_row0 = 16 * warp;
   const bool wg_active = m0 + 64 * wg < p.Lq;  // wgmma is warpgroup-wide: skip per warpgroup, not per warp
@@ -125,10 +114,10 @@ __global__ void __launch_bounds__(WgmmaFwdTile<DT>::kThreads) attn_fwd_wgmma_ker
   };
   // Tile `tile` (keys n_begin + tile BN ..) lives in K slot and V slot tile % 2.
   auto load_k = [&](int tile) {
-    load_tile_sw128_async<T, BN, DT, NT>(sK(tile % STAGES), kg, k_rows, n_begin + tile * BN, p.Lk, p.D, tid);
+    load_tile_sw128_async<T, BN, DT, NT>(sK(tile % STAGES), blk.kg, k_rows, n_begin + tile * BN, p.Lk, p.D, tid);
   };
   auto load_v = [&](int tile) {
-    load_tile_sw128_async<T, BN, DT, NT>(sV(tile % STAGES), vg, v_rows, n_begin + tile * BN, p.Lk, p.D, tid);
+    load_tile_sw128_async<T, BN, DT, NT>(sV(tile % STAGES), blk.vg, v_rows, n_begin + tile * BN, p.Lk, p.D, tid);
   };
   // S = Q K^T of tile `tile` (the first MMA overwrites the accumulator: scale_d = 0), one commit group.
   auto issue_s = [&](float (&sc)[1][BN / 8][4], int tile) {
@@ -150,7 +139,7 @@ __global__ void __launch_bounds__(WgmmaFwdTile<DT>::kThreads) attn_fwd_wgmma_ker
   // Raw S of tile `tile` -> probabilities (rounded later), the running max / sum, and O's rescale factor.
   auto scores_to_probs = [&](float (&sc)[1][BN / 8][4], int tile, float (&alpha)[1][2]) {
     const int n0 = n_begin + tile * BN, row0 = m0 + warp_row0;
-    score_tile(p, grp, mask, sc, tile_needs_mods(p, m0, m0 + BM, n0, n0 + BN), row0, n0, g, t);
+    score_tile(p, grp, blk.mask, sc, tile_needs_mods(p, m0, m0 + BM, n0, n0 + BN), row0, n0, g, t);
     if (n0 + BN > n_end) {  // a 128-key tile can reach past a split's keys (splits are multiples of 64 keys)
 #pragma unroll
       for (int nb = 0; nb < BN / 8; ++nb)
@@ -169,7 +158,7 @@ __global__ void __launch_bounds__(WgmmaFwdTile<DT>::kThreads) attn_fwd_wgmma_ker
     // V_j.  cp.async groups: {Q, K_0}, {K_1, V_0, V_1}, {K_2} (after S_0 has read K slot 0), then at the end of
     // iteration j {K_{j+3}, V_{j+2}} into the slots K_{j+1} and V_j just freed -- two iterations ahead of use, so
     // "at most 1 group pending" at the top of iteration j means K_{j+1} and V_j have landed.
-    load_tile_sw128_async<T, BM, DT, NT>(sQ, qg, q_rows, m0, p.Lq, p.D, tid);
+    load_tile_sw128_async<T, BM, DT, NT>(sQ, blk.qg, q_rows, m0, p.Lq, p.D, tid);
     if (n_tiles > 0) load_k(0);
     cp_async_commit();
     if (n_tiles > 1) load_k(1);
@@ -225,7 +214,7 @@ __global__ void __launch_bounds__(WgmmaFwdTile<DT>::kThreads) attn_fwd_wgmma_ker
   } else {
     // One product at a time: S, softmax, P V, each waited for before the next.  Q and K/V tile 0 are one group;
     // every iteration commits one group (empty past the last tile): tile j + 1 loads while tile j is used.
-    load_tile_sw128_async<T, BM, DT, NT>(sQ, qg, q_rows, m0, p.Lq, p.D, tid);
+    load_tile_sw128_async<T, BM, DT, NT>(sQ, blk.qg, q_rows, m0, p.Lq, p.D, tid);
     if (n_tiles > 0) {
       load_k(0);
       load_v(0);
@@ -279,11 +268,7 @@ inline bool wgmma_fwd_compiled() {
 
 template <typename T, int DT>
 void launch_fwd_wgmma(const AttnParams& p, Stream stream) {
-  using Tile = WgmmaFwdTile<DT>;
-  if (p.B == 0 || p.Hq == 0 || p.Lq == 0) return;
-  launch_over_z(attn_fwd_wgmma_kernel<T, DT>, ceil_div(p.Lq, Tile::kBM) * p.num_splits, p.Hq, Tile::kThreads,
-                Tile::template smem_bytes<T>(), p, stream);
-  launch_fwd_merge<T>(p, stream);
+  launch_fwd_kernel<T, WgmmaFwdTile<DT>>(attn_fwd_wgmma_kernel<T, DT>, p, stream);
 }
 
 }  // namespace fastattn_cuda
