@@ -173,7 +173,8 @@ class CudaBackend(ExtensionBackend):
         if wgmma_forward_requested(p.device):
             fwd = ("forward on wgmma (sm_90a; FASTATTN_CUDA_WGMMA=1): CTAs of 128 queries (2 warpgroups x 64 rows) "
                    "over 128-key tiles")
-        return (f"CUDA FlashAttention-2, head dim {p.dim_qk} padded to {padded}: {fwd}; backward dK/dV CTAs of 64 keys x {64 if padded == 64 else 32}-query "
+        return (f"CUDA FlashAttention-2, head dim {p.dim_qk} padded to {padded}: {fwd}; backward dK/dV CTAs of 64 "
+                f"keys x {64 if padded == 64 else 32}-query "
                 f"tiles, dQ CTAs of 64 queries x {64 if padded == 64 else 32}-key tiles (4 warps); split-KV forward "
                 "when the query blocks cannot fill the GPU")
 
