@@ -323,9 +323,10 @@ def test_long_sequence_32k_runs_in_linear_memory(ops):
     assert res["extra_mib"] < 1024, f"the 32k forward grew the peak RSS by {res['extra_mib']:.0f} MiB"
 
 
-def test_fallback_paths_without_blas_and_vector_isa(ops):
-    """FASTATTN_CPU_BLAS=0 (the plain-loop products of a torch without BLAS symbols) and the x86-64 baseline row
-    loops (FASTATTN_CPU_ISA=baseline) give the reference's results too."""
+def test_fallback_paths_without_blas_tiles_or_vector_isa(ops):
+    """FASTATTN_CPU_BLAS=0 (the plain-loop products of a torch without BLAS symbols), FASTATTN_CPU_GEMM=blas (the
+    float32 products in BLAS instead of the AVX-512 tiles) and the x86-64 baseline row loops
+    (FASTATTN_CPU_ISA=baseline, which also turns the tiles off) give the reference's results too."""
     code = """
         import json, torch, fastattn
         torch.manual_seed(0)
@@ -340,7 +341,7 @@ def test_fallback_paths_without_blas_and_vector_isa(ops):
         err = max((a - b).abs().max().item() for a, b in zip(res["cpu"], res["reference"]))
         print(json.dumps({"err": err}))
     """
-    for env in ({"FASTATTN_CPU_BLAS": "0"}, {"FASTATTN_CPU_ISA": "baseline"}):
+    for env in ({"FASTATTN_CPU_BLAS": "0"}, {"FASTATTN_CPU_GEMM": "blas"}, {"FASTATTN_CPU_ISA": "baseline"}):
         res = _run_child(code, env)
         assert res["err"] < 1e-4, (env, res)
 

@@ -56,7 +56,7 @@ struct Problem {
   uint64_t seed = 0;
   uint32_t threshold = 0;
   double drop_scale = 1.0;
-  bool use_blas = true;
+  GemmPath gemm = GemmPath::blas;
 
   // Keys [0, kv_end) can be visible to the queries [i0, i0 + rows).
   int64_t kv_end(int64_t i0, int64_t rows) const {
@@ -241,7 +241,7 @@ struct ForwardTile {
     const int64_t BN = std::min(kFwdBlockN, (cols + (with.k != nullptr ? 1 : 0) + 15) / 16 * 16);
     const int64_t Dv = p.Dv, bh = b * p.Hq + h;
     const acc_t scale = static_cast<acc_t>(p.scale);
-    mm_nt<acc_t>(p.use_blas, rows, cols, p.D, scale, Q, ldq, K, ldk, acc_t(0), S, BN);
+    mm_nt<acc_t>(p.gemm, rows, cols, p.D, scale, Q, ldq, K, ldk, acc_t(0), S, BN);
     if (j0 >= 0) modify_scores(p, S, BN, b, h, i0, rows, j0, cols);
     const int64_t width = with.k != nullptr ? cols + 1 : cols;  // the softmax's columns
     if (with.k != nullptr) {  // the extra key's score column: rows x D dot products (cheaper than a BLAS gemv)
@@ -270,7 +270,7 @@ struct ForwardTile {
         for (int64_t d = 0; d < Dv; ++d) a[d] += pe * with.v[d];
       }
     }
-    mm_nn<acc_t>(p.use_blas, rows, Dv, cols, acc_t(1), S, BN, V, ldv, acc_t(1), acc, Dv);
+    mm_nn<acc_t>(p.gemm, rows, Dv, cols, acc_t(1), S, BN, V, ldv, acc_t(1), acc, Dv);
   }
 };
 
@@ -372,11 +372,11 @@ void recompute_pair(const Problem& p, const PairTiles<acc_t>& t, const acc_t* Q,
                     int64_t i0, int64_t rows, int64_t j0, int64_t cols, const acc_t* lse, const acc_t* delta) {
   const int64_t BN = t.ld;
   const int64_t bh = b * p.Hq + h;
-  mm_nt<acc_t>(p.use_blas, rows, cols, p.D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), t.P, BN);
+  mm_nt<acc_t>(p.gemm, rows, cols, p.D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), t.P, BN);
   modify_scores(p, t.P, BN, b, h, i0, rows, j0, cols);
   probabilities(t.P, BN, rows, cols, lse + bh * p.Lq + i0);
   if (p.dropout) dropped_probabilities(p, t.P, t.Pd, BN, rows, cols, bh, i0, j0);
-  mm_nt<acc_t>(p.use_blas, rows, cols, p.Dv, acc_t(1), dO, ldo, V, ldv, acc_t(0), t.dS, BN);  // dP = dO V^T
+  mm_nt<acc_t>(p.gemm, rows, cols, p.Dv, acc_t(1), dO, ldo, V, ldv, acc_t(0), t.dS, BN);  // dP = dO V^T
   score_gradients(p, t.P, t.Pd, t.dS, BN, rows, cols, delta + bh * p.Lq + i0);
 }
 

@@ -168,9 +168,9 @@ void dkdv_kernel(const Problem& p, const BackwardTensors& t, const acc_t* lse, c
           const acc_t* Q = load_rows(p.q, b, h, i0, rows, s.q_buf, &ldq);
           const acc_t* dO = load_rows(t.dout, b, h, i0, rows, s.do_buf, &ldo);
           recompute_pair(p, s.tiles, Q, ldq, dO, ldo, K, ldk, V, ldv, b, h, i0, rows, j0, cols, lse, delta);
-          mm_tn<acc_t>(p.use_blas, cols, p.Dv, rows, acc_t(1), s.tiles.dropped(), BN, dO, ldo, acc_t(1), s.dv,
+          mm_tn<acc_t>(p.gemm, cols, p.Dv, rows, acc_t(1), s.tiles.dropped(), BN, dO, ldo, acc_t(1), s.dv,
                        p.Dv);  // dV += Pd^T dO
-          mm_tn<acc_t>(p.use_blas, cols, p.D, rows, static_cast<acc_t>(p.scale), s.tiles.dS, BN, Q, ldq, acc_t(1),
+          mm_tn<acc_t>(p.gemm, cols, p.D, rows, static_cast<acc_t>(p.scale), s.tiles.dS, BN, Q, ldq, acc_t(1),
                        s.dk, p.D);  // dK += scale * dS^T Q
         }
       }
@@ -204,7 +204,7 @@ void dq_kernel(const Problem& p, const BackwardTensors& t, const acc_t* lse, con
         const acc_t* V = load_rows(p.v, b, hk, j0, cols, s.v_buf, &ldv);
         recompute_pair(p, s.tiles, Q, ldq, dO, ldo, K, ldk, V, ldv, b, h, i0, rows, j0, cols, lse, delta);
         write_mask_grad(p, dmask, s.tiles.dS, kBwdBlockN, bh, i0, rows, j0, cols);
-        mm_nn<acc_t>(p.use_blas, rows, p.D, cols, static_cast<acc_t>(p.scale), s.tiles.dS, BN, K, ldk, acc_t(1),
+        mm_nn<acc_t>(p.gemm, rows, p.D, cols, static_cast<acc_t>(p.scale), s.tiles.dS, BN, K, ldk, acc_t(1),
                      s.dq, p.D);  // dQ += scale * dS K
       }
       store_rows(s.dq, rows, t.dq, b, h, i0);
@@ -255,11 +255,11 @@ void fused_backward_kernel(const Problem& p, const BackwardTensors& t, const acc
             const acc_t* V = load_rows(p.v, b, hk, j0, cols, s.v_buf, &ldv);
             recompute_pair(p, s.tiles, Q, ldq, dO, ldo, K, ldk, V, ldv, b, h, i0, rows, j0, cols, lse, delta);
             write_mask_grad(p, dmask, s.tiles.dS, ld, bh, i0, rows, j0, cols);
-            mm_tn<acc_t>(p.use_blas, cols, p.Dv, rows, acc_t(1), s.tiles.dropped(), ld, dO, ldo, acc_t(1),
+            mm_tn<acc_t>(p.gemm, cols, p.Dv, rows, acc_t(1), s.tiles.dropped(), ld, dO, ldo, acc_t(1),
                          s.dv + j0 * p.Dv, p.Dv);  // dV += Pd^T dO
-            mm_tn<acc_t>(p.use_blas, cols, p.D, rows, static_cast<acc_t>(p.scale), s.tiles.dS, ld, Q, ldq,
+            mm_tn<acc_t>(p.gemm, cols, p.D, rows, static_cast<acc_t>(p.scale), s.tiles.dS, ld, Q, ldq,
                          acc_t(1), s.dk + j0 * p.D, p.D);  // dK += scale * dS^T Q
-            mm_nn<acc_t>(p.use_blas, rows, p.D, cols, static_cast<acc_t>(p.scale), s.tiles.dS, ld, K, ldk,
+            mm_nn<acc_t>(p.gemm, rows, p.D, cols, static_cast<acc_t>(p.scale), s.tiles.dS, ld, K, ldk,
                          acc_t(1), s.dq, p.D);  // dQ += scale * dS K
           }
           if (stripes == 1) {
@@ -422,7 +422,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     p.threshold = dropout_threshold(dropout_p);
     p.drop_scale = 1.0 / (1.0 - dropout_p);
   }
-  p.use_blas = blas_available();
+  p.gemm = gemm_path();
   return p;
 }
 

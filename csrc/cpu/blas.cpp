@@ -6,6 +6,8 @@
 // n = M, k = K, B, A): column-major B is [K, N] and 'T' makes it [N, K] = (B^T)^T; column-major A is A^T.
 #include "blas.h"
 
+#include "small_gemm.h"
+
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -65,15 +67,29 @@ void scale_rows(int64_t M, int64_t N, T beta, T* C, int64_t ldc) {
 
 // Column-major BLAS call for a row-major product (see the top of the file); false when it cannot be used.
 template <typename T>
-bool try_blas(bool use_blas, char tb_first, char ta_second, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+bool try_blas(GemmPath gemm, char tb_first, char ta_second, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
               int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  if (!use_blas || !have_blas<T>()) return false;
+  if (gemm == GemmPath::loops || !have_blas<T>()) return false;
   if (!fits_int(M) || !fits_int(N) || !fits_int(K) || !fits_int(lda) || !fits_int(ldb) || !fits_int(ldc)) {
     return false;
   }
   blas_gemm(tb_first, ta_second, static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), alpha, B,
             static_cast<int>(ldb), A, static_cast<int>(lda), beta, C, static_cast<int>(ldc));
   return true;
+}
+
+// The AVX-512 register-tile products (small_gemm.h) take float products first; they decline (false) what they
+// are not built for.  Generic strides: A(i, k) = A[i * a_row + k * a_col], B(k, j) = B[k * b_row + j * b_col].
+template <typename T>
+bool try_small_gemm(GemmPath, int64_t, int64_t, int64_t, T, const T*, int64_t, int64_t, const T*, int64_t, int64_t, T, T*,
+                    int64_t) {
+  return false;  // float64 is for gradcheck: BLAS
+}
+template <>
+bool try_small_gemm<float>(GemmPath gemm, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                           int64_t a_row, int64_t a_col, const float* B, int64_t b_row, int64_t b_col, float beta,
+                           float* C, int64_t ldc) {
+  return gemm == GemmPath::tiles && small_gemm(M, N, K, alpha, A, a_row, a_col, B, b_row, b_col, beta, C, ldc);
 }
 
 }  // namespace
@@ -89,13 +105,19 @@ SerialBlasGuard::~SerialBlasGuard() {
   if (previous_openblas_ > 0) openblas_set_num_threads_local(previous_openblas_);
 }
 
-bool blas_available() { return have_blas<float>() && have_blas<double>() && !blas_disabled_by_env(); }
+GemmPath gemm_path() {
+  if (!have_blas<float>() || !have_blas<double>() || blas_disabled_by_env()) return GemmPath::loops;
+  const char* env = std::getenv("FASTATTN_CPU_GEMM");
+  if (env != nullptr && std::strcmp(env, "blas") == 0) return GemmPath::blas;
+  return small_gemm_available() ? GemmPath::tiles : GemmPath::blas;
+}
 
 template <typename T>
-void mm_nt(bool use_blas, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+void mm_nt(GemmPath gemm, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
            int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
-  if (K > 0 && try_blas(use_blas, 'T', 'N', M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)) return;
+  if (K > 0 && try_small_gemm(gemm, M, N, K, alpha, A, lda, 1, B, 1, ldb, beta, C, ldc)) return;
+  if (K > 0 && try_blas(gemm, 'T', 'N', M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)) return;
   scale_rows(M, N, beta, C, ldc);
   for (int64_t i = 0; i < M; ++i) {
     for (int64_t j = 0; j < N; ++j) {
@@ -107,10 +129,11 @@ void mm_nt(bool use_blas, int64_t M, int64_t N, int64_t K, T alpha, const T* A, 
 }
 
 template <typename T>
-void mm_nn(bool use_blas, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+void mm_nn(GemmPath gemm, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
            int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
-  if (K > 0 && try_blas(use_blas, 'N', 'N', M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)) return;
+  if (K > 0 && try_small_gemm(gemm, M, N, K, alpha, A, lda, 1, B, ldb, 1, beta, C, ldc)) return;
+  if (K > 0 && try_blas(gemm, 'N', 'N', M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)) return;
   scale_rows(M, N, beta, C, ldc);
   for (int64_t i = 0; i < M; ++i) {
     T* c = C + i * ldc;
@@ -123,10 +146,11 @@ void mm_nn(bool use_blas, int64_t M, int64_t N, int64_t K, T alpha, const T* A, 
 }
 
 template <typename T>
-void mm_tn(bool use_blas, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+void mm_tn(GemmPath gemm, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
            int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
-  if (K > 0 && try_blas(use_blas, 'N', 'T', M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)) return;
+  if (K > 0 && try_small_gemm(gemm, M, N, K, alpha, A, 1, lda, B, ldb, 1, beta, C, ldc)) return;
+  if (K > 0 && try_blas(gemm, 'N', 'T', M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)) return;
   scale_rows(M, N, beta, C, ldc);
   for (int64_t i = 0; i < M; ++i) {
     T* c = C + i * ldc;
@@ -139,11 +163,11 @@ void mm_tn(bool use_blas, int64_t M, int64_t N, int64_t K, T alpha, const T* A, 
 }
 
 #define FASTATTN_INSTANTIATE(T)                                                                                  \
-  template void mm_nt<T>(bool, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*,      \
+  template void mm_nt<T>(GemmPath, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*,      \
                          int64_t);                                                                               \
-  template void mm_nn<T>(bool, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*,      \
+  template void mm_nn<T>(GemmPath, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*,      \
                          int64_t);                                                                               \
-  template void mm_tn<T>(bool, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*, int64_t);
+  template void mm_tn<T>(GemmPath, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*, int64_t);
 FASTATTN_INSTANTIATE(float)
 FASTATTN_INSTANTIATE(double)
 #undef FASTATTN_INSTANTIATE

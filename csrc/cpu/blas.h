@@ -1,8 +1,10 @@
 // Block matrix products of the CPU attention kernels, in row-major terms.
 //
-// They call the BLAS that PyTorch itself links (MKL's sgemm_/dgemm_ on x86 wheels, OpenBLAS elsewhere),
-// looked up as weak symbols: a torch build without them (or FASTATTN_CPU_BLAS=0) runs the plain loops of
-// blas.cpp instead -- correct, several times slower.
+// float32 products run on the AVX-512 register tiles of small_gemm.h where the CPU has AVX-512 (GemmPath::tiles;
+// 6-16 % faster ops than MKL on these small, strided products: bench/NOTES.md entry 22).  Everything else calls
+// the BLAS that PyTorch itself links (MKL's sgemm_/dgemm_ on x86 wheels, OpenBLAS elsewhere), looked up as weak
+// symbols: a torch build without them (or FASTATTN_CPU_BLAS=0) runs the plain loops of blas.cpp instead --
+// correct, several times slower.  FASTATTN_CPU_GEMM=blas keeps float32 on BLAS (for A/B runs and tests).
 #pragma once
 
 #include <cstdint>
@@ -26,22 +28,27 @@ class SerialBlasGuard {
   int previous_openblas_ = -1;
 };
 
-// True when the BLAS symbols were found and FASTATTN_CPU_BLAS is not "0" (read per call of the ops).
-bool blas_available();
+// How an op call's block products run; gemm_path() picks it once per op call (the environment is read then).
+enum class GemmPath : uint8_t {
+  loops,  // plain loops: torch without BLAS symbols, or FASTATTN_CPU_BLAS=0
+  blas,   // torch's BLAS (float64 always; float32 without AVX-512 or with FASTATTN_CPU_GEMM=blas)
+  tiles,  // float32 on the AVX-512 register tiles of small_gemm.h, BLAS for the products they decline
+};
+GemmPath gemm_path();
 
 // Every matrix is row-major with a leading dimension (row stride) >= its number of columns.
 //   mm_nt:  C[M,N] = alpha * A[M,K] * B[N,K]^T + beta * C
 //   mm_nn:  C[M,N] = alpha * A[M,K] * B[K,N]   + beta * C
 //   mm_tn:  C[M,N] = alpha * A[K,M]^T * B[K,N] + beta * C
-// `use_blas` picks BLAS or the fallback loops (the caller decides once per op call).
+// `gemm` (from gemm_path(), once per op call) picks the implementation.
 template <typename T>
-void mm_nt(bool use_blas, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+void mm_nt(GemmPath gemm, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
            int64_t ldb, T beta, T* C, int64_t ldc);
 template <typename T>
-void mm_nn(bool use_blas, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+void mm_nn(GemmPath gemm, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
            int64_t ldb, T beta, T* C, int64_t ldc);
 template <typename T>
-void mm_tn(bool use_blas, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+void mm_tn(GemmPath gemm, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
            int64_t ldb, T beta, T* C, int64_t ldc);
 
 }  // namespace fastattn::cpu

@@ -109,7 +109,7 @@ Problem frame_problem(const Frames& f, acc_t* q, acc_t* k, acc_t* v) {
   p.k = buffer_tensor(k, f.D);
   p.v = buffer_tensor(v, f.Dv);
   p.scale = f.scale;
-  p.use_blas = blas_available();
+  p.gemm = gemm_path();
   return p;
 }
 
@@ -205,7 +205,7 @@ void spatial_forward_kernel(const Frames& f, const TokenTensor& q, const TokenTe
   base.D = f.D;
   base.Dv = f.Dv;
   base.scale = f.scale;
-  base.use_blas = blas_available();
+  base.gemm = gemm_path();
   // Query blocks of at most kSpatialBlockM rows, balanced (TimeSformer's N = 196: one block).
   const int64_t block_m = ceil_div(N, ceil_div(N, kSpatialBlockM));
   at::parallel_for(0, f.items(), 1, [&](int64_t begin, int64_t end) {
@@ -298,11 +298,11 @@ void spatial_backward_kernel(const Frames& f, const TokenTensor& q, const TokenT
           const acc_t* K = Kb + j0 * D;
           const acc_t* V = Vb + j0 * Dv;
           recompute_pair(p, s.tiles, Q, D, dO, Dv, K, D, V, Dv, 0, 0, i0, rows, j0, cols, lse_rows, delta);
-          mm_tn<acc_t>(p.use_blas, cols, Dv, rows, acc_t(1), s.tiles.P, ld, dO, Dv, acc_t(1), s.dv + j0 * Dv,
+          mm_tn<acc_t>(p.gemm, cols, Dv, rows, acc_t(1), s.tiles.P, ld, dO, Dv, acc_t(1), s.dv + j0 * Dv,
                        Dv);  // dV += P^T dO
-          mm_tn<acc_t>(p.use_blas, cols, D, rows, scale, s.tiles.dS, ld, Q, D, acc_t(1), s.dk + j0 * D,
+          mm_tn<acc_t>(p.gemm, cols, D, rows, scale, s.tiles.dS, ld, Q, D, acc_t(1), s.dk + j0 * D,
                        D);  // dK += scale * dS^T Q
-          mm_nn<acc_t>(p.use_blas, rows, D, cols, scale, s.tiles.dS, ld, K, D, acc_t(1), s.dq,
+          mm_nn<acc_t>(p.gemm, rows, D, cols, scale, s.tiles.dS, ld, K, D, acc_t(1), s.dq,
                        D);  // dQ += scale * dS K
         }
         for (int64_t r = 0; r < rows; ++r) {

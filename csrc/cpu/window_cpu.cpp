@@ -89,7 +89,7 @@ struct Window {
   uint64_t seed = 0;
   uint32_t threshold = 0;
   double drop_scale = 1.0;
-  bool use_blas = true;
+  GemmPath gemm = GemmPath::blas;
 
   // Swin's region along one axis of the shifted grid: timm's slices (0, -win), (-win, -shift), (-shift, None) with
   // Python slice semantics (a zero shift makes the whole axis region 2).
@@ -188,7 +188,7 @@ template <typename acc_t>
 void window_scores(const Window& g, const acc_t* Q, const acc_t* K, const std::vector<acc_t>& bias, int64_t w,
                    int64_t h, acc_t* S) {
   const int64_t N = g.N;
-  mm_nt<acc_t>(g.use_blas, N, N, g.D, static_cast<acc_t>(g.scale), Q, g.D, K, g.D, acc_t(0), S, N);
+  mm_nt<acc_t>(g.gemm, N, N, g.D, static_cast<acc_t>(g.scale), Q, g.D, K, g.D, acc_t(0), S, N);
   if (!bias.empty()) {
     const acc_t* bh = bias.data() + h * N * N;
     for (int64_t ij = 0; ij < N * N; ++ij) S[ij] += bh[ij];
@@ -255,7 +255,7 @@ void window_forward_kernel(const Window& g, const ImageTensor& q, const ImageTen
                         static_cast<acc_t>(g.drop_scale));
           }
         }
-        mm_nn<acc_t>(g.use_blas, N, g.Dv, N, acc_t(1), S, N, V + h * N * g.Dv, g.Dv, acc_t(0), O + h * N * g.Dv,
+        mm_nn<acc_t>(g.gemm, N, g.Dv, N, acc_t(1), S, N, V + h * N * g.Dv, g.Dv, acc_t(0), O + h * N * g.Dv,
                      g.Dv);
       }
       scatter_window(g, O, out, b, w);
@@ -341,7 +341,7 @@ void window_backward_kernel(const Window& g, const ImageTensor& q, const ImageTe
             }
           }
           const acc_t* dropped = g.dropout ? Pd : P;
-          mm_nt<acc_t>(g.use_blas, N, N, Dv, acc_t(1), dOh, Dv, Vh, Dv, acc_t(0), dS, N);  // dP = dO V^T
+          mm_nt<acc_t>(g.gemm, N, N, Dv, acc_t(1), dOh, Dv, Vh, Dv, acc_t(0), dS, N);  // dP = dO V^T
           for (int64_t i = 0; i < N; ++i) {  // dS = P * (dP' - Delta); Pd != 0 exactly where kept (and P > 0)
             const acc_t* p = P + i * N;
             acc_t* s = dS + i * N;
@@ -352,9 +352,9 @@ void window_backward_kernel(const Window& g, const ImageTensor& q, const ImageTe
               for (int64_t j = 0; j < N; ++j) s[j] = p[j] * (s[j] - delta[i]);
             }
           }
-          mm_tn<acc_t>(g.use_blas, N, Dv, N, acc_t(1), dropped, N, dOh, Dv, acc_t(0), dV + h * N * Dv, Dv);  // Pd^T dO
-          mm_tn<acc_t>(g.use_blas, N, D, N, scale, dS, N, Qh, D, acc_t(0), dK + h * N * D, D);  // s dS^T Q
-          mm_nn<acc_t>(g.use_blas, N, D, N, scale, dS, N, Kh, D, acc_t(0), dQ + h * N * D, D);  // s dS K
+          mm_tn<acc_t>(g.gemm, N, Dv, N, acc_t(1), dropped, N, dOh, Dv, acc_t(0), dV + h * N * Dv, Dv);  // Pd^T dO
+          mm_tn<acc_t>(g.gemm, N, D, N, scale, dS, N, Qh, D, acc_t(0), dK + h * N * D, D);  // s dS^T Q
+          mm_nn<acc_t>(g.gemm, N, D, N, scale, dS, N, Kh, D, acc_t(0), dQ + h * N * D, D);  // s dS K
           if (dtable != nullptr) {
             acc_t* acc = dtable + h * N * N;
             for (int64_t ij = 0; ij < N * N; ++ij) acc[ij] += dS[ij];
@@ -409,7 +409,7 @@ Window make_window(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     g.threshold = dropout_threshold(dropout_p);
     g.drop_scale = 1.0 / (1.0 - dropout_p);
   }
-  g.use_blas = blas_available();
+  g.gemm = gemm_path();
   return g;
 }
 

@@ -1,0 +1,29 @@
+// float32 block products on AVX-512 register tiles, for the small products of the CPU attention kernels.
+//
+// The attention kernels' products are small (a 197 x 197 x 64 score tile, a 49 x 49 x 32 window), and their
+// operands often sit at a large row stride in the caller's tensor (TimeSformer's spatial rows are T tokens
+// apart: 24 KiB for ViT-B, so all of a frame's rows fall into the same few cache sets).  MKL's sgemm spends
+// ~14 % of such a call packing its operands and runs its kernel on them at ~75 % of the large-GEMM rate.  These
+// kernels pack only what needs it (a transposed or widely strided operand, once per call) and keep a
+// register tile of C for the whole K loop: see bench/NOTES.md entry 22 for the measurements.
+//
+// Generic strides: A(i, k) = A[i * a_row + k * a_col], B(k, j) = B[k * b_row + j * b_col], C row-major with
+// leading dimension ldc, so one entry point serves mm_nt (B transposed), mm_nn and mm_tn (A transposed).
+// Each C element is one sequential sum over k (fixed order, independent of threads): results are reproducible.
+#pragma once
+
+#include <cstdint>
+
+namespace fastattn::cpu {
+
+// True when the AVX-512 kernels can run: the CPU has AVX-512 F/DQ/BW/VL and the row kernels run on it (so
+// FASTATTN_CPU_ISA=avx2|baseline turns these off too).  blas.cpp's gemm_path() also honours FASTATTN_CPU_GEMM=blas.
+bool small_gemm_available();
+
+// C[M,N] = alpha * A B + beta * C (beta == 0 overwrites C, as in BLAS).  The caller checks
+// small_gemm_available() first.  Returns false, computing nothing, for a product outside what the kernels are
+// tuned for (the caller then uses BLAS).
+bool small_gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t a_row, int64_t a_col,
+                const float* B, int64_t b_row, int64_t b_col, float beta, float* C, int64_t ldc);
+
+}  // namespace fastattn::cpu
