@@ -47,6 +47,10 @@ inline HeadTensor head_tensor(const at::Tensor& t) {
   return v;
 }
 
+// __builtin_prefetch's locality hint for a prefetch into L2 (prefetcht2 on x86): the kernels prefetch a whole
+// work item ahead, more than L1 holds next to the current item's buffers.
+constexpr int kPrefetchToL2 = 1;
+
 template <typename acc_t>
 constexpr at::ScalarType acc_scalar_type() {
   return std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;

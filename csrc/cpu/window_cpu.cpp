@@ -156,6 +156,9 @@ void gather_window(const Window& g, const ImageTensor& t, int64_t b, int64_t w, 
 // Software prefetch of window w's token rows (all heads), issued one window ahead: the gathers' cache misses are
 // the largest single cost of these kernels (each window's tokens are wh runs of ww pixels, whose starts the
 // hardware prefetcher cannot predict), and a window's compute is long enough to hide the next window's loads.
+// Into L2, not L1: a window's q/k/v rows (56 KiB for Swin-T stage 1) do not fit next to the current window's
+// buffers in a 32 KiB L1, which evicted them before use (L2 prefetch: Swin-T stage 1, 2-core EPYC, -8 % forward
+// and forward+backward; bench/NOTES.md entry 22).
 inline void prefetch_window(const Window& g, const ImageTensor& t, int64_t b, int64_t w) {
   constexpr int64_t kLine = 64;
   const int64_t row_bytes = t.dim * t.elem;
@@ -165,10 +168,12 @@ inline void prefetch_window(const Window& g, const ImageTensor& t, int64_t b, in
   for (int64_t n = 0; n < g.N; ++n) {
     const char* base = t.row(b, g.ys[w * g.N + n], g.xs[w * g.N + n], 0);
     if (one_span) {
-      for (int64_t off = 0; off < span; off += kLine) __builtin_prefetch(base + off);
+      for (int64_t off = 0; off < span; off += kLine) __builtin_prefetch(base + off, 0, kPrefetchToL2);
     } else {
       for (int64_t h = 0; h < g.heads; ++h) {
-        for (int64_t off = 0; off < row_bytes; off += kLine) __builtin_prefetch(base + h * t.sh * t.elem + off);
+        for (int64_t off = 0; off < row_bytes; off += kLine) {
+          __builtin_prefetch(base + h * t.sh * t.elem + off, 0, kPrefetchToL2);
+        }
       }
     }
   }
