@@ -1,7 +1,7 @@
 // Block matrix products of the CPU attention kernels, in row-major terms.
 //
 // float32 products run on the AVX-512 register tiles of small_gemm.h where the CPU has AVX-512 (GemmPath::tiles;
-// 6-16 % faster ops than MKL on these small, strided products: bench/NOTES.md entry 22).  Everything else calls
+// 2-14 % faster ops than MKL on this AMD machine: bench/NOTES.md entry 22).  Everything else calls
 // the BLAS that PyTorch itself links (MKL's sgemm_/dgemm_ on x86 wheels, OpenBLAS elsewhere), looked up as weak
 // symbols: a torch build without them (or FASTATTN_CPU_BLAS=0) runs the plain loops of blas.cpp instead --
 // correct, several times slower.  FASTATTN_CPU_GEMM=blas keeps float32 on BLAS (for A/B runs and tests).

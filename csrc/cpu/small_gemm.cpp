@@ -3,12 +3,15 @@
 // C is computed in column panels of CV vectors (16 floats each) and, within a panel, in tiles of R rows whose
 // R x CV accumulators stay in zmm registers for the whole K loop.  Per k, a tile loads the CV vectors of B's
 // row k and broadcasts R scalars of A's column k: R * CV FMAs for CV loads and R broadcasts.  The shapes
-// (R, CV) below use 25..29 of the 32 registers.  A panel that N does not fill uses masked loads and stores.
+// (R, CV) below take R * CV + CV + 1 of the 32 registers (14..31; 8 x 3 = 28 spilled in GCC 12, hence 7 x 3).
+// A panel that N does not fill uses masked loads and stores.
 //
 // Operands are packed (copied) only where the access pattern needs it:
 //   * B transposed (mm_nt: B(k, j) = Bm[j * ldb + k]): to [K, ldp] so that B's rows are contiguous;
 //   * B or A rows far apart (row stride >= kFarStride floats, e.g. TimeSformer's patch rows 24 KiB apart):
-//     rows that far apart map to few cache sets and evict each other while a panel reuses them.
+//     rows that far apart map to few cache sets and evict each other while a panel reuses them (B only when
+//     more than one row tile reuses it).
+// The AVX-512 width is most of the gain over MKL on AMD CPUs, where MKL runs AVX2 kernels (NOTES entry 22).
 #include "small_gemm.h"
 
 #include <algorithm>
