@@ -4,6 +4,12 @@ Priority per device (the first backend with no reasons serves the call):
 
     cuda: triton > cuda > sdpa > reference
     cpu:  cpu > sdpa > reference > triton   (triton runs on CPU only under TRITON_INTERPRET=1: for tests)
+    cpu, bfloat16 without dropout on a CPU with AMX:  sdpa > cpu > reference > triton
+
+The AMX exception: there torch's SDPA runs its bf16 products on the AMX tile unit through oneDNN, and so does our
+forward (csrc/cpu/amx.h), but ours was still 0.74-1.04x SDPA's forward and its backward runs in float32
+(bench/NOTES.md entry 23).  With dropout the cpu backend stays first (its Philox keep-mask matches the other
+backends'; SDPA's follows torch's RNG).
 
 The user narrows the choice, in order of precedence, with the ``backend=`` argument, the
 ``fastattn.use_backend(...)`` context manager, or the ``FASTATTN_BACKEND`` environment variable (a name or
@@ -17,6 +23,8 @@ import contextlib
 import os
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
 
 from .backends import BACKENDS
 from .problem import AttentionProblem
@@ -74,9 +82,30 @@ def _allowed(backend_arg) -> Tuple[Optional[Tuple[str, ...]], str]:
     return None, ""
 
 
+_PRIORITY_CPU_AMX_BF16 = ("sdpa", "cpu", "reference", "triton")
+
+
+_amx_answers: Dict[Optional[str], bool] = {}
+
+
+def _cpu_has_amx_bf16() -> bool:
+    """Whether the C++ extension runs bf16 on AMX here (False when the extension is unavailable).  The extension
+    reads FASTATTN_CPU_AMX on every call (FASTATTN_CPU_ISA once), so the answer is cached per value of it."""
+    key = os.environ.get("FASTATTN_CPU_AMX")
+    if key not in _amx_answers:
+        from . import _ext
+
+        _amx_answers[key] = _ext.load() and bool(torch.ops.fastattn_internal.cpu_amx_bf16())
+    return _amx_answers[key]
+
+
 def _order(p: AttentionProblem, backend_arg=None) -> Tuple[Tuple[str, ...], str]:
     allowed, source = _allowed(backend_arg)
-    return (allowed if allowed is not None else _PRIORITY.get(p.device.type, _DEFAULT_PRIORITY)), source
+    if allowed is not None:
+        return allowed, source
+    if p.device.type == "cpu" and p.dtype == torch.bfloat16 and p.dropout_p == 0 and _cpu_has_amx_bf16():
+        return _PRIORITY_CPU_AMX_BF16, source
+    return _PRIORITY.get(p.device.type, _DEFAULT_PRIORITY), source
 
 
 def candidates(p: AttentionProblem, backend_arg=None) -> Tuple[List[Tuple[str, List[str]]], str]:

@@ -57,6 +57,7 @@ struct Problem {
   uint32_t threshold = 0;
   double drop_scale = 1.0;
   GemmPath gemm = GemmPath::blas;
+  bool amx_bf16 = false;  // bf16 inputs, products on AMX (amx_forward.h; the dense forward)
 
   // Keys [0, kv_end) can be visible to the queries [i0, i0 + rows).
   int64_t kv_end(int64_t i0, int64_t rows) const {
@@ -151,6 +152,39 @@ inline int64_t forward_key_splits(const Problem& p, int64_t items) {
   return std::min(key_blocks, ceil_div(2 * threads, items));  // about two splits per thread
 }
 
+// The online-softmax update of the query rows [i0, i0 + rows) for one block of scores S (keys j0 .. j0 + cols;
+// j0 = -1: a block without key indices): m, l and the rows of acc (leading dimension acc_ld, Dv columns used) are
+// rescaled and S becomes P = exp(S - m_new), then dropout(P), ready for acc += P V.  extra_v: with an extra key
+// in score column `cols` (ForwardTile's `extra`), its P-weighted value row is added to acc here.
+template <typename acc_t>
+void online_softmax_update(const Problem& p, acc_t* S, int64_t lds, int64_t rows, int64_t cols, const acc_t* extra_v,
+                           acc_t* m, acc_t* l, acc_t* acc, int64_t acc_ld, int64_t bh, int64_t i0, int64_t j0) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t width = extra_v != nullptr ? cols + 1 : cols;  // the softmax's columns
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* s = S + r * lds;
+    const acc_t m_new = std::max(m[r], row_max(s, width));
+    if (m_new == kNegInf) {  // no visible key so far: nothing to add
+      std::fill(s, s + width, acc_t(0));
+      continue;
+    }
+    // alpha rescales what was accumulated against the old maximum (0 when nothing was).
+    const acc_t alpha = m[r] == kNegInf ? acc_t(0) : std::exp(m[r] - m_new);
+    const acc_t row_sum = exp_shift_sum(s, width, m_new);  // s = exp(s - m_new)
+    l[r] = l[r] * alpha + row_sum;                         // the normaliser sees P before dropout
+    m[r] = m_new;
+    acc_t* a = acc + r * acc_ld;
+    if (alpha != acc_t(1)) {
+      for (int64_t d = 0; d < p.Dv; ++d) a[d] *= alpha;
+    }
+    if (p.dropout && j0 >= 0) apply_dropout(p, s, cols, bh, i0 + r, j0);
+    if (extra_v != nullptr) {  // acc += P[r, extra] * v_extra
+      const acc_t pe = s[cols];
+      for (int64_t d = 0; d < p.Dv; ++d) a[d] += pe * extra_v[d];
+    }
+  }
+}
+
 // The per-thread buffers of the forward and the online-softmax loop over the keys [j_begin, j_end) of the query
 // rows [i0, i0 + rows) of head (b, h): on return acc holds the unnormalised output rows, m the row maxima and
 // l the row sums of exp(S - m).
@@ -158,6 +192,7 @@ template <typename acc_t>
 struct ForwardTile {
   Scratch<acc_t> scratch;
   acc_t *S, *acc, *m, *l, *q_buf, *k_buf, *v_buf, *extra_buf;
+  int64_t acc_ld;  // acc's leading dimension (p.Dv)
 
   // block_m: the most query rows one run() takes.
   explicit ForwardTile(const Problem& p, int64_t block_m = kFwdBlockM)
@@ -173,6 +208,7 @@ struct ForwardTile {
     k_buf = scratch.take(kFwdBlockN * p.D);
     v_buf = scratch.take(kFwdBlockN * p.Dv);
     extra_buf = scratch.take(p.D + p.Dv);       // the extra key and value row, converted
+    acc_ld = p.Dv;
   }
 
   // `extra`: one more key (and its value) for every query row, outside the index space of the keys
@@ -236,40 +272,17 @@ struct ForwardTile {
   // `with.k`, the extra key rides along as score column `cols`.
   void step(const Problem& p, const acc_t* Q, int64_t ldq, const acc_t* K, int64_t ldk, const acc_t* V, int64_t ldv,
             int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, const Extra& with) {
-    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
     // S's leading dimension: the block's columns rounded up to 16 (a short key range keeps S compact).
     const int64_t BN = std::min(kFwdBlockN, (cols + (with.k != nullptr ? 1 : 0) + 15) / 16 * 16);
     const int64_t Dv = p.Dv, bh = b * p.Hq + h;
     const acc_t scale = static_cast<acc_t>(p.scale);
     mm_nt<acc_t>(p.gemm, rows, cols, p.D, scale, Q, ldq, K, ldk, acc_t(0), S, BN);
     if (j0 >= 0) modify_scores(p, S, BN, b, h, i0, rows, j0, cols);
-    const int64_t width = with.k != nullptr ? cols + 1 : cols;  // the softmax's columns
     if (with.k != nullptr) {  // the extra key's score column: rows x D dot products (cheaper than a BLAS gemv)
       for (int64_t r = 0; r < rows; ++r) S[r * BN + cols] = scale * dot(Q + r * ldq, with.k, p.D);
     }
 
-    for (int64_t r = 0; r < rows; ++r) {
-      acc_t* s = S + r * BN;
-      const acc_t m_new = std::max(m[r], row_max(s, width));
-      if (m_new == kNegInf) {  // no visible key so far: nothing to add
-        std::fill(s, s + width, acc_t(0));
-        continue;
-      }
-      // alpha rescales what was accumulated against the old maximum (0 when nothing was).
-      const acc_t alpha = m[r] == kNegInf ? acc_t(0) : std::exp(m[r] - m_new);
-      const acc_t row_sum = exp_shift_sum(s, width, m_new);  // s = exp(s - m_new)
-      l[r] = l[r] * alpha + row_sum;                         // the normaliser sees P before dropout
-      m[r] = m_new;
-      acc_t* a = acc + r * Dv;
-      if (alpha != acc_t(1)) {
-        for (int64_t d = 0; d < Dv; ++d) a[d] *= alpha;
-      }
-      if (p.dropout && j0 >= 0) apply_dropout(p, s, cols, bh, i0 + r, j0);
-      if (with.v != nullptr) {  // acc += P[r, extra] * v_extra
-        const acc_t pe = s[cols];
-        for (int64_t d = 0; d < Dv; ++d) a[d] += pe * with.v[d];
-      }
-    }
+    online_softmax_update(p, S, BN, rows, cols, with.v, m, l, acc, Dv, bh, i0, j0);
     mm_nn<acc_t>(p.gemm, rows, Dv, cols, acc_t(1), S, BN, V, ldv, acc_t(1), acc, Dv);
   }
 };

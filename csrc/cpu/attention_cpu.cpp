@@ -48,8 +48,10 @@
 
 #include "../ops.h"
 #include "../philox.h"
-#include "blas.h"
+#include "amx.h"
+#include "amx_forward.h"
 #include "attention_core.h"
+#include "blas.h"
 #include "kernel_common.h"
 #include "row_kernels.h"
 
@@ -59,8 +61,9 @@ namespace {
 // ------------------------------------------------------------------------------------------------------------
 // Forward (the tile is in attention_core.h)
 // ------------------------------------------------------------------------------------------------------------
-template <typename acc_t>
-void forward_kernel(const Problem& p, const HeadTensor& out, acc_t* lse) {
+// Tile: ForwardTile<acc_t>, or AmxForwardTile for bf16 inputs on AMX (acc_t = float).
+template <typename acc_t, typename Tile>
+void forward_kernel_with(const Problem& p, const HeadTensor& out, acc_t* lse) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t BM = kFwdBlockM;
   const int64_t n_qblocks = ceil_div(p.Lq, BM);
@@ -79,12 +82,14 @@ void forward_kernel(const Problem& p, const HeadTensor& out, acc_t* lse) {
   if (splits == 1) {
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
       SerialBlasGuard serial_blas;
-      ForwardTile<acc_t> tile(p);
+      Tile tile(p);
       for (int64_t t = begin; t < end; ++t) {
         int64_t b, h, i0, rows;
         locate(t, &b, &h, &i0, &rows);
         tile.run(p, b, h, i0, rows, 0, p.kv_end(i0, rows));
-        for (int64_t r = 0; r < rows; ++r) finish_row(p, tile.acc + r * p.Dv, tile.m[r], tile.l[r], out, b, h, i0 + r, lse);
+        for (int64_t r = 0; r < rows; ++r) {
+          finish_row(p, tile.acc + r * tile.acc_ld, tile.m[r], tile.l[r], out, b, h, i0 + r, lse);
+        }
       }
     });
     return;
@@ -99,14 +104,16 @@ void forward_kernel(const Problem& p, const HeadTensor& out, acc_t* lse) {
   acc_t* pml = part_ml.data_ptr<acc_t>();
   at::parallel_for(0, items * splits, 1, [&](int64_t begin, int64_t end) {
     SerialBlasGuard serial_blas;
-    ForwardTile<acc_t> tile(p);
+    Tile tile(p);
     for (int64_t u = begin; u < end; ++u) {
       int64_t b, h, i0, rows;
       locate(u / splits, &b, &h, &i0, &rows);
       const int64_t kv_end = p.kv_end(i0, rows), s = u % splits;
       const int64_t j_begin = std::min(kv_end, s * per_split), j_end = std::min(kv_end, (s + 1) * per_split);
       tile.run(p, b, h, i0, rows, j_begin, j_end);
-      std::copy(tile.acc, tile.acc + rows * p.Dv, pa + u * BM * p.Dv);
+      for (int64_t r = 0; r < rows; ++r) {
+        std::copy(tile.acc + r * tile.acc_ld, tile.acc + r * tile.acc_ld + p.Dv, pa + (u * BM + r) * p.Dv);
+      }
       std::copy(tile.m, tile.m + rows, pml + u * 2 * BM);
       std::copy(tile.l, tile.l + rows, pml + u * 2 * BM + BM);
     }
@@ -137,6 +144,14 @@ void forward_kernel(const Problem& p, const HeadTensor& out, acc_t* lse) {
       }
     }
   });
+}
+
+template <typename acc_t>
+void forward_kernel(const Problem& p, const HeadTensor& out, acc_t* lse) {
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (p.amx_bf16) return forward_kernel_with<float, AmxForwardTile>(p, out, lse);
+  }
+  forward_kernel_with<acc_t, ForwardTile<acc_t>>(p, out, lse);
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -423,6 +438,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     p.drop_scale = 1.0 / (1.0 - dropout_p);
   }
   p.gemm = gemm_path();
+  p.amx_bf16 = q.scalar_type() == at::kBFloat16 && p.gemm != GemmPath::loops && amx_bf16_enabled();
   return p;
 }
 

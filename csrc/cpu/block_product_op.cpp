@@ -6,11 +6,14 @@
 //     form "nt": c[M,N] = alpha * a[M,K] b[N,K]^T + beta * c;  "nn": a[M,K] b[K,N];  "tn": a[K,M]^T b[K,N]
 //     path "loops" | "blas" | "tiles" (small_gemm directly; returns false, c untouched, where it declines)
 //   a, b, c: 2-D, float32 (float64 for loops/blas), unit column stride, any row stride; c is written in place.
+//
+//   cpu_amx_bf16() -> bool: whether the dense forward runs bf16 inputs on AMX here (amx.h; dispatch reads it).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <string>
 
+#include "amx.h"
 #include "blas.h"
 #include "small_gemm.h"
 
@@ -75,6 +78,8 @@ bool block_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c
 
 TORCH_LIBRARY(fastattn_internal, m) {
   m.def("block_product(Tensor a, Tensor b, Tensor(c!) c, str form, str path, float alpha, float beta) -> bool");
+  // Whether the dense forward runs bf16 inputs on AMX tiles here (csrc/cpu/amx.h): read by dispatch and tests.
+  m.def("cpu_amx_bf16() -> bool", [] { return fastattn::cpu::amx_bf16_enabled(); });
 }
 
 TORCH_LIBRARY_IMPL(fastattn_internal, CPU, m) { m.impl("block_product", &fastattn::cpu::block_product); }

@@ -128,6 +128,23 @@ FA_INLINE float exp_shift_sum_body(float* x, int64_t n, float shift) {
   return lane_sum(lanes);
 }
 
+// x[j] *= scale in place; returns the new row's max.
+FA_INLINE float scale_row_max_body(float* x, int64_t n, float scale) {  // NaN is skipped, as in row_max
+  vfloat lanes = splat(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vfloat v = load(x + j) * scale;
+    store(x + j, v);
+    lanes = v > lanes ? v : lanes;
+  }
+  float m = lane_max(lanes);
+  for (; j < n; ++j) {
+    x[j] *= scale;
+    m = x[j] > m ? x[j] : m;
+  }
+  return m;
+}
+
 // Philox in lanes: the same rounds as csrc/philox.h, written over arrays so the 32x32->64 multiplies vectorise.
 FA_INLINE void dropout_row_body(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
                                 uint32_t threshold, float scale) {
@@ -166,6 +183,7 @@ FA_INLINE void dropout_row_body(float* p, int64_t n, uint64_t seed, uint32_t bh,
 // --- the three compilations -----------------------------------------------------------------------------------
 float row_max_baseline(const float* x, int64_t n) { return row_max_body(x, n); }
 float exp_shift_sum_baseline(float* x, int64_t n, float shift) { return exp_shift_sum_body(x, n, shift); }
+float scale_row_max_baseline(float* x, int64_t n, float scale) { return scale_row_max_body(x, n, scale); }
 void dropout_row_baseline(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
                           uint32_t threshold, float scale) {
   dropout_row_body(p, n, seed, bh, m, n0, threshold, scale);
@@ -174,6 +192,7 @@ void dropout_row_baseline(float* p, int64_t n, uint64_t seed, uint32_t bh, uint3
 #if FA_X86_DISPATCH
 FA_TARGET_AVX2 float row_max_avx2(const float* x, int64_t n) { return row_max_body(x, n); }
 FA_TARGET_AVX2 float exp_shift_sum_avx2(float* x, int64_t n, float shift) { return exp_shift_sum_body(x, n, shift); }
+FA_TARGET_AVX2 float scale_row_max_avx2(float* x, int64_t n, float scale) { return scale_row_max_body(x, n, scale); }
 FA_TARGET_AVX2 void dropout_row_avx2(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
                                      uint32_t threshold, float scale) {
   dropout_row_body(p, n, seed, bh, m, n0, threshold, scale);
@@ -183,6 +202,9 @@ FA_TARGET_AVX512 float row_max_avx512(const float* x, int64_t n) { return row_ma
 FA_TARGET_AVX512 float exp_shift_sum_avx512(float* x, int64_t n, float shift) {
   return exp_shift_sum_body(x, n, shift);
 }
+FA_TARGET_AVX512 float scale_row_max_avx512(float* x, int64_t n, float scale) {
+  return scale_row_max_body(x, n, scale);
+}
 FA_TARGET_AVX512 void dropout_row_avx512(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
                                          uint32_t threshold, float scale) {
   dropout_row_body(p, n, seed, bh, m, n0, threshold, scale);
@@ -190,10 +212,12 @@ FA_TARGET_AVX512 void dropout_row_avx512(float* p, int64_t n, uint64_t seed, uin
 #endif
 
 RowKernels choose() {
-  const RowKernels baseline{row_max_baseline, exp_shift_sum_baseline, dropout_row_baseline, "baseline"};
+  const RowKernels baseline{row_max_baseline, exp_shift_sum_baseline, dropout_row_baseline, scale_row_max_baseline,
+                            "baseline"};
 #if FA_X86_DISPATCH
-  const RowKernels avx2{row_max_avx2, exp_shift_sum_avx2, dropout_row_avx2, "avx2"};
-  const RowKernels avx512{row_max_avx512, exp_shift_sum_avx512, dropout_row_avx512, "avx512"};
+  const RowKernels avx2{row_max_avx2, exp_shift_sum_avx2, dropout_row_avx2, scale_row_max_avx2, "avx2"};
+  const RowKernels avx512{row_max_avx512, exp_shift_sum_avx512, dropout_row_avx512, scale_row_max_avx512,
+                          "avx512"};
   __builtin_cpu_init();
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&

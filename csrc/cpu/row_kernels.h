@@ -22,6 +22,8 @@ struct RowKernels {
   // (seed, bh, query m, key n0 + j).
   void (*dropout_row)(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
                       uint32_t threshold, float scale);
+  // x[j] *= scale in place; returns the max of the scaled row (as row_max).
+  float (*scale_row_max)(float* x, int64_t n, float scale);
   const char* isa;  // "avx512", "avx2" or "baseline"
 };
 
@@ -35,6 +37,8 @@ inline void dropout_row(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_
                         uint32_t threshold, float scale) {
   row_kernels().dropout_row(p, n, seed, bh, m, n0, threshold, scale);
 }
+
+inline float scale_row_max(float* x, int64_t n, float scale) { return row_kernels().scale_row_max(x, n, scale); }
 
 // --- float64: plain loops -----------------------------------------------------------------------------------
 inline double row_max(const double* x, int64_t n) {

@@ -241,11 +241,24 @@ bool small_gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* A, in
   return true;
 }
 
+void transpose_32bit(int64_t N, int64_t K, const void* src, int64_t ld_src, void* dst, int64_t ld_dst) {
+  pack_transposed(N, K, static_cast<const float*>(src), ld_src, static_cast<float*>(dst), ld_dst);
+}
+
 #else  // no x86 AVX-512 kernels in this build
 
 bool small_gemm(int64_t, int64_t, int64_t, float, const float*, int64_t, int64_t, const float*, int64_t, int64_t,
                 float, float*, int64_t) {
   return false;
+}
+
+void transpose_32bit(int64_t N, int64_t K, const void* src, int64_t ld_src, void* dst, int64_t ld_dst) {
+  const auto* s = static_cast<const uint32_t*>(src);
+  auto* d = static_cast<uint32_t*>(dst);
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t j = 0; j < N; ++j) d[k * ld_dst + j] = s[j * ld_src + k];
+    for (int64_t j = N; j < (N + 15) / 16 * 16; ++j) d[k * ld_dst + j] = 0;
+  }
 }
 
 #endif

@@ -26,4 +26,9 @@ bool small_gemm_available();
 bool small_gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t a_row, int64_t a_col,
                 const float* B, int64_t b_row, int64_t b_col, float beta, float* C, int64_t ldc);
 
+// dst[k * ld_dst + j] = src[j * ld_src + k] for j < N, k < K: a transpose of 32-bit words (moved as bits, so bf16
+// pairs travel as one word: amx.cpp's key packing), zeros in the columns [N, round16(N)) of dst.  Needs
+// small_gemm_available().
+void transpose_32bit(int64_t N, int64_t K, const void* src, int64_t ld_src, void* dst, int64_t ld_dst);
+
 }  // namespace fastattn::cpu

@@ -1,0 +1,171 @@
+"""The dense CPU forward's AMX path for bfloat16 (csrc/cpu/amx.h, amx_forward.h) and the dispatch rule around it.
+
+The kernel tests need a CPU with AMX-BF16 (Sapphire Rapids or later) and skip elsewhere; the dispatch tests run
+everywhere (they stand in for the hardware query).  FASTATTN_CPU_AMX=0 switches the kernel path off per call,
+so each test compares the two paths in one process as well as both with the float64 reference.
+"""
+import pytest
+import torch
+
+import fastattn
+from fastattn import dispatch
+from helpers import assert_close_rule, max_err, reference64
+
+
+@pytest.fixture(scope="module")
+def amx():
+    from fastattn import _ext
+    if not _ext.load():
+        pytest.skip(_ext.error())
+    if not torch.ops.fastattn_internal.cpu_amx_bf16():
+        pytest.skip("this CPU has no AMX-BF16 (or FASTATTN_CPU_AMX=0 / FASTATTN_CPU_ISA is set)")
+
+
+def _inputs(B, Hq, Hkv, Lq, Lk, D, Dv, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, Hq, Lq, D, generator=g).bfloat16(), torch.randn(B, Hkv, Lk, D, generator=g).bfloat16(),
+            torch.randn(B, Hkv, Lk, Dv, generator=g).bfloat16())
+
+
+def _forward(q, k, v, monkeypatch, amx_on, **kw):
+    monkeypatch.setenv("FASTATTN_CPU_AMX", "1" if amx_on else "0")
+    return fastattn.attention(q, k, v, backend="cpu", return_lse=True, **kw)
+
+
+def _check(q, k, v, monkeypatch, **kw):
+    """The AMX forward against the float64 reference (tolerance rule, output and LSE); returns its output."""
+    out, lse = _forward(q, k, v, monkeypatch, True, **kw)
+    ref_out, ref_lse = reference64(q, k, v, attn_mask=kw.get("attn_mask"), causal=kw.get("causal", False),
+                                   scale=kw.get("scale"))
+    low = fastattn.attention(q, k, v, backend="reference", **kw)
+    assert out.dtype == torch.bfloat16 and out.shape == ref_out.shape
+    assert_close_rule(out, low, ref_out)
+    assert max_err(lse, ref_lse) <= 1e-5 * max(1.0, ref_lse[torch.isfinite(ref_lse)].abs().max().item())
+    return out
+
+
+# (B, Hq, Hkv, Lq, Lk, D, Dv): head dims off the 32-element tile grid, odd ones (their key rows are copied
+# before packing), Dv != D, GQA, query counts off the 16-row grid, key counts off the 32-key grid, several
+# query (128) and key (512) blocks.
+SHAPES = [(1, 2, 2, 1, 1, 8, 8), (2, 3, 3, 77, 131, 40, 24), (1, 4, 2, 200, 600, 64, 64), (1, 2, 1, 129, 513, 33, 17),
+          (2, 2, 2, 16, 32, 128, 128), (1, 1, 1, 37, 3, 96, 80), (1, 2, 2, 300, 1100, 256, 200), (1, 1, 1, 5, 7, 1, 1)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [False, "top_left", "bottom_right"])
+def test_parity_with_reference(amx, monkeypatch, shape, causal):
+    q, k, v = _inputs(*shape)
+    out = _check(q, k, v, monkeypatch, causal=causal)
+    other, _ = _forward(q, k, v, monkeypatch, False, causal=causal)
+    if shape[3] * shape[4] > 100:  # the float32 path is another computation (P rounded to bf16 or not)
+        assert not torch.equal(out, other), "FASTATTN_CPU_AMX=0 gave the AMX path's bits: the switch did nothing"
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.bfloat16])
+def test_masks(amx, monkeypatch, mask_dtype):
+    q, k, v = _inputs(2, 2, 2, 70, 600, 64, 64)
+    g = torch.Generator().manual_seed(1)
+    if mask_dtype == torch.bool:
+        mask = torch.rand(2, 1, 70, 600, generator=g) > 0.3
+        mask[0, 0, 5] = False  # a row that sees no key: output 0, LSE -inf
+    else:
+        mask = torch.randn(1, 2, 70, 600, generator=g).to(mask_dtype)
+    _check(q, k, v, monkeypatch, attn_mask=mask)
+
+
+def test_strided_views_and_odd_row_strides(amx, monkeypatch):
+    """[B, L, H, D] views (rows H * D apart) and rows an odd number of elements apart (key rows then do not start on
+    whole 32-bit words: the packing copies them first)."""
+    base = torch.randn(2, 150, 3, 65).bfloat16()
+    q = base[..., :64].transpose(1, 2)
+    k = torch.randn(2, 700, 3, 65).bfloat16()[..., 1:].transpose(1, 2)
+    v = torch.randn(2, 3, 700, 49).bfloat16()[..., :48]
+    assert q.stride(2) % 2 == 1 and k.stride(2) % 2 == 1
+    _check(q, k, v, monkeypatch)
+
+
+def test_split_keys_and_unpacked_heads(amx, monkeypatch):
+    """Few queries against many keys: the key splits run in parallel and merge by LSE.  D = 256 with 33k keys: the
+    packed head (65 key blocks) exceeds the per-thread cache, so each block is packed where it is used."""
+    q, k, v = _inputs(1, 1, 1, 33, 33000, 256, 64)
+    _check(q, k, v, monkeypatch)
+    q, k, v = _inputs(1, 2, 1, 3, 4000, 64, 64)
+    _check(q, k, v, monkeypatch, causal="bottom_right")
+
+
+def test_scale_and_extreme_scores(amx, monkeypatch):
+    q, k, v = _inputs(1, 2, 2, 40, 90, 32, 32)
+    _check(q, k, v, monkeypatch, scale=3.0)  # scores in the hundreds: the running max carries the softmax
+    _check(q, k, v, monkeypatch, scale=-0.5)
+
+
+def test_nan_inputs_as_the_float32_path(amx, monkeypatch):
+    """NaN in a query row and in a key row: the AMX path gives what the float32 path gives (the reference's rule
+    turns a row whose scores are all NaN into a dead row: zeros and LSE -inf; a NaN key poisons every row)."""
+    q, k, v = _inputs(1, 1, 1, 20, 40, 32, 32)
+    q[0, 0, 3, 5] = float("nan")
+    for qq, kk in ((q, k), (q.nan_to_num(), k.index_fill(2, torch.tensor([7]), float("nan")))):
+        a, la = _forward(qq, kk, v, monkeypatch, True)
+        b, lb = _forward(qq, kk, v, monkeypatch, False)
+        assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.isnan(la), torch.isnan(lb))
+        assert torch.equal(torch.isinf(la), torch.isinf(lb))
+        finite = torch.isfinite(a) & torch.isfinite(b)
+        assert (a[finite].float() - b[finite].float()).abs().max().item() < 0.05
+
+
+def test_dropout_keeps_the_philox_mask(amx, monkeypatch):
+    """Dropout runs on the float32 probabilities before the bf16 rounding: the same keep-mask as the float32 path."""
+    q, k, v = _inputs(1, 2, 2, 50, 300, 32, 32)
+    torch.manual_seed(5)
+    a, _ = _forward(q, k, v, monkeypatch, True, dropout_p=0.3)
+    torch.manual_seed(5)
+    b, _ = _forward(q, k, v, monkeypatch, False, dropout_p=0.3)
+    torch.manual_seed(6)
+    c, _ = _forward(q, k, v, monkeypatch, True, dropout_p=0.3)
+    same_mask = (a.float() - b.float()).abs().max().item()
+    other_mask = (a.float() - c.float()).abs().max().item()
+    assert same_mask < 0.05 < other_mask, (same_mask, other_mask)
+
+
+def test_backward_after_the_amx_forward(amx, monkeypatch):
+    """The backward (float32 recomputation) with the LSE of the AMX forward."""
+    q, k, v = [t.requires_grad_() for t in _inputs(1, 2, 1, 100, 300, 64, 48)]
+    monkeypatch.setenv("FASTATTN_CPU_AMX", "1")
+    out = fastattn.attention(q, k, v, backend="cpu", causal=True)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    q64, k64, v64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = torch.autograd.grad(fastattn.attention(q64, k64, v64, backend="reference", causal=True), (q64, k64, v64),
+                              grad.double())
+    low = torch.autograd.grad(fastattn.attention(q, k, v, backend="reference", causal=True), (q, k, v), grad)
+    for name, a, lo, r in zip("qkv", got, low, ref):
+        assert_close_rule(a, lo, r, what=f"d{name}")
+
+
+def test_deterministic(amx, monkeypatch):
+    q, k, v = _inputs(2, 4, 2, 300, 900, 64, 64)
+    a, la = _forward(q, k, v, monkeypatch, True, causal=True)
+    b, lb = _forward(q, k, v, monkeypatch, True, causal=True)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+# --- dispatch (no AMX needed: the hardware query is stood in for) --------------------------------------------------
+@pytest.mark.parametrize("has_amx", [True, False])
+def test_dispatch_prefers_sdpa_for_bf16_on_amx(monkeypatch, has_amx):
+    monkeypatch.setattr(dispatch, "_cpu_has_amx_bf16", lambda: has_amx)
+    monkeypatch.delenv("FASTATTN_BACKEND", raising=False)
+    q, k, v = _inputs(1, 2, 2, 8, 8, 16, 16)
+    cpu_serves = "cpu: serves" in fastattn.explain(q.float(), k.float(), v.float()) or \
+        "chosen: cpu" in fastattn.explain(q.float(), k.float(), v.float())
+    text = fastattn.explain(q, k, v)
+    if has_amx:
+        assert "chosen: sdpa" in text, text
+    elif cpu_serves:
+        assert "chosen: cpu" in text, text
+    # float32, dropout (the Philox keep-mask) and the LSE stay with the cpu backend whenever it serves
+    if cpu_serves:
+        assert "chosen: cpu" in fastattn.explain(q.float(), k.float(), v.float())
+        assert "chosen: cpu" in fastattn.explain(q, k, v, dropout_p=0.1)
+        assert "chosen: cpu" in fastattn.explain(q, k, v, return_lse=True)
+    # an explicit choice wins over the rule
+    assert "chosen: cpu" in fastattn.explain(q, k, v, backend="cpu") or not cpu_serves
