@@ -7,7 +7,7 @@ Priority per device (the first backend with no reasons serves the call):
     cpu, bfloat16 without dropout on a CPU with AMX:  sdpa > cpu > reference > triton
 
 The AMX exception: there torch's SDPA runs its bf16 products on the AMX tile unit through oneDNN, and so does our
-forward (csrc/cpu/amx.h), but ours was still 0.74-1.04x SDPA's forward and its backward runs in float32
+forward (csrc/cpu/amx.h), but ours was still 0.73-1.12x SDPA's forward and its backward runs in float32
 (bench/NOTES.md entry 23).  With dropout the cpu backend stays first (its Philox keep-mask matches the other
 backends'; SDPA's follows torch's RNG).
 

@@ -22,11 +22,10 @@ namespace fastattn::cpu {
 struct AmxForwardTile {
   static constexpr int64_t kMaxPackedBytes = int64_t(32) << 20;  // per thread
   static constexpr int64_t kKeyLd = kFwdBlockN + 16;  // packed K row stride in words (not a multiple of 1 KiB)
-  static constexpr int64_t kSubRows = kFwdBlockM;
 
   AmxTileScope tile_scope;  // first: the tiles are configured before any product
   int64_t d_pad, dv_pad, n_kblocks;
-  std::vector<uint16_t> q16, p16;  // [block_m, d_pad] query rows; [kSubRows, kFwdBlockN] probabilities
+  std::vector<uint16_t> q16, p16;  // [block_m, d_pad] query rows; [block_m, kFwdBlockN] probabilities
   std::vector<float> s_buf, acc_buf, ml;
   std::vector<uint32_t> k_packed, v_packed;  // slots of packed key blocks
   std::vector<int64_t> slot_tag;             // which (batch, kv head, key block) a slot holds; -1: none
@@ -39,8 +38,8 @@ struct AmxForwardTile {
         dv_pad(round_up(p.Dv, 32)),
         n_kblocks(ceil_div(p.Lk, kFwdBlockN)),
         q16(round_up(block_m, 16) * d_pad, 0),
-        p16(kSubRows * kFwdBlockN, 0),
-        s_buf(kSubRows * kFwdBlockN),
+        p16(round_up(block_m, 16) * kFwdBlockN, 0),
+        s_buf(round_up(block_m, 16) * kFwdBlockN),
         acc_buf(round_up(block_m, 16) * dv_pad),
         ml(2 * block_m),
         k_slot_words(d_pad / 2 * kKeyLd),
@@ -76,30 +75,24 @@ struct AmxForwardTile {
       const int64_t cols = std::min(kFwdBlockN, j_end - j0);
       const int64_t BN = round_up(cols, 32);  // S's and P16's leading dimension; the second product's K
       const int64_t slot = packed_block(p, b, hk, j0 / kFwdBlockN);
-      // The query rows in sub-blocks of kSubRows (32 and 64 measured no faster than the whole block: NOTES entry
-      // 23), each through both products and the softmax.
-      for (int64_t r0 = 0; r0 < rows16; r0 += kSubRows) {
-        const int64_t sub16 = std::min(kSubRows, rows16 - r0), sub = std::min(sub16, rows - r0);
-        amx_gemm_bf16(sub16, BN, d_pad, q16.data() + r0 * d_pad, d_pad, k_packed.data() + slot * k_slot_words,
-                      kKeyLd, S, BN, /*accumulate=*/false);
-        // Without a mask, dropout or a causal limit inside this block, each row's softmax is two fused passes
-        // (scale + max, then exp + sum + bf16 rounding); otherwise ForwardTile's steps, then the rounding.
-        const int64_t q0 = i0 + r0;
-        const bool plain = p.mask_kind == kMaskNone && !p.dropout &&
-                           (p.causal == kCausalNone || j0 + cols - 1 <= q0 + p.causal_off);
-        if (plain) {
-          softmax_rows_to_bf16(sub, cols, BN, scale, m + r0, l + r0, acc + r0 * acc_ld);
-        } else {
-          for (int64_t r = 0; r < sub; ++r) scale_row_max(S + r * BN, cols, scale);
-          modify_scores(p, S, BN, b, h, q0, sub, j0, cols);
-          online_softmax_update<float>(p, S, BN, sub, cols, nullptr, m + r0, l + r0, acc + r0 * acc_ld, acc_ld, bh,
-                                       q0, j0);
-          for (int64_t r = 0; r < sub; ++r) float_to_bf16_row(S + r * BN, cols, BN, p16.data() + r * BN);
-        }
-        // Rows [sub, sub16) of P16 hold zeros or earlier values: they only reach acc's padding rows.
-        amx_gemm_bf16(sub16, dv_pad, BN, p16.data(), BN, v_packed.data() + slot * v_slot_words, dv_pad,
-                      acc + r0 * acc_ld, acc_ld, /*accumulate=*/true);
+      amx_gemm_bf16(rows16, BN, d_pad, q16.data(), d_pad, k_packed.data() + slot * k_slot_words, kKeyLd, S, BN,
+                    /*accumulate=*/false);
+      // Without a mask, dropout or a causal limit inside this block, each row's softmax is two fused passes
+      // (scale + max, then exp + sum + bf16 rounding); otherwise ForwardTile's steps, then the rounding.
+      const bool plain = p.mask_kind == kMaskNone && !p.dropout &&
+                         (p.causal == kCausalNone || j0 + cols - 1 <= i0 + p.causal_off);
+      if (plain) {
+        softmax_rows_to_bf16(rows, cols, BN, scale);
+      } else {
+        for (int64_t r = 0; r < rows; ++r) scale_row_max(S + r * BN, cols, scale);
+        modify_scores(p, S, BN, b, h, i0, rows, j0, cols);
+        online_softmax_update<float>(p, S, BN, rows, cols, nullptr, m, l, acc, acc_ld, bh, i0, j0);
+        for (int64_t r = 0; r < rows; ++r) float_to_bf16_row(S + r * BN, cols, BN, p16.data() + r * BN);
       }
+      // Rows [rows, rows16) of P16 hold zeros or an earlier block's values: they only reach acc's padding rows.
+      // (Running both products and the softmax per 32- or 64-row sub-block measured no faster: NOTES entry 23.)
+      amx_gemm_bf16(rows16, dv_pad, BN, p16.data(), BN, v_packed.data() + slot * v_slot_words, dv_pad, acc,
+                    acc_ld, /*accumulate=*/true);
     }
   }
 
@@ -107,7 +100,7 @@ struct AmxForwardTile {
   static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
   // online_softmax_update for a block with nothing to mask, writing P straight into P16 (bf16).
-  void softmax_rows_to_bf16(int64_t rows, int64_t cols, int64_t BN, float scale, float* m, float* l, float* acc) {
+  void softmax_rows_to_bf16(int64_t rows, int64_t cols, int64_t BN, float scale) {
     constexpr float kNegInf = -std::numeric_limits<float>::infinity();
     for (int64_t r = 0; r < rows; ++r) {
       float* s = S + r * BN;
