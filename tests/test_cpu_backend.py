@@ -96,6 +96,37 @@ def test_several_blocks(ops, dtype, shape, causal):
     _check(dtype, shape, causal=causal)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, "top_left", "bottom_right"])
+def test_forward_transposed_key_slots(ops, monkeypatch, threads, dtype, causal):
+    """The float32 forward on the AVX-512 tiles transposes each key block once per thread and reuses it for the
+    thread's next query blocks (ForwardTile::transposed_keys).  Several query blocks per head (300 rows), key blocks
+    the causal limit cuts differently per query block (1100 keys: 512 + 512 + 76), GQA heads that share the keys,
+    one or two threads, bf16 inputs on the float32 path (FASTATTN_CPU_AMX=0): a stale or partly filled slot shows
+    as an error far above float32 rounding."""
+    monkeypatch.setenv("FASTATTN_CPU_AMX", "0")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check(dtype, (2, 4, 2, 300, 1100, 64, 48), causal=causal)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("causal", [False, "bottom_right"])
+def test_forward_single_key_slot(ops, causal):
+    """Above 32 MiB of transposed keys per thread (here 62 key blocks of D = 256) ForwardTile keeps one slot and
+    transposes every block again: the float32 forward against the float64 reference."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 1, 140, 256, generator=g)
+    k = torch.randn(1, 1, 31300, 256, generator=g)
+    v = torch.randn(1, 1, 31300, 32, generator=g)
+    out = fastattn.attention(q, k, v, causal=causal, backend="cpu")
+    ref = fastattn.attention(q.double(), k.double(), v.double(), causal=causal, backend="reference")
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("schedule", ["single", "striped", "two_pass"])
 @pytest.mark.parametrize("shape", [(1, 3, 1, 150, 300, 32, 40), (2, 2, 2, 70, 260, 16, 16)])
 def test_backward_schedules(ops, schedule, shape, monkeypatch):

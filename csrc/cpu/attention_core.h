@@ -12,12 +12,14 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "../ops.h"
 #include "../philox.h"
 #include "blas.h"
 #include "kernel_common.h"
 #include "row_kernels.h"
+#include "small_gemm.h"
 
 namespace fastattn::cpu {
 
@@ -194,6 +196,17 @@ struct ForwardTile {
   acc_t *S, *acc, *m, *l, *q_buf, *k_buf, *v_buf, *extra_buf;
   int64_t acc_ld;  // acc's leading dimension (p.Dv)
 
+  // float32 on the AVX-512 tiles: each key block is transposed once per thread into a slot ([D, kKeyTLd]) and
+  // kept while the thread's next query blocks (of the same head: at::parallel_for hands out contiguous items)
+  // reuse it -- mm_nt would transpose it again for every query block (NOTES entry 24).  A slot is tagged with
+  // the address of its block's first key row, which names the block within one op call (the spatial op changes
+  // p.k per frame).  Above kMaxKeySlotBytes a single slot is repacked per block.
+  static constexpr int64_t kKeyTLd = kFwdBlockN + 16;  // not a multiple of 1 KiB (cache sets)
+  static constexpr int64_t kMaxKeySlotBytes = int64_t(32) << 20;
+  bool transpose_keys = false;
+  std::vector<acc_t> key_slots;
+  std::vector<const char*> key_slot_tag;
+
   // block_m: the most query rows one run() takes.
   explicit ForwardTile(const Problem& p, int64_t block_m = kFwdBlockM)
       : scratch(Scratch<acc_t>::rounded(block_m * kFwdBlockN) + Scratch<acc_t>::rounded(block_m * p.Dv) +
@@ -209,6 +222,15 @@ struct ForwardTile {
     v_buf = scratch.take(kFwdBlockN * p.Dv);
     extra_buf = scratch.take(p.D + p.Dv);       // the extra key and value row, converted
     acc_ld = p.Dv;
+    if constexpr (std::is_same<acc_t, float>::value) {
+      transpose_keys = p.gemm == GemmPath::tiles && p.Lk > 0;
+    }
+    if (transpose_keys) {
+      const int64_t slot_floats = p.D * kKeyTLd, blocks = ceil_div(p.Lk, kFwdBlockN);
+      const int64_t slots = blocks * slot_floats * int64_t(sizeof(acc_t)) <= kMaxKeySlotBytes ? blocks : 1;
+      key_slots.resize(slots * slot_floats);
+      key_slot_tag.assign(slots, nullptr);
+    }
   }
 
   // `extra`: one more key (and its value) for every query row, outside the index space of the keys
@@ -232,13 +254,20 @@ struct ForwardTile {
       extra.v = load_row(extra_v, p.v.dtype, p.Dv, extra_buf + p.D);
       const int64_t last_cols = j_end > j_begin ? (j_end - j_begin - 1) % kFwdBlockN + 1 : kFwdBlockN;
       fold = last_cols < kFwdBlockN;
-      if (!fold) step(p, Q, ldq, extra.k, p.D, extra.v, p.Dv, b, h, i0, rows, -1, 1, Extra{});
+      if (!fold) step(p, Q, ldq, extra.k, p.D, false, extra.v, p.Dv, b, h, i0, rows, -1, 1, Extra{});
     }
     for (int64_t j0 = j_begin; j0 < j_end; j0 += kFwdBlockN) {
       const int64_t cols = std::min(kFwdBlockN, j_end - j0);
-      const acc_t* K = load_rows(p.k, b, hk, j0, cols, k_buf, &ldk);
+      const acc_t* K;
+      if (transpose_keys) {
+        K = transposed_keys(p, b, hk, j0);
+        ldk = kKeyTLd;
+      } else {
+        K = load_rows(p.k, b, hk, j0, cols, k_buf, &ldk);
+      }
       const acc_t* V = load_rows(p.v, b, hk, j0, cols, v_buf, &ldv);
-      step(p, Q, ldq, K, ldk, V, ldv, b, h, i0, rows, j0, cols, fold && j0 + cols == j_end ? extra : Extra{});
+      step(p, Q, ldq, K, ldk, transpose_keys, V, ldv, b, h, i0, rows, j0, cols,
+           fold && j0 + cols == j_end ? extra : Extra{});
     }
   }
 
@@ -268,15 +297,37 @@ struct ForwardTile {
     return buf;
   }
 
+  // K^T of the key block starting at j0 of (b, hk) in its slot, transposed now unless the slot holds it already.
+  // The slot always holds the whole block (keys j0 .. min(j0 + kFwdBlockN, Lk)): a causal query block may use
+  // fewer of its keys than the next one.
+  const acc_t* transposed_keys(const Problem& p, int64_t b, int64_t hk, int64_t j0) {
+    const int64_t slots = static_cast<int64_t>(key_slot_tag.size());
+    const int64_t slot = slots == 1 ? 0 : j0 / kFwdBlockN;
+    acc_t* dst = key_slots.data() + slot * p.D * kKeyTLd;
+    const char* tag = p.k.row(b, hk, j0);
+    if (key_slot_tag[slot] == tag) return dst;
+    const int64_t cols = std::min(kFwdBlockN, p.Lk - j0);
+    int64_t ldk;
+    const acc_t* K = load_rows(p.k, b, hk, j0, cols, k_buf, &ldk);
+    transpose_32bit(cols, p.D, K, ldk, dst, kKeyTLd);
+    key_slot_tag[slot] = tag;
+    return dst;
+  }
+
   // One block of keys [j0, j0 + cols) (j0 = -1: the extra key alone) for the query rows [i0, i0 + rows); with
-  // `with.k`, the extra key rides along as score column `cols`.
-  void step(const Problem& p, const acc_t* Q, int64_t ldq, const acc_t* K, int64_t ldk, const acc_t* V, int64_t ldv,
-            int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, const Extra& with) {
+  // `with.k`, the extra key rides along as score column `cols`.  k_transposed: K holds K^T ([D, ldk]).
+  void step(const Problem& p, const acc_t* Q, int64_t ldq, const acc_t* K, int64_t ldk, bool k_transposed,
+            const acc_t* V, int64_t ldv, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+            const Extra& with) {
     // S's leading dimension: the block's columns rounded up to 16 (a short key range keeps S compact).
     const int64_t BN = std::min(kFwdBlockN, (cols + (with.k != nullptr ? 1 : 0) + 15) / 16 * 16);
     const int64_t Dv = p.Dv, bh = b * p.Hq + h;
     const acc_t scale = static_cast<acc_t>(p.scale);
-    mm_nt<acc_t>(p.gemm, rows, cols, p.D, scale, Q, ldq, K, ldk, acc_t(0), S, BN);
+    if (k_transposed) {
+      mm_nn<acc_t>(p.gemm, rows, cols, p.D, scale, Q, ldq, K, ldk, acc_t(0), S, BN);
+    } else {
+      mm_nt<acc_t>(p.gemm, rows, cols, p.D, scale, Q, ldq, K, ldk, acc_t(0), S, BN);
+    }
     if (j0 >= 0) modify_scores(p, S, BN, b, h, i0, rows, j0, cols);
     if (with.k != nullptr) {  // the extra key's score column: rows x D dot products (cheaper than a BLAS gemv)
       for (int64_t r = 0; r < rows; ++r) S[r * BN + cols] = scale * dot(Q + r * ldq, with.k, p.D);

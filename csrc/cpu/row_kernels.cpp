@@ -2,6 +2,9 @@
 // See row_kernels.h.  The loop bodies are written once, as always-inline templates that the compiler
 // auto-vectorises: each runs over blocks of kLanes independent lanes (partial sums and maxima per lane, combined
 // in a fixed order), so no reassociation (-ffast-math) is needed and results are reproducible run to run.
+// The hot AVX-512 loops (row max, exp + sum, scale + max) are written in intrinsics further down, with more
+// accumulators and a tree reduction of the lanes: their sums round in another order than the generic bodies', so
+// float32 results differ in the last bits between ISAs (each is still reproducible run to run).
 #include "row_kernels.h"
 
 // The vector helpers below are always inlined into the per-ISA functions, so no vector crosses a call boundary.
@@ -19,6 +22,7 @@
 #endif
 
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+#include <immintrin.h>
 #define FA_X86_DISPATCH 1
 #define FA_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define FA_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
@@ -198,12 +202,91 @@ FA_TARGET_AVX2 void dropout_row_avx2(float* p, int64_t n, uint64_t seed, uint32_
   dropout_row_body(p, n, seed, bh, m, n0, threshold, scale);
 }
 
-FA_TARGET_AVX512 float row_max_avx512(const float* x, int64_t n) { return row_max_body(x, n); }
-FA_TARGET_AVX512 float exp_shift_sum_avx512(float* x, int64_t n, float shift) {
-  return exp_shift_sum_body(x, n, shift);
+// The AVX-512 row loops in intrinsics: two or four independent accumulators (a single one makes the loop a chain
+// of dependent max/add latencies) and a tree reduction of the lanes at the end (16 serial scalar steps cost as much
+// as a 512-column row's loads); masked loads for the tail.  Order is fixed, so results are reproducible.
+// row_max: NaN is skipped (MAXPS returns its second operand when either is NaN: the accumulator is never NaN).
+FA_TARGET_AVX512 float row_max_avx512(const float* x, int64_t n) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
+  int64_t j = 0;
+  for (; j + 4 * kLanes <= n; j += 4 * kLanes) {
+    m0 = _mm512_max_ps(_mm512_loadu_ps(x + j), m0);
+    m1 = _mm512_max_ps(_mm512_loadu_ps(x + j + kLanes), m1);
+    m2 = _mm512_max_ps(_mm512_loadu_ps(x + j + 2 * kLanes), m2);
+    m3 = _mm512_max_ps(_mm512_loadu_ps(x + j + 3 * kLanes), m3);
+  }
+  for (; j < n; j += kLanes) {
+    const __mmask16 mask = n - j >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    m0 = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, mask, x + j), m0);
+  }
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
 }
+
 FA_TARGET_AVX512 float scale_row_max_avx512(float* x, int64_t n, float scale) {
-  return scale_row_max_body(x, n, scale);
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), sc = _mm512_set1_ps(scale);
+  __m512 m0 = neg_inf, m1 = neg_inf;
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
+    const __m512 v0 = _mm512_mul_ps(_mm512_loadu_ps(x + j), sc);
+    const __m512 v1 = _mm512_mul_ps(_mm512_loadu_ps(x + j + kLanes), sc);
+    _mm512_storeu_ps(x + j, v0);
+    _mm512_storeu_ps(x + j + kLanes, v1);
+    m0 = _mm512_max_ps(v0, m0);
+    m1 = _mm512_max_ps(v1, m1);
+  }
+  for (; j < n; j += kLanes) {
+    const __mmask16 mask = n - j >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + j), sc);
+    _mm512_mask_storeu_ps(x + j, mask, v);
+    m0 = _mm512_max_ps(_mm512_mask_mov_ps(neg_inf, mask, v), m0);
+  }
+  return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+}
+
+// exp_softmax in AVX-512 intrinsics, with the same reduction and polynomial (1 ulp) but VSCALEFPS for 2^n: it
+// needs no clamp above (the softmax's x <= 0) and no integer exponent arithmetic, ~17 instead of ~24 operations
+// per vector -- the exp pass was ~15 % of the float32 forward (NOTES entry 24).  x < -87 (masked scores, -inf)
+// gives exactly 0 as in exp_softmax; NaN stays NaN.
+FA_TARGET_AVX512 FA_INLINE __m512 exp_softmax_avx512(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(kExpLo);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  const __m512 xc = _mm512_max_ps(lo, x);  // this operand order keeps NaN (MAXPS returns the second on NaN)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);  // Cody-Waite, as exp_softmax
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~tiny), p, n);
+}
+
+FA_TARGET_AVX512 float exp_shift_sum_avx512(float* x, int64_t n, float shift) {
+  const __m512 sh = _mm512_set1_ps(shift);
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
+    const __m512 e0 = exp_softmax_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + j), sh));
+    const __m512 e1 = exp_softmax_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + j + kLanes), sh));
+    _mm512_storeu_ps(x + j, e0);
+    _mm512_storeu_ps(x + j + kLanes, e1);
+    s0 = _mm512_add_ps(s0, e0);
+    s1 = _mm512_add_ps(s1, e1);
+  }
+  for (; j < n; j += kLanes) {
+    const __mmask16 mask = n - j >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    // Lanes past n: exp(0 - shift) computed, then zeroed before the sum and never stored.
+    const __m512 e = _mm512_maskz_mov_ps(mask, exp_softmax_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + j), sh)));
+    _mm512_mask_storeu_ps(x + j, mask, e);
+    s0 = _mm512_add_ps(s0, e);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 FA_TARGET_AVX512 void dropout_row_avx512(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
                                          uint32_t threshold, float scale) {
