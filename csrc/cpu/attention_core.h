@@ -165,15 +165,14 @@ void online_softmax_update(const Problem& p, acc_t* S, int64_t lds, int64_t rows
   const int64_t width = extra_v != nullptr ? cols + 1 : cols;  // the softmax's columns
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* s = S + r * lds;
-    const acc_t m_new = std::max(m[r], row_max(s, width));
-    if (m_new == kNegInf) {  // no visible key so far: nothing to add
-      std::fill(s, s + width, acc_t(0));
-      continue;
-    }
+    const acc_t m_old = m[r];
+    acc_t m_new = m_old;
+    // m_new = max(m_old, this row's scores); s = exp(s - m_new) -- zeros if no key was visible so far
+    const acc_t row_sum = max_exp_sum(s, width, &m_new, /*normalize=*/false);
+    if (m_new == kNegInf) continue;  // no visible key so far: nothing to add
     // alpha rescales what was accumulated against the old maximum (0 when nothing was).
-    const acc_t alpha = m[r] == kNegInf ? acc_t(0) : std::exp(m[r] - m_new);
-    const acc_t row_sum = exp_shift_sum(s, width, m_new);  // s = exp(s - m_new)
-    l[r] = l[r] * alpha + row_sum;                         // the normaliser sees P before dropout
+    const acc_t alpha = m_old == kNegInf ? acc_t(0) : std::exp(m_old - m_new);
+    l[r] = l[r] * alpha + row_sum;  // the normaliser sees P before dropout
     m[r] = m_new;
     acc_t* a = acc + r * acc_ld;
     if (alpha != acc_t(1)) {

@@ -10,6 +10,7 @@
 // The vector helpers below are always inlined into the per-ISA functions, so no vector crosses a call boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -26,6 +27,7 @@
 #define FA_X86_DISPATCH 1
 #define FA_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define FA_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
+#define FA_UNROLL_ROW _Pragma("GCC unroll 8")
 #else
 #define FA_X86_DISPATCH 0
 #endif
@@ -149,6 +151,21 @@ FA_INLINE float scale_row_max_body(float* x, int64_t n, float scale) {  // NaN i
   return m;
 }
 
+FA_INLINE float max_exp_sum_body(float* x, int64_t n, float* m_io, bool normalize) {
+  const float m = std::max(*m_io, row_max_body(x, n));
+  if (m == -std::numeric_limits<float>::infinity()) {
+    for (int64_t j = 0; j < n; ++j) x[j] = 0.0f;
+    return 0.0f;
+  }
+  const float sum = exp_shift_sum_body(x, n, m);
+  if (normalize) {
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < n; ++j) x[j] *= inv;
+  }
+  *m_io = m;
+  return sum;
+}
+
 // Philox in lanes: the same rounds as csrc/philox.h, written over arrays so the 32x32->64 multiplies vectorise.
 FA_INLINE void dropout_row_body(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
                                 uint32_t threshold, float scale) {
@@ -188,6 +205,9 @@ FA_INLINE void dropout_row_body(float* p, int64_t n, uint64_t seed, uint32_t bh,
 float row_max_baseline(const float* x, int64_t n) { return row_max_body(x, n); }
 float exp_shift_sum_baseline(float* x, int64_t n, float shift) { return exp_shift_sum_body(x, n, shift); }
 float scale_row_max_baseline(float* x, int64_t n, float scale) { return scale_row_max_body(x, n, scale); }
+float max_exp_sum_baseline(float* x, int64_t n, float* m_io, bool normalize) {
+  return max_exp_sum_body(x, n, m_io, normalize);
+}
 void dropout_row_baseline(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
                           uint32_t threshold, float scale) {
   dropout_row_body(p, n, seed, bh, m, n0, threshold, scale);
@@ -197,6 +217,9 @@ void dropout_row_baseline(float* p, int64_t n, uint64_t seed, uint32_t bh, uint3
 FA_TARGET_AVX2 float row_max_avx2(const float* x, int64_t n) { return row_max_body(x, n); }
 FA_TARGET_AVX2 float exp_shift_sum_avx2(float* x, int64_t n, float shift) { return exp_shift_sum_body(x, n, shift); }
 FA_TARGET_AVX2 float scale_row_max_avx2(float* x, int64_t n, float scale) { return scale_row_max_body(x, n, scale); }
+FA_TARGET_AVX2 float max_exp_sum_avx2(float* x, int64_t n, float* m_io, bool normalize) {
+  return max_exp_sum_body(x, n, m_io, normalize);
+}
 FA_TARGET_AVX2 void dropout_row_avx2(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
                                      uint32_t threshold, float scale) {
   dropout_row_body(p, n, seed, bh, m, n0, threshold, scale);
@@ -288,6 +311,68 @@ FA_TARGET_AVX512 float exp_shift_sum_avx512(float* x, int64_t n, float shift) {
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
+// Rows up to kRegisterVectors vectors are loaded once, kept in registers through max, exp, sum and the optional
+// normalisation, and stored once (Swin's 49 keys, TimeSformer's 8 frames: the per-row passes and calls were
+// most of their softmax); longer rows take the two passes of row_max_avx512 and exp_shift_sum_avx512.
+constexpr int kRegisterVectors = 8;
+
+FA_TARGET_AVX512 float max_exp_sum_avx512(float* x, int64_t n, float* m_io, bool normalize) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  if (n > kRegisterVectors * kLanes) {
+    const float m = std::max(*m_io, row_max_avx512(x, n));
+    if (m == kNegInf) {
+      std::fill(x, x + n, 0.0f);
+      return 0.0f;
+    }
+    const float sum = exp_shift_sum_avx512(x, n, m);
+    if (normalize) {
+      const __m512 inv = _mm512_set1_ps(1.0f / sum);
+      for (int64_t j = 0; j < n; j += kLanes) {
+        const __mmask16 mask = n - j >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+        _mm512_mask_storeu_ps(x + j, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + j), inv));
+      }
+    }
+    *m_io = m;
+    return sum;
+  }
+  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
+  const int64_t nv = (n + kLanes - 1) / kLanes;
+  __m512 v[kRegisterVectors];
+  __mmask16 masks[kRegisterVectors];
+  __m512 mx = neg_inf;
+  FA_UNROLL_ROW
+  for (int i = 0; i < kRegisterVectors; ++i) {
+    if (i < nv) {
+      const int64_t left = n - int64_t(i) * kLanes;
+      masks[i] = left >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      v[i] = _mm512_mask_loadu_ps(neg_inf, masks[i], x + i * kLanes);
+      mx = _mm512_max_ps(v[i], mx);  // NaN skipped, as in row_max
+    }
+  }
+  const float m = std::max(*m_io, _mm512_reduce_max_ps(mx));
+  if (m == kNegInf) {
+    std::fill(x, x + n, 0.0f);
+    return 0.0f;
+  }
+  const __m512 sh = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  FA_UNROLL_ROW
+  for (int i = 0; i < kRegisterVectors; ++i) {
+    if (i < nv) {
+      v[i] = _mm512_maskz_mov_ps(masks[i], exp_softmax_avx512(_mm512_sub_ps(v[i], sh)));
+      sum = _mm512_add_ps(sum, v[i]);
+    }
+  }
+  const float total = _mm512_reduce_add_ps(sum);
+  const __m512 inv = _mm512_set1_ps(normalize ? 1.0f / total : 1.0f);
+  FA_UNROLL_ROW
+  for (int i = 0; i < kRegisterVectors; ++i) {
+    if (i < nv) _mm512_mask_storeu_ps(x + i * kLanes, masks[i], normalize ? _mm512_mul_ps(v[i], inv) : v[i]);
+  }
+  *m_io = m;
+  return total;
+}
+
 FA_TARGET_AVX512 void dropout_row_avx512(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
                                          uint32_t threshold, float scale) {
   dropout_row_body(p, n, seed, bh, m, n0, threshold, scale);
@@ -296,11 +381,12 @@ FA_TARGET_AVX512 void dropout_row_avx512(float* p, int64_t n, uint64_t seed, uin
 
 RowKernels choose() {
   const RowKernels baseline{row_max_baseline, exp_shift_sum_baseline, dropout_row_baseline, scale_row_max_baseline,
-                            "baseline"};
+                            max_exp_sum_baseline, "baseline"};
 #if FA_X86_DISPATCH
-  const RowKernels avx2{row_max_avx2, exp_shift_sum_avx2, dropout_row_avx2, scale_row_max_avx2, "avx2"};
+  const RowKernels avx2{row_max_avx2, exp_shift_sum_avx2, dropout_row_avx2, scale_row_max_avx2, max_exp_sum_avx2,
+                        "avx2"};
   const RowKernels avx512{row_max_avx512, exp_shift_sum_avx512, dropout_row_avx512, scale_row_max_avx512,
-                          "avx512"};
+                          max_exp_sum_avx512, "avx512"};
   __builtin_cpu_init();
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&

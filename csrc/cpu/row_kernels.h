@@ -7,6 +7,7 @@
 // float64 uses the scalar loops at the bottom of this file (float64 is for gradcheck, not for speed).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -24,6 +25,10 @@ struct RowKernels {
                       uint32_t threshold, float scale);
   // x[j] *= scale in place; returns the max of the scaled row (as row_max).
   float (*scale_row_max)(float* x, int64_t n, float scale);
+  // One row's softmax step: m = max(*m_io, row_max(x)); x[j] = exp(x[j] - m) (then divided by their sum when
+  // `normalize`); *m_io = m; returns the sum of the exps.  A row with m = -inf (every score -inf so far) becomes
+  // zeros, returns 0 and leaves *m_io.  Short rows (<= 128) stay in registers: one read and one write.
+  float (*max_exp_sum)(float* x, int64_t n, float* m_io, bool normalize);
   const char* isa;  // "avx512", "avx2" or "baseline"
 };
 
@@ -39,6 +44,9 @@ inline void dropout_row(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_
 }
 
 inline float scale_row_max(float* x, int64_t n, float scale) { return row_kernels().scale_row_max(x, n, scale); }
+inline float max_exp_sum(float* x, int64_t n, float* m_io, bool normalize) {
+  return row_kernels().max_exp_sum(x, n, m_io, normalize);
+}
 
 // --- float64: plain loops -----------------------------------------------------------------------------------
 inline double row_max(const double* x, int64_t n) {
@@ -54,6 +62,21 @@ inline double exp_shift_sum(double* x, int64_t n, double shift) {
     s += x[j];
   }
   return s;
+}
+
+inline double max_exp_sum(double* x, int64_t n, double* m_io, bool normalize) {
+  const double m = std::max(*m_io, row_max(x, n));
+  if (m == -std::numeric_limits<double>::infinity()) {
+    for (int64_t j = 0; j < n; ++j) x[j] = 0.0;
+    return 0.0;
+  }
+  const double sum = exp_shift_sum(x, n, m);
+  if (normalize) {
+    const double inv = 1.0 / sum;
+    for (int64_t j = 0; j < n; ++j) x[j] *= inv;
+  }
+  *m_io = m;
+  return sum;
 }
 
 void dropout_row(double* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0, uint32_t threshold,

@@ -245,16 +245,13 @@ void window_forward_kernel(const Window& g, const ImageTensor& q, const ImageTen
         acc_t* lse_rows = lse + (item * g.heads + h) * N;
         for (int64_t i = 0; i < N; ++i) {
           acc_t* s = S + i * N;
-          const acc_t m = row_max(s, N);
-          if (m == kNegInf) {  // only a table holding -inf can do this: the row sees no key
-            std::fill(s, s + N, acc_t(0));
+          acc_t m = kNegInf;
+          const acc_t l = max_exp_sum(s, N, &m, /*normalize=*/true);  // s = softmax(s), l = sum exp(s - m)
+          if (m == kNegInf) {  // only a table holding -inf can do this: the row sees no key (s is zeros)
             lse_rows[i] = kNegInf;
             continue;
           }
-          const acc_t l = exp_shift_sum(s, N, m);
           lse_rows[i] = m + std::log(l);
-          const acc_t inv = acc_t(1) / l;
-          for (int64_t j = 0; j < N; ++j) s[j] *= inv;
           if (g.dropout) {
             dropout_row(s, N, g.seed, dropout_bh(g, b, w, h), static_cast<uint32_t>(i), 0u, g.threshold,
                         static_cast<acc_t>(g.drop_scale));
