@@ -98,6 +98,19 @@ def test_tiles_far_apart_rows_are_packed(block_product, form):
 
 
 @pytest.mark.skipif(not _tiles_available(), reason="the AVX-512 tiles need a CPU with AVX-512")
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (-0.5, 2.0)])
+def test_tiles_short_nt_dot_products(block_product, alpha, beta):
+    # mm_nt with N <= 16 runs dot products on B's rows in place (small_gemm.cpp short_nt, 8 or 16 per row): any
+    # M (one row too), K with a tail (1, 7, 100) or whole vectors, rows far apart.
+    for N in (1, 2, 7, 8, 9, 15, 16):
+        for M, K in ((1, 64), (2, 7), (3, 1), (8, 64), (13, 100), (8, 256)):
+            for row_gap in (0, 6144 - K):
+                ran, c, want, gap = _run(block_product, "nt", "tiles", M, N, K, alpha, beta, row_gap=row_gap)
+                assert ran and gap, (M, N, K, row_gap)
+                assert _close(c, want, K), (M, N, K, row_gap, alpha, beta)
+
+
+@pytest.mark.skipif(not _tiles_available(), reason="the AVX-512 tiles need a CPU with AVX-512")
 def test_tiles_decline_what_they_are_not_for(block_product):
     ran, c, _, _ = _run(block_product, "nt", "tiles", 2, 64, 64)  # transposed B for 2 rows
     assert not ran and torch.isnan(c).all(), "declined, but wrote C"

@@ -222,7 +222,8 @@ struct ForwardTile {
     extra_buf = scratch.take(p.D + p.Dv);       // the extra key and value row, converted
     acc_ld = p.Dv;
     if constexpr (std::is_same<acc_t, float>::value) {
-      transpose_keys = p.gemm == GemmPath::tiles && p.Lk > 0;
+      // (at most 16 keys: mm_nt's dot-product kernel reads the keys in place, small_gemm.cpp)
+      transpose_keys = p.gemm == GemmPath::tiles && p.Lk > 16;
     }
     if (transpose_keys) {
       const int64_t slot_floats = p.D * kKeyTLd, blocks = ceil_div(p.Lk, kFwdBlockN);
