@@ -225,6 +225,11 @@ FA_TARGET_AVX2 void dropout_row_avx2(float* p, int64_t n, uint64_t seed, uint32_
   dropout_row_body(p, n, seed, bh, m, n0, threshold, scale);
 }
 
+// The lanes of a vector that hold one of `left` remaining elements (all 16 when left >= 16).
+FA_TARGET_AVX512 FA_INLINE __mmask16 tail_mask(int64_t left) {
+  return left >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+}
+
 // The AVX-512 row loops in intrinsics: two or four independent accumulators (a single one makes the loop a chain
 // of dependent max/add latencies) and a tree reduction of the lanes at the end (16 serial scalar steps cost as much
 // as a 512-column row's loads); masked loads for the tail.  Order is fixed, so results are reproducible.
@@ -240,7 +245,7 @@ FA_TARGET_AVX512 float row_max_avx512(const float* x, int64_t n) {
     m3 = _mm512_max_ps(_mm512_loadu_ps(x + j + 3 * kLanes), m3);
   }
   for (; j < n; j += kLanes) {
-    const __mmask16 mask = n - j >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __mmask16 mask = tail_mask(n - j);
     m0 = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, mask, x + j), m0);
   }
   return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
@@ -259,7 +264,7 @@ FA_TARGET_AVX512 float scale_row_max_avx512(float* x, int64_t n, float scale) {
     m1 = _mm512_max_ps(v1, m1);
   }
   for (; j < n; j += kLanes) {
-    const __mmask16 mask = n - j >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __mmask16 mask = tail_mask(n - j);
     const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + j), sc);
     _mm512_mask_storeu_ps(x + j, mask, v);
     m0 = _mm512_max_ps(_mm512_mask_mov_ps(neg_inf, mask, v), m0);
@@ -269,8 +274,8 @@ FA_TARGET_AVX512 float scale_row_max_avx512(float* x, int64_t n, float scale) {
 
 // exp_softmax in AVX-512 intrinsics, with the same reduction and polynomial (1 ulp) but VSCALEFPS for 2^n: it
 // needs no clamp above (the softmax's x <= 0) and no integer exponent arithmetic, ~17 instead of ~24 operations
-// per vector -- the exp pass was ~15 % of the float32 forward (NOTES entry 24).  x < -87 (masked scores, -inf)
-// gives exactly 0 as in exp_softmax; NaN stays NaN.
+// per vector (on its own no faster: the exp pass is bound by its loads and stores, NOTES entry 24).  x < -87
+// (masked scores, -inf) gives exactly 0 as in exp_softmax; NaN stays NaN.
 FA_TARGET_AVX512 FA_INLINE __m512 exp_softmax_avx512(__m512 x) {
   const __m512 lo = _mm512_set1_ps(kExpLo);
   const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
@@ -303,7 +308,7 @@ FA_TARGET_AVX512 float exp_shift_sum_avx512(float* x, int64_t n, float shift) {
     s1 = _mm512_add_ps(s1, e1);
   }
   for (; j < n; j += kLanes) {
-    const __mmask16 mask = n - j >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __mmask16 mask = tail_mask(n - j);
     // Lanes past n: exp(0 - shift) computed, then zeroed before the sum and never stored.
     const __m512 e = _mm512_maskz_mov_ps(mask, exp_softmax_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + j), sh)));
     _mm512_mask_storeu_ps(x + j, mask, e);
@@ -311,6 +316,7 @@ FA_TARGET_AVX512 float exp_shift_sum_avx512(float* x, int64_t n, float shift) {
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
+
 // Rows up to kRegisterVectors vectors are loaded once, kept in registers through max, exp, sum and the optional
 // normalisation, and stored once (Swin's 49 keys, TimeSformer's 8 frames: the per-row passes and calls were
 // most of their softmax); longer rows take the two passes of row_max_avx512 and exp_shift_sum_avx512.
@@ -328,7 +334,7 @@ FA_TARGET_AVX512 float max_exp_sum_avx512(float* x, int64_t n, float* m_io, bool
     if (normalize) {
       const __m512 inv = _mm512_set1_ps(1.0f / sum);
       for (int64_t j = 0; j < n; j += kLanes) {
-        const __mmask16 mask = n - j >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+        const __mmask16 mask = tail_mask(n - j);
         _mm512_mask_storeu_ps(x + j, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + j), inv));
       }
     }
@@ -344,7 +350,7 @@ FA_TARGET_AVX512 float max_exp_sum_avx512(float* x, int64_t n, float* m_io, bool
   for (int i = 0; i < kRegisterVectors; ++i) {
     if (i < nv) {
       const int64_t left = n - int64_t(i) * kLanes;
-      masks[i] = left >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      masks[i] = tail_mask(left);
       v[i] = _mm512_mask_loadu_ps(neg_inf, masks[i], x + i * kLanes);
       mx = _mm512_max_ps(v[i], mx);  // NaN skipped, as in row_max
     }
