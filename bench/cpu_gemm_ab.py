@@ -1,10 +1,15 @@
-"""A/B of the CPU kernels' block products: AVX-512 register tiles (csrc/cpu/small_gemm.cpp) vs torch's BLAS.
+"""Paired A/B of env-switched variants of the CPU kernels; by default the block products' AVX-512 register tiles
+(csrc/cpu/small_gemm.cpp) vs torch's BLAS.
 
     PYTHONPATH=. python bench/cpu_gemm_ab.py [--rounds 25] [--threads 2] [--cases tsf,swin,dense]
+    PYTHONPATH=. python bench/cpu_gemm_ab.py --variants 'new=;old=FASTATTN_SOMETHING=1' --cases tsf-spatial
 
 The ops read FASTATTN_CPU_GEMM on every call, so both variants run in one process, interleaved round by round
 (each round times one call of each, in alternating order); the figure per case is the median over rounds of the
 per-round ratio (paired: slow drifts of a shared 2-core VM cancel).  Prints one line per case and mode.
+--variants: 'name=ENV=VALUE;name=...' (an empty ENV=VALUE unsets the variables the others set), for a switch a
+change reads with getenv on every call while it is being measured (NOTES entry 25: the spatial forward's
+prefetches were chosen that way); the first variant is the reference of the ratio column.
 """
 from __future__ import annotations
 
@@ -23,7 +28,17 @@ if __package__ in (None, ""):
 import fastattn  # noqa: E402
 from bench import ops  # noqa: E402
 
-VARIANTS = {"tiles": "", "blas": "blas"}
+DEFAULT_VARIANTS = "tiles=FASTATTN_CPU_GEMM=;blas=FASTATTN_CPU_GEMM=blas"
+
+
+def parse_variants(spec):
+    """'name=ENV=VALUE;...' -> {name: {ENV: VALUE}} ('name=' sets nothing)."""
+    out = {}
+    for item in filter(None, spec.split(";")):
+        name, _, setting = item.partition("=")
+        env, _, value = setting.partition("=")
+        out[name] = {env: value} if env else {}
+    return out
 
 
 def dense_cases():
@@ -59,21 +74,37 @@ def time_once(call) -> float:
     return time.perf_counter() - t0
 
 
+def apply_variant(variants, name):
+    """Unset every variable any variant sets, then set this variant's."""
+    for setting in variants.values():
+        for env in setting:
+            os.environ.pop(env, None)
+    for env, value in variants[name].items():
+        if value:
+            os.environ[env] = value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=25)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cases", default="tsf,swin,dense")
     ap.add_argument("--modes", default="fwd,fwd+bwd")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    variants = parse_variants(args.variants)
+    names = list(variants)
+    if len(names) < 2:
+        ap.error("--variants: at least two, 'name=ENV=VALUE;name=ENV=VALUE'")
     prefixes = args.cases.split(",")
     todo = layout_cases([p for p in prefixes if p != "dense"])
     if "dense" in prefixes:
         todo += dense_cases()
-    print(f"fastattn {fastattn.__version__}: AVX-512 tiles vs BLAS; torch {torch.__version__}, {args.threads} threads, "
+    print(f"fastattn {fastattn.__version__}: {' vs '.join(names)}; torch {torch.__version__}, {args.threads} threads, "
           f"{args.rounds} rounds, paired medians")
-    print(f"{'case':34s} {'mode':8s} {'tiles ms':>9s} {'blas ms':>9s} {'tiles/blas':>10s}")
+    print(f"{'case':34s} {'mode':8s} " + " ".join(f"{n + ' ms':>10s}" for n in names) +
+          " " + " ".join(f"{n + '/' + names[0]:>12s}" for n in names[1:]))
     for name, make, fn, grad_keys in todo:
         x = make()
         for mode in args.modes.split(","):
@@ -82,18 +113,17 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     dout = torch.randn_like(fn(x))
             call = ops._call(fn, x, mode, grad_keys, dout)
-            times = {v: [] for v in VARIANTS}
+            times = {v: [] for v in names}
             for r in range(args.rounds + 2):
-                order = list(VARIANTS) if r % 2 == 0 else list(VARIANTS)[::-1]
-                for v in order:
-                    os.environ["FASTATTN_CPU_GEMM"] = VARIANTS[v]
+                for v in (names if r % 2 == 0 else names[::-1]):
+                    apply_variant(variants, v)
                     t = time_once(call)
                     if r >= 2:  # two warm-up rounds
                         times[v].append(t)
-            os.environ.pop("FASTATTN_CPU_GEMM", None)
-            ratio = statistics.median(a / b for a, b in zip(times["tiles"], times["blas"]))
-            print(f"{name:34s} {mode:8s} {statistics.median(times['tiles']) * 1e3:9.2f} "
-                  f"{statistics.median(times['blas']) * 1e3:9.2f} {ratio:10.3f}", flush=True)
+            apply_variant({**variants, "": {}}, "")
+            ratios = [statistics.median(a / b for a, b in zip(times[v], times[names[0]])) for v in names[1:]]
+            print(f"{name:34s} {mode:8s} " + " ".join(f"{statistics.median(times[v]) * 1e3:10.2f}" for v in names) +
+                  " " + " ".join(f"{r:12.3f}" for r in ratios), flush=True)
     return 0
 
 

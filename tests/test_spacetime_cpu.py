@@ -1,6 +1,7 @@
 """The C++ CPU spatial op (csrc/cpu/spacetime_cpu.cpp; ops fastattn::spatial_fwd / spatial_bwd): TimeSformer's
-spatial attention with the cls token -- per (video, frame, head) the [cls, N patches] rows read by index math, the
-cls key as the tile's extra key, the cls mean and its gradients' frame sums in the kernel -- against the naive
+spatial attention with the cls token -- per (video, frame, head) the [cls, N patches] rows gathered by index math
+(the keys straight into K^T for the float32 tiles), the cls mean and its gradients' frame sums in the kernel --
+against the naive
 float64 composite (output and gradients), the low-precision tolerance rule, gradcheck, opcheck, a bitwise
 deterministic backward (run to run and across thread counts), argument errors, and the dispatch that routes
 ``fastattn.spatial_attention`` on CPU tensors to it."""
@@ -22,8 +23,10 @@ CASES = {  # B, T, N, heads, d, dv, token order
     "one_patch": (2, 4, 1, 2, 5, 3, "nt"),
     "odd_dims": (1, 5, 9, 3, 7, 5, "tn"),
     "two_query_blocks": (1, 2, 140, 1, 8, 8, "nt"),    # 1 + N > 128: query and backward key blocks
-    "two_key_blocks_fwd": (1, 2, 600, 1, 4, 4, "tn"),  # N > 512: the forward's key blocks, cls key folded in
-    "full_last_key_block": (1, 1, 512, 1, 4, 4, "nt"),  # no room in the last key block: the cls key on its own
+    "two_key_blocks_fwd": (1, 2, 600, 1, 4, 4, "tn"),  # 1 + N > 512: the forward's key blocks
+    "full_last_key_block": (1, 1, 512, 1, 4, 4, "nt"),  # 513 keys: a last key block of one key
+    "tiles_kt": (2, 3, 40, 2, 16, 12, "nt"),  # 1 + N > 16: float32 keys into K^T (AVX-512 tiles)
+    "kt_padded_stride": (1, 2, 230, 1, 8, 8, "tn"),  # K^T's row stride would be 256 floats: padded
 }
 
 
@@ -83,10 +86,12 @@ def test_cpu_tensors_dispatch_to_the_op(ops):
     assert "_SpatialCPU" not in fastattn.spatial_attention(q, k, v, num_frames=T, backend="reference").grad_fn.name()
 
 
+@pytest.mark.parametrize("case", ["odd_dims", "tiles_kt", "kt_padded_stride", "full_last_key_block"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_low_precision_tolerance_rule(ops, dtype):
-    """max|fast - ref64| <= 2 max|ref_lowp - ref64| + 1e-5 (tests/helpers.py), output and gradients."""
-    (q, k, v), T, order = _inputs("odd_dims", dtype=torch.float32)
+def test_low_precision_tolerance_rule(ops, dtype, case):
+    """max|fast - ref64| <= 2 max|ref_lowp - ref64| + 1e-5 (tests/helpers.py), output and gradients; float32 and
+    bf16 with more than 16 rows take the AVX-512 tiles' K^T path where the CPU has AVX-512."""
+    (q, k, v), T, order = _inputs(case, dtype=torch.float32)
     low = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     out = fastattn.spatial_attention(*low, num_frames=T, token_order=order, backend="cpu")

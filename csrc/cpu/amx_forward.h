@@ -56,7 +56,7 @@ struct AmxForwardTile {
     acc_ld = dv_pad;
   }
 
-  // As ForwardTile::run (without its `extra` key): on return acc holds the unnormalised output rows, m the row
+  // As ForwardTile::run: on return acc holds the unnormalised output rows, m the row
   // maxima and l the row sums of exp(S - m) of the query rows [i0, i0 + rows) over the keys [j_begin, j_end);
   // j_begin is a multiple of kFwdBlockN.
   void run(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j_begin, int64_t j_end) {
@@ -86,7 +86,7 @@ struct AmxForwardTile {
       } else {
         for (int64_t r = 0; r < rows; ++r) scale_row_max(S + r * BN, cols, scale);
         modify_scores(p, S, BN, b, h, i0, rows, j0, cols);
-        online_softmax_update<float>(p, S, BN, rows, cols, nullptr, m, l, acc, acc_ld, bh, i0, j0);
+        online_softmax_update<float>(p, S, BN, rows, cols, /*acc_fresh=*/false, m, l, acc, acc_ld, bh, i0, j0);
         for (int64_t r = 0; r < rows; ++r) float_to_bf16_row(S + r * BN, cols, BN, p16.data() + r * BN);
       }
       // Rows [rows, rows16) of P16 hold zeros or an earlier block's values: they only reach acc's padding rows.

@@ -156,33 +156,28 @@ inline int64_t forward_key_splits(const Problem& p, int64_t items) {
 
 // The online-softmax update of the query rows [i0, i0 + rows) for one block of scores S (keys j0 .. j0 + cols;
 // j0 = -1: a block without key indices): m, l and the rows of acc (leading dimension acc_ld, Dv columns used) are
-// rescaled and S becomes P = exp(S - m_new), then dropout(P), ready for acc += P V.  extra_v: with an extra key
-// in score column `cols` (ForwardTile's `extra`), its P-weighted value row is added to acc here.
+// rescaled and S becomes P = exp(S - m_new), then dropout(P), ready for acc += P V.
+// acc_fresh: acc holds nothing yet (the first key block; the caller's acc += P V then overwrites it): no rescale.
 template <typename acc_t>
-void online_softmax_update(const Problem& p, acc_t* S, int64_t lds, int64_t rows, int64_t cols, const acc_t* extra_v,
+void online_softmax_update(const Problem& p, acc_t* S, int64_t lds, int64_t rows, int64_t cols, bool acc_fresh,
                            acc_t* m, acc_t* l, acc_t* acc, int64_t acc_ld, int64_t bh, int64_t i0, int64_t j0) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t width = extra_v != nullptr ? cols + 1 : cols;  // the softmax's columns
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* s = S + r * lds;
     const acc_t m_old = m[r];
     acc_t m_new = m_old;
     // m_new = max(m_old, this row's scores); s = exp(s - m_new) -- zeros if no key was visible so far
-    const acc_t row_sum = max_exp_sum(s, width, &m_new, /*normalize=*/false);
+    const acc_t row_sum = max_exp_sum(s, cols, &m_new, /*normalize=*/false);
     if (m_new == kNegInf) continue;  // no visible key so far: nothing to add
     // alpha rescales what was accumulated against the old maximum (0 when nothing was).
     const acc_t alpha = m_old == kNegInf ? acc_t(0) : std::exp(m_old - m_new);
     l[r] = l[r] * alpha + row_sum;  // the normaliser sees P before dropout
     m[r] = m_new;
     acc_t* a = acc + r * acc_ld;
-    if (alpha != acc_t(1)) {
+    if (!acc_fresh && alpha != acc_t(1)) {
       for (int64_t d = 0; d < p.Dv; ++d) a[d] *= alpha;
     }
     if (p.dropout && j0 >= 0) apply_dropout(p, s, cols, bh, i0 + r, j0);
-    if (extra_v != nullptr) {  // acc += P[r, extra] * v_extra
-      const acc_t pe = s[cols];
-      for (int64_t d = 0; d < p.Dv; ++d) a[d] += pe * extra_v[d];
-    }
   }
 }
 
@@ -192,7 +187,7 @@ void online_softmax_update(const Problem& p, acc_t* S, int64_t lds, int64_t rows
 template <typename acc_t>
 struct ForwardTile {
   Scratch<acc_t> scratch;
-  acc_t *S, *acc, *m, *l, *q_buf, *k_buf, *v_buf, *extra_buf;
+  acc_t *S, *acc, *m, *l, *q_buf, *k_buf, *v_buf;
   int64_t acc_ld;  // acc's leading dimension (p.Dv)
 
   // float32 on the AVX-512 tiles: each key block is transposed once per thread into a slot ([D, kKeyTLd]) and
@@ -204,14 +199,15 @@ struct ForwardTile {
   static constexpr int64_t kMaxKeySlotBytes = int64_t(32) << 20;
   bool transpose_keys = false;
   std::vector<acc_t> key_slots;
-  std::vector<const char*> key_slot_tag;
+  std::vector<const char*> key_slot_tag;  // empty until first used
+  const acc_t* caller_kt = nullptr;        // use_transposed_keys
+  int64_t caller_kt_ld = 0;
 
   // block_m: the most query rows one run() takes.
   explicit ForwardTile(const Problem& p, int64_t block_m = kFwdBlockM)
       : scratch(Scratch<acc_t>::rounded(block_m * kFwdBlockN) + Scratch<acc_t>::rounded(block_m * p.Dv) +
                 2 * Scratch<acc_t>::rounded(block_m) + Scratch<acc_t>::rounded(block_m * p.D) +
-                Scratch<acc_t>::rounded(kFwdBlockN * p.D) + Scratch<acc_t>::rounded(kFwdBlockN * p.Dv) +
-                Scratch<acc_t>::rounded(p.D + p.Dv)) {
+                Scratch<acc_t>::rounded(kFwdBlockN * p.D) + Scratch<acc_t>::rounded(kFwdBlockN * p.Dv)) {
     S = scratch.take(block_m * kFwdBlockN);  // scores, then probabilities, of one block pair
     acc = scratch.take(block_m * p.Dv);      // unnormalised output rows
     m = scratch.take(block_m);               // running row max
@@ -219,88 +215,57 @@ struct ForwardTile {
     q_buf = scratch.take(block_m * p.D);     // conversion buffers (bf16/fp16 inputs)
     k_buf = scratch.take(kFwdBlockN * p.D);
     v_buf = scratch.take(kFwdBlockN * p.Dv);
-    extra_buf = scratch.take(p.D + p.Dv);       // the extra key and value row, converted
     acc_ld = p.Dv;
     if constexpr (std::is_same<acc_t, float>::value) {
       // (at most 16 keys: mm_nt's dot-product kernel reads the keys in place, small_gemm.cpp)
       transpose_keys = p.gemm == GemmPath::tiles && p.Lk > 16;
     }
-    if (transpose_keys) {
-      const int64_t slot_floats = p.D * kKeyTLd, blocks = ceil_div(p.Lk, kFwdBlockN);
-      const int64_t slots = blocks * slot_floats * int64_t(sizeof(acc_t)) <= kMaxKeySlotBytes ? blocks : 1;
-      key_slots.resize(slots * slot_floats);
-      key_slot_tag.assign(slots, nullptr);
-    }
   }
 
-  // `extra`: one more key (and its value) for every query row, outside the index space of the keys
-  // [j_begin, j_end) -- no mask, causal limit or dropout applies to it (TimeSformer's cls key in the spatial op,
-  // csrc/cpu/spacetime_cpu.cpp).  extra_k / extra_v: its rows, in the dtypes of p.k / p.v.  It joins the last key
-  // block as one more score column when that block has room (one softmax pass, a rank-1 update of acc), else it
-  // is a block of its own.
-  void run(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j_begin, int64_t j_end,
-           const char* extra_k = nullptr, const char* extra_v = nullptr) {
+  // Keys the caller has transposed already: K^T of all p.Lk keys, [p.D, ld] (kt[d * ld + j] = key j's element d);
+  // run() reads its key blocks there instead of transposing p.k into the slots.  Only where transpose_keys.
+  void use_transposed_keys(const acc_t* kt, int64_t ld) {
+    TORCH_INTERNAL_ASSERT(transpose_keys);
+    caller_kt = kt;
+    caller_kt_ld = ld;
+  }
+
+  void run(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j_begin, int64_t j_end) {
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
     const int64_t hk = h / p.group;
     int64_t ldq, ldk, ldv;
     const acc_t* Q = load_rows(p.q, b, h, i0, rows, q_buf, &ldq);
-    std::fill(acc, acc + rows * p.Dv, acc_t(0));
     std::fill(m, m + rows, kNegInf);
     std::fill(l, l + rows, acc_t(0));
-    Extra extra;
-    bool fold = false;
-    if (extra_k != nullptr) {
-      extra.k = load_row(extra_k, p.k.dtype, p.D, extra_buf);
-      extra.v = load_row(extra_v, p.v.dtype, p.Dv, extra_buf + p.D);
-      const int64_t last_cols = j_end > j_begin ? (j_end - j_begin - 1) % kFwdBlockN + 1 : kFwdBlockN;
-      fold = last_cols < kFwdBlockN;
-      if (!fold) step(p, Q, ldq, extra.k, p.D, false, extra.v, p.Dv, b, h, i0, rows, -1, 1, Extra{});
-    }
+    if (j_end <= j_begin) std::fill(acc, acc + rows * p.Dv, acc_t(0));  // else the first block's P V writes it
     for (int64_t j0 = j_begin; j0 < j_end; j0 += kFwdBlockN) {
       const int64_t cols = std::min(kFwdBlockN, j_end - j0);
       const acc_t* K;
-      if (transpose_keys) {
+      if (caller_kt != nullptr) {
+        K = caller_kt + j0;
+        ldk = caller_kt_ld;
+      } else if (transpose_keys) {
         K = transposed_keys(p, b, hk, j0);
         ldk = kKeyTLd;
       } else {
         K = load_rows(p.k, b, hk, j0, cols, k_buf, &ldk);
       }
       const acc_t* V = load_rows(p.v, b, hk, j0, cols, v_buf, &ldv);
-      step(p, Q, ldq, K, ldk, transpose_keys, V, ldv, b, h, i0, rows, j0, cols,
-           fold && j0 + cols == j_end ? extra : Extra{});
+      step(p, Q, ldq, K, ldk, transpose_keys, V, ldv, b, h, i0, rows, j0, cols, /*acc_fresh=*/j0 == j_begin);
     }
   }
 
  private:
-  struct Extra {
-    const acc_t* k = nullptr;
-    const acc_t* v = nullptr;
-  };
-
-  // sum_d x[d] * y[d], in 16 independent partial sums (so the compiler vectorises it without reassociating).
-  static acc_t dot(const acc_t* x, const acc_t* y, int64_t n) {
-    constexpr int64_t kLanes = 16;
-    acc_t part[kLanes] = {};
-    int64_t d = 0;
-    for (; d + kLanes <= n; d += kLanes) {
-      for (int64_t j = 0; j < kLanes; ++j) part[j] += x[d + j] * y[d + j];
-    }
-    for (; d < n; ++d) part[0] += x[d] * y[d];
-    acc_t sum = 0;
-    for (int64_t j = 0; j < kLanes; ++j) sum += part[j];
-    return sum;
-  }
-
-  static const acc_t* load_row(const char* row, at::ScalarType dtype, int64_t n, acc_t* buf) {
-    if (dtype == acc_scalar_type<acc_t>()) return reinterpret_cast<const acc_t*>(row);
-    convert_row(row, dtype, buf, n);
-    return buf;
-  }
-
   // K^T of the key block starting at j0 of (b, hk) in its slot, transposed now unless the slot holds it already.
   // The slot always holds the whole block (keys j0 .. min(j0 + kFwdBlockN, Lk)): a causal query block may use
   // fewer of its keys than the next one.
   const acc_t* transposed_keys(const Problem& p, int64_t b, int64_t hk, int64_t j0) {
+    if (key_slot_tag.empty()) {  // first use: the slots, one per key block unless that is too much
+      const int64_t slot_floats = p.D * kKeyTLd, blocks = ceil_div(p.Lk, kFwdBlockN);
+      const int64_t n = blocks * slot_floats * int64_t(sizeof(acc_t)) <= kMaxKeySlotBytes ? blocks : 1;
+      key_slots.resize(n * slot_floats);
+      key_slot_tag.assign(n, nullptr);
+    }
     const int64_t slots = static_cast<int64_t>(key_slot_tag.size());
     const int64_t slot = slots == 1 ? 0 : j0 / kFwdBlockN;
     acc_t* dst = key_slots.data() + slot * p.D * kKeyTLd;
@@ -314,13 +279,13 @@ struct ForwardTile {
     return dst;
   }
 
-  // One block of keys [j0, j0 + cols) (j0 = -1: the extra key alone) for the query rows [i0, i0 + rows); with
-  // `with.k`, the extra key rides along as score column `cols`.  k_transposed: K holds K^T ([D, ldk]).
+  // One block of keys [j0, j0 + cols) for the query rows [i0, i0 + rows).  k_transposed: K holds K^T ([D, ldk]).
+  // acc_fresh: the first block of run(), whose P V is written to acc instead of added.
   void step(const Problem& p, const acc_t* Q, int64_t ldq, const acc_t* K, int64_t ldk, bool k_transposed,
             const acc_t* V, int64_t ldv, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
-            const Extra& with) {
+            bool acc_fresh) {
     // S's leading dimension: the block's columns rounded up to 16 (a short key range keeps S compact).
-    const int64_t BN = std::min(kFwdBlockN, (cols + (with.k != nullptr ? 1 : 0) + 15) / 16 * 16);
+    const int64_t BN = std::min(kFwdBlockN, (cols + 15) / 16 * 16);
     const int64_t Dv = p.Dv, bh = b * p.Hq + h;
     const acc_t scale = static_cast<acc_t>(p.scale);
     if (k_transposed) {
@@ -328,13 +293,9 @@ struct ForwardTile {
     } else {
       mm_nt<acc_t>(p.gemm, rows, cols, p.D, scale, Q, ldq, K, ldk, acc_t(0), S, BN);
     }
-    if (j0 >= 0) modify_scores(p, S, BN, b, h, i0, rows, j0, cols);
-    if (with.k != nullptr) {  // the extra key's score column: rows x D dot products (cheaper than a BLAS gemv)
-      for (int64_t r = 0; r < rows; ++r) S[r * BN + cols] = scale * dot(Q + r * ldq, with.k, p.D);
-    }
-
-    online_softmax_update(p, S, BN, rows, cols, with.v, m, l, acc, Dv, bh, i0, j0);
-    mm_nn<acc_t>(p.gemm, rows, Dv, cols, acc_t(1), S, BN, V, ldv, acc_t(1), acc, Dv);
+    modify_scores(p, S, BN, b, h, i0, rows, j0, cols);
+    online_softmax_update(p, S, BN, rows, cols, acc_fresh, m, l, acc, Dv, bh, i0, j0);
+    mm_nn<acc_t>(p.gemm, rows, Dv, cols, acc_t(1), S, BN, V, ldv, acc_fresh ? acc_t(0) : acc_t(1), acc, Dv);
   }
 };
 

@@ -7,11 +7,12 @@
 // rows, the cls first); every token of it attends over all of it.  A patch's output goes to its token; the cls
 // token's output is the mean of its T per-frame outputs.
 //
-// Forward.  Work items are (b, t, head).  The frame's patch rows are a uniform stride apart, so the dense kernels'
-// online-softmax tile (attention_core.h) reads its patch queries, keys and values in place, with the cls key and
-// value as the tile's one extra key; the cls query is one more 1-row tile.  Patch rows are written to their
-// tokens of out, the cls row to out_cls[b, t, head] (float32/float64); afterwards out[b, 0, head] =
-// mean_t out_cls[b, t, head], summed in frame order.
+// Forward.  Work items are (b, t, head).  Per item, the frame's R rows (cls first) are gathered into contiguous
+// buffers -- the keys straight into K^T where the AVX-512 tiles take them transposed -- and the dense kernels'
+// online-softmax tile (attention_core.h) runs on that R x R problem, so the cls query and key cost one row and
+// one column of the tile's products.  Patch rows are written to their tokens of out, the cls row to
+// out_cls[b, t, head] (float32/float64); afterwards out[b, 0, head] = mean_t out_cls[b, t, head], summed in
+// frame order.
 //
 // Backward.  Per item, the dense single-pass backward over its R rows (attention_core.h's block-pair
 // recomputation) on gathered q, k, v, out, dout, with the cls row's out = out_cls[b, t] and its
@@ -37,6 +38,7 @@
 #include "attention_core.h"
 #include "blas.h"
 #include "kernel_common.h"
+#include "small_gemm.h"
 
 namespace fastattn::cpu {
 namespace {
@@ -113,11 +115,28 @@ Problem frame_problem(const Frames& f, acc_t* q, acc_t* k, acc_t* v) {
   return p;
 }
 
+// Rows far apart (TimeSformer's "nt" frame rows, 72 KiB apart in its qkv tensor) are fetched by the copy loops with
+// the hardware prefetchers idle; a software prefetch this many rows ahead keeps several rows' lines in flight
+// (TimeSformer-B spatial forward, Intel Xeon VM: the gathers -2.5 %, the output stores -3 %; NOTES entry 25).
+constexpr int64_t kPrefetchRows = 4;
+
+inline void prefetch_row(const char* row, int64_t bytes, bool for_write = false) {
+  for (int64_t off = 0; off < bytes; off += 64) {
+    if (for_write) {
+      __builtin_prefetch(row + off, 1);
+    } else {
+      __builtin_prefetch(row + off);
+    }
+  }
+}
+
 // Rows [first, R) of frame t's sequence of head h, video b -> dst rows [first, R) (converted to acc_t).
 template <typename acc_t>
 void gather_frame(const Frames& f, const TokenTensor& src, int64_t b, int64_t t, int64_t h, acc_t* dst,
                   int64_t first = 0) {
-  for (int64_t r = first; r < f.rows(); ++r) {
+  const int64_t R = f.rows();
+  for (int64_t r = first; r < R; ++r) {
+    if (r + kPrefetchRows < R) prefetch_row(src.row(b, f.token(t, r + kPrefetchRows), h), src.dim * src.elem);
     convert_row(src.row(b, f.token(t, r), h), src.dtype, dst + r * src.dim, src.dim);
   }
 }
@@ -125,15 +144,10 @@ void gather_frame(const Frames& f, const TokenTensor& src, int64_t b, int64_t t,
 // Software prefetch of the rows of frame t's sequence (head h, video b), issued one work item ahead by the
 // backward, whose gathers wait on them: in "nt" order a frame's rows are T tokens apart (24 KiB for
 // TimeSformer-B), a stride the hardware prefetcher does not follow.  (TimeSformer-B backward, 2-core EPYC: 2-4 %
-// faster; the forward, which reads the rows in place through BLAS, gained nothing from it, nor did prefetching
-// the output rows for writing.)
+// faster.  The forward prefetches a few rows ahead inside its copy loops instead: a whole item ahead gained
+// nothing there on the Intel VM.)
 inline void prefetch_frame(const Frames& f, const TokenTensor& x, int64_t b, int64_t t, int64_t h) {
-  constexpr int64_t kLine = 64;
-  const int64_t row_bytes = x.dim * x.elem;
-  for (int64_t r = 0; r < f.rows(); ++r) {
-    const char* row = x.row(b, f.token(t, r), h);
-    for (int64_t off = 0; off < row_bytes; off += kLine) __builtin_prefetch(row + off);
-  }
+  for (int64_t r = 0; r < f.rows(); ++r) prefetch_row(x.row(b, f.token(t, r), h), x.dim * x.elem);
 }
 
 // Work item -> (video, frame, head); items are ordered (b, t, h), so partial buffers [B, T, heads, ...] are
@@ -193,46 +207,68 @@ void normalise_row(acc_t* a, int64_t Dv, acc_t m, acc_t l, acc_t* lse) {
   }
 }
 
-// Forward: nothing is gathered.  The patch queries of an item are read in place in blocks of <= kSpatialBlockM, its
-// patch keys/values in blocks of kFwdBlockN, and the cls key/value row is the tile's extra key; the cls query is
-// one more 1-row tile over the same keys.
+// Forward: per item, the frame's R rows (cls first) copied into contiguous buffers -- the keys straight into K^T
+// where the tiles take them transposed -- and the dense tile run on one R x R problem.  (Reading the patch rows in
+// place, with the cls key as an extra score column and the cls query as a 1-row tile, was 8 % slower: NOTES 25.)
 template <typename acc_t>
 void spatial_forward_kernel(const Frames& f, const TokenTensor& q, const TokenTensor& k, const TokenTensor& v,
                             const TokenTensor& out, acc_t* out_cls, acc_t* lse) {
-  const int64_t R = f.rows(), N = f.N, Dv = f.Dv;
-  Problem base;
-  base.Lq = base.Lk = N;
-  base.D = f.D;
-  base.Dv = f.Dv;
-  base.scale = f.scale;
-  base.gemm = gemm_path();
-  // Query blocks of at most kSpatialBlockM rows, balanced (TimeSformer's N = 196: one block).
-  const int64_t block_m = ceil_div(N, ceil_div(N, kSpatialBlockM));
+  const int64_t R = f.rows(), N = f.N, D = f.D, Dv = f.Dv;
+  const int64_t block_m = ceil_div(R, ceil_div(R, kSpatialBlockM));
+  // K^T's row stride: columns 1 .. round16(N) (transpose_32bit zero-fills past N); not a multiple of 1 KiB, which
+  // would put K^T's rows into the same cache sets.
+  int64_t ldkt = (N + 15) / 16 * 16 + 16;
+  if (ldkt % 256 == 0) ldkt += 16;
+  const bool direct_kt = k.dtype == acc_scalar_type<acc_t>();
   at::parallel_for(0, f.items(), 1, [&](int64_t begin, int64_t end) {
     SerialBlasGuard serial_blas;
-    ForwardTile<acc_t> tile(base, block_m);
-    Problem p = base;
+    Scratch<acc_t> buffers(Scratch<acc_t>::rounded(R * D) * 2 + Scratch<acc_t>::rounded(R * Dv) +
+                           Scratch<acc_t>::rounded(D * ldkt));
+    acc_t* Qb = buffers.take(R * D);
+    acc_t* Kb = buffers.take(R * D);
+    acc_t* Vb = buffers.take(R * Dv);
+    acc_t* Kt = buffers.take(D * ldkt);
+    const Problem p = frame_problem(f, Qb, Kb, Vb);
+    ForwardTile<acc_t> tile(p, block_m);
+    if (tile.transpose_keys) tile.use_transposed_keys(Kt, ldkt);
     for (int64_t item = begin; item < end; ++item) {
       const Item it = locate(f, item);
-      p.q = frame_patches(f, q, it.b, it.t, it.h);
-      p.k = frame_patches(f, k, it.b, it.t, it.h);
-      p.v = frame_patches(f, v, it.b, it.t, it.h);
-      const char* k_cls = k.row(it.b, 0, it.h);
-      const char* v_cls = v.row(it.b, 0, it.h);
+      gather_frame(f, q, it.b, it.t, it.h, Qb);
+      gather_frame(f, v, it.b, it.t, it.h, Vb);
+      if (tile.transpose_keys) {
+        // K^T column 0: the cls key; columns 1..N: the patch keys, transposed from their rows in place.
+        const acc_t* k_cls;
+        if (direct_kt) {
+          k_cls = reinterpret_cast<const acc_t*>(k.row(it.b, 0, it.h));
+          const HeadTensor patches = frame_patches(f, k, it.b, it.t, it.h);
+          transpose_32bit(N, D, patches.data, patches.sl, Kt + 1, ldkt);
+        } else {
+          gather_frame(f, k, it.b, it.t, it.h, Kb);
+          k_cls = Kb;
+          transpose_32bit(N, D, Kb + D, D, Kt + 1, ldkt);
+        }
+        for (int64_t d = 0; d < D; ++d) Kt[d * ldkt] = k_cls[d];
+      } else {
+        gather_frame(f, k, it.b, it.t, it.h, Kb);
+      }
       acc_t* lse_rows = lse + item * R;  // row 0: the cls query, row 1 + n: patch n
-      for (int64_t i0 = 0; i0 < N; i0 += block_m) {
-        const int64_t rows = std::min(block_m, N - i0);
-        tile.run(p, 0, 0, i0, rows, 0, N, k_cls, v_cls);
+      for (int64_t i0 = 0; i0 < R; i0 += block_m) {
+        const int64_t rows = std::min(block_m, R - i0);
+        tile.run(p, 0, 0, i0, rows, 0, R);
         for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r;
           acc_t* a = tile.acc + r * Dv;
-          normalise_row(a, Dv, tile.m[r], tile.l[r], lse_rows + 1 + i0 + r);
-          store_row(a, out.dtype, out.row(it.b, f.token(it.t, 1 + i0 + r), it.h), Dv);
+          normalise_row(a, Dv, tile.m[r], tile.l[r], lse_rows + i);
+          if (i == 0) {
+            std::copy(a, a + Dv, out_cls + item * Dv);
+          } else {
+            if (i + kPrefetchRows < R) {
+              prefetch_row(out.row(it.b, f.token(it.t, i + kPrefetchRows), it.h), Dv * out.elem, /*for_write=*/true);
+            }
+            store_row(a, out.dtype, out.row(it.b, f.token(it.t, i), it.h), Dv);
+          }
         }
       }
-      p.q.data = q.row(it.b, 0, it.h);  // the cls query of this frame: one row
-      tile.run(p, 0, 0, 0, 1, 0, N, k_cls, v_cls);
-      normalise_row(tile.acc, Dv, tile.m[0], tile.l[0], lse_rows);
-      std::copy(tile.acc, tile.acc + Dv, out_cls + item * Dv);
     }
   });
   reduce_over_frames(f, out_cls, Dv, static_cast<acc_t>(f.T), out);  // the cls token: mean over the frames
