@@ -30,6 +30,12 @@
 //   [B, Hq, Lq, Lk] gradient of the additive mask (= dS; float32, float64 for float64 inputs, contiguous; the
 //   caller sums it over the broadcast dimensions), else an empty tensor of shape [0].
 //
+// attention_bwd_into(q, k, v, mask, seed, out, lse, dout, dlse, causal, scale, dropout_p, mask_needs_grad,
+//                    dq!, dk!, dv!) -> dmask                                                     (CPU only)
+//   attention_bwd writing into the caller's dq, dk, dv (sizes and dtype of q, k, v; any strides with a contiguous
+//   last dim; they may be slices of one buffer): fastattn's packed-qkv path hands it the slices of the gradient of
+//   the tensor q, k, v were cut from, so autograd does not stack three gradients into it (fastattn/functional.py).
+//
 // window_fwd(q, k, v, table, seed, geometry, scale, dropout_p) -> (out, lse)        (Swin W-MSA / SW-MSA)
 //   q, k [B, H, W, heads, d], v [B, H, W, heads, dv]: image layout, one dtype, any strides (a strided head dim is
 //     copied once).  geometry = [H, W, wh, ww, sh, sw, uh, uw]: window, cyclic shift (torch.roll by (-sh, -sw)
@@ -66,6 +72,10 @@ TORCH_LIBRARY(fastattn, m) {
       "attention_bwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? seed, Tensor out, Tensor lse, "
       "Tensor dout, Tensor? dlse, int causal, float scale, float dropout_p, bool mask_needs_grad) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+  m.def(
+      "attention_bwd_into(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? seed, Tensor out, Tensor lse, "
+      "Tensor dout, Tensor? dlse, int causal, float scale, float dropout_p, bool mask_needs_grad, "
+      "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> Tensor dmask");
   m.def(
       "window_fwd(Tensor q, Tensor k, Tensor v, Tensor? table, Tensor? seed, int[] geometry, float scale, "
       "float dropout_p) -> (Tensor out, Tensor lse)");

@@ -31,7 +31,8 @@ BUILD_HINT = ("build it with `pip install --no-deps --no-build-isolation -e .` i
               "(or let fastattn JIT-build it on first use: unset FASTATTN_NO_JIT; needs a C++ compiler and ninja)")
 
 # Every op of csrc/ops.cpp: an older build without one of them counts as absent (and is rebuilt).
-OPS = ("attention_fwd", "attention_bwd", "window_fwd", "window_bwd", "spatial_fwd", "spatial_bwd")
+OPS = ("attention_fwd", "attention_bwd", "attention_bwd_into", "window_fwd", "window_bwd", "spatial_fwd",
+       "spatial_bwd")
 
 _lock = threading.Lock()
 _state = {"done": False, "ok": False, "error": None, "how": None}
@@ -182,6 +183,11 @@ def _register_fakes():
         dmask_shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if mask_needs_grad else (0,)
         return (_empty_like_layout(q, q.shape[-1], q.dtype), _empty_like_layout(k, k.shape[-1], k.dtype),
                 _empty_like_layout(v, v.shape[-1], v.dtype), q.new_empty(dmask_shape, dtype=_stats_dtype(q.dtype)))
+
+    @torch.library.register_fake("fastattn::attention_bwd_into")
+    def _(q, k, v, mask, seed, out, lse, dout, dlse, causal, scale, dropout_p, mask_needs_grad, dq, dk, dv):
+        dmask_shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if mask_needs_grad else (0,)
+        return q.new_empty(dmask_shape, dtype=_stats_dtype(q.dtype))
 
     @torch.library.register_fake("fastattn::window_fwd")
     def _(q, k, v, table, seed, geometry, scale, dropout_p):

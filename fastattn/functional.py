@@ -2,7 +2,8 @@
 
 Three thin layers: the public function validates and normalises its inputs (problem.py), dispatch picks a
 backend (dispatch.py), and ``AttentionFunction`` -- a torch.autograd.Function -- runs that backend's
-forward and backward.
+forward and backward.  ``PackedAttentionFunction`` is its variant for q, k, v cut from one tensor (a fused qkv
+projection) on backends that write gradients into given buffers.
 """
 from __future__ import annotations
 
@@ -42,6 +43,77 @@ class AttentionFunction(torch.autograd.Function):
             dout = torch.zeros_like(out)
         dq, dk, dv, dmask = BACKENDS[backend_name].backward(p, seed, out, lse, dout.contiguous(), dlse)
         return dq, dk, dv, dmask, None, None, None, None, None, None, None
+
+
+class PackedAttentionFunction(torch.autograd.Function):
+    """AttentionFunction for q, k, v that are views of one tensor ``base`` -- ``qkv.unbind(2)`` of a fused
+    projection, ``chunk``, slicing -- which together cover it exactly.  Its input is ``base`` itself, so
+    autograd's view backwards (``UnbindBackward``: a ``torch.stack`` of dq, dk, dv into a fresh tensor of base's
+    size) do not run: the backward allocates base's gradient once and the backend writes dq, dk, dv straight into
+    its slices (``backward_into``).  The results are the same as AttentionFunction's, bit for bit.
+    ``geometry``: (size, stride, storage offset relative to base) of q, k and v."""
+
+    @staticmethod
+    def forward(ctx, base, geometry, mask, seed, backend_name: str, causal: str, scale: float, dropout_p: float,
+                return_lse: bool, mask_needs_grad: bool):
+        q, k, v = (base.as_strided(size, stride, base.storage_offset() + offset) for size, stride, offset in geometry)
+        p = AttentionProblem(q, k, v, mask, causal, scale, dropout_p, return_lse, mask_needs_grad)
+        out, lse = BACKENDS[backend_name].forward(p, seed)
+        ctx.save_for_backward(base, mask, seed, out, lse)
+        ctx.problem_args = (geometry, backend_name, causal, scale, dropout_p, return_lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        base, mask, seed, out, lse = ctx.saved_tensors
+        geometry, backend_name, causal, scale, dropout_p, return_lse = ctx.problem_args
+        q, k, v = (base.as_strided(size, stride, base.storage_offset() + offset) for size, stride, offset in geometry)
+        p = AttentionProblem(q, k, v, mask, causal, scale, dropout_p, return_lse,
+                             mask_needs_grad=bool(ctx.needs_input_grad[2]))
+        if dout is None:
+            dout = torch.zeros_like(out)
+        # Every element of base belongs to exactly one of q, k, v (_packed_geometry), so nothing is left unwritten.
+        dbase = torch.empty_strided(base.shape, base.stride(), dtype=base.dtype, device=base.device)
+        dq, dk, dv = (dbase.as_strided(size, stride, offset) for size, stride, offset in geometry)
+        dmask = BACKENDS[backend_name].backward_into(p, seed, out, lse, dout.contiguous(), dlse, dq, dk, dv)
+        return dbase, None, dmask, None, None, None, None, None, None, None
+
+
+def _dense_span(sizes, strides) -> Optional[int]:
+    """The number of elements a strided layout spans if it is non-overlapping and dense (it covers exactly
+    [start, start + numel) of its storage), else None."""
+    dims = sorted((st, sz) for sz, st in zip(sizes, strides) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if sz == 0:
+            return None
+        if st != expected:
+            return None
+        expected *= sz
+    return expected
+
+
+def _packed_geometry(q, k, v):
+    """(base, geometry) when q, k, v are same-shaped, same-strided views of one dense tensor, a constant distance
+    apart, that together cover every element of it (so the backward can write its gradient without zeroing
+    it first); else None."""
+    base = q._base
+    if base is None or k._base is not base or v._base is not base:
+        return None
+    if not (base.requires_grad and q.requires_grad and k.requires_grad and v.requires_grad):
+        return None
+    if not (q.shape == k.shape == v.shape and q.stride() == k.stride() == v.stride()):
+        return None
+    if q.dtype != base.dtype or _dense_span(base.shape, base.stride()) != base.numel():
+        return None
+    offsets = [t.storage_offset() - base.storage_offset() for t in (q, k, v)]
+    first, second, third = sorted(offsets)
+    step = second - first
+    if first != 0 or step <= 0 or third - second != step:
+        return None
+    if _dense_span((3,) + tuple(q.shape), (step,) + tuple(q.stride())) != base.numel():
+        return None
+    return base, tuple((tuple(t.shape), tuple(t.stride()), off) for t, off in zip((q, k, v), offsets))
 
 
 def _draw_seed(dropout_p: float) -> Optional[torch.Tensor]:
@@ -84,8 +156,16 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, dropout_p=0.
         out, lse = chosen.forward(p)
         return (out, lse) if return_lse else out
     seed = _draw_seed(p.dropout_p)
-    out, lse = AttentionFunction.apply(p.q, p.k, p.v, p.mask, seed, chosen.name, p.causal, p.scale,
-                                       p.dropout_p, p.return_lse, p.mask_needs_grad)
+    packed = None
+    if (getattr(chosen, "backward_into", None) is not None and torch.is_grad_enabled() and p.q.requires_grad
+            and not torch.compiler.is_compiling()):
+        packed = _packed_geometry(p.q, p.k, p.v)
+    if packed is not None:
+        out, lse = PackedAttentionFunction.apply(packed[0], packed[1], p.mask, seed, chosen.name, p.causal, p.scale,
+                                                 p.dropout_p, p.return_lse, p.mask_needs_grad)
+    else:
+        out, lse = AttentionFunction.apply(p.q, p.k, p.v, p.mask, seed, chosen.name, p.causal, p.scale,
+                                           p.dropout_p, p.return_lse, p.mask_needs_grad)
     return (out, lse) if return_lse else out
 
 

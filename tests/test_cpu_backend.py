@@ -282,6 +282,9 @@ def test_opcheck(ops, i):
     needs = mask is not None and mask.dtype != torch.bool
     torch.library.opcheck(ops.attention_bwd.default,
                           (q, k, v, mask, seed, out, lse, dout, dlse, causal, scale, p, needs))
+    grads = [torch.empty_like(t) for t in (q, k, v)]
+    torch.library.opcheck(ops.attention_bwd_into.default,
+                          (q, k, v, mask, seed, out, lse, dout, dlse, causal, scale, p, needs, *grads))
 
 
 @pytest.mark.parametrize("batch,schedule", [(2, "auto"), (1, "auto"), (1, "two_pass")])
@@ -319,6 +322,137 @@ def test_argument_errors_name_the_argument(ops):
     out, lse = ops.attention_fwd(q, k, v, None, None, 0, 1.0, 0.0)
     with pytest.raises(RuntimeError, match="lse: expected"):
         ops.attention_bwd(q, k, v, None, None, out, lse.double(), out, None, 0, 1.0, 0.0, False)
+
+
+# --- q, k, v cut from one tensor: the packed path (fastattn.functional.PackedAttentionFunction) --------------------
+def _graph_names(t):
+    names, stack, seen = set(), [t.grad_fn], set()
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        names.add(f.name())
+        stack += [n for n, _ in f.next_functions]
+    return names
+
+
+def _packed_and_unpacked(make_base, split, dtype=torch.float32, **kw):
+    """Output and gradients through the packed path, and through AttentionFunction on copies of the same q, k, v
+    (the dropout seed fixed); returns both and the names of the packed graph's nodes."""
+    results = []
+    for packed in (True, False):
+        torch.manual_seed(7)
+        base = make_base(dtype)
+        q, k, v = split(base)
+        if not packed:
+            q, k, v = (t.clone() for t in (q, k, v))
+        res = fastattn.attention(q, k, v, backend="cpu", **kw)
+        outs = res if isinstance(res, tuple) else (res,)
+        g = torch.Generator().manual_seed(3)
+        douts = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
+        leaves = [base] + ([kw["attn_mask"]] if kw.get("attn_mask") is not None and kw["attn_mask"].requires_grad
+                           else [])
+        grads = torch.autograd.grad(outs, leaves, douts)
+        results.append(([o.detach() for o in outs], grads, _graph_names(outs[0])))
+    return results
+
+
+def _leaf(shape):
+    return lambda dtype: torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(0)).requires_grad_()
+
+
+PACKED_LAYOUTS = {
+    # timm's Attention: qkv.reshape(B, N, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    "timm_unbind": (_leaf((2, 37, 3 * 4 * 16)),
+                    lambda x: x.view(2, 37, 3, 4, 16).permute(2, 0, 3, 1, 4).unbind(0)),
+    # q, k, v = linear(x).chunk(3, dim=-1), then split into heads
+    "chunk_last_dim": (_leaf((2, 19, 3 * 24)),
+                       lambda x: [t.view(2, 19, 3, 8).transpose(1, 2) for t in x.chunk(3, dim=-1)]),
+    # a packed [3, B, H, L, D] tensor indexed
+    "leading_three": (_leaf((3, 1, 2, 130, 8)), lambda x: (x[0], x[1], x[2])),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(PACKED_LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_packed_qkv_gradients_equal_the_unpacked_path(ops, layout, dtype):
+    """The packed path writes dq, dk, dv into one gradient buffer (no UnbindBackward's stack); its outputs and
+    gradients equal AttentionFunction's on copies of the same inputs bit for bit (the same kernels run)."""
+    make, split = PACKED_LAYOUTS[layout]
+    (o1, g1, names1), (o2, g2, names2) = _packed_and_unpacked(make, split, dtype, causal=True)
+    assert "PackedAttentionFunctionBackward" in names1 and "UnbindBackward0" not in names1
+    assert "AttentionFunctionBackward" in names2
+    for a, b in zip(o1 + list(g1), o2 + list(g2)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_packed_qkv_with_mask_gradient_dropout_and_lse(ops):
+    bias = torch.randn(1, 4, 37, 37, requires_grad=True)
+    make, split = PACKED_LAYOUTS["timm_unbind"]
+    (o1, g1, names1), (o2, g2, _) = _packed_and_unpacked(make, split, attn_mask=bias, dropout_p=0.2,
+                                                         return_lse=True)
+    assert "PackedAttentionFunctionBackward" in names1
+    assert len(g1) == 2  # the base and the mask
+    for a, b in zip(o1 + list(g1), o2 + list(g2)):
+        assert torch.equal(a, b)
+
+
+def test_packed_qkv_gradcheck_float64(ops):
+    x = torch.randn(1, 6, 3 * 2 * 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        q, k, v = x.view(1, 6, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        return fastattn.attention(q, k, v, causal="bottom_right", backend="cpu")
+    assert "PackedAttentionFunctionBackward" in _graph_names(f(x))
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+@pytest.mark.parametrize("case", ["gqa", "partial_cover", "k_detached", "separate_tensors", "no_grad_base"])
+def test_packed_path_falls_back_where_it_does_not_apply(ops, case):
+    """Views that do not cover their base exactly, or that autograd must treat separately, take
+    AttentionFunction -- with the same gradients as on copies."""
+    x = torch.randn(2, 11, 4, 3, 8, requires_grad=True)  # four slots: q, k, v and one more
+    q, k, v = x[:, :, 0].transpose(1, 2), x[:, :, 1].transpose(1, 2), x[:, :, 2].transpose(1, 2)
+    if case == "gqa":
+        k, v = k[:, :1], v[:, :1]
+    elif case == "k_detached":
+        k = k.detach()
+    elif case == "separate_tensors":
+        k = torch.randn(2, 3, 11, 8, requires_grad=True)
+    elif case == "no_grad_base":
+        x = x.detach()
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fastattn.attention(q, k, v, backend="cpu")
+    names = _graph_names(out)
+    assert "PackedAttentionFunctionBackward" not in names and "AttentionFunctionBackward" in names
+    leaves = [t for t in (x, q, k, v) if t.requires_grad and t.grad_fn is None]
+    got = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    copies = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = fastattn.attention(*copies, backend="cpu")
+    dq, dk, dv = torch.autograd.grad(ref, copies, torch.ones_like(ref))
+    if case in ("partial_cover", "k_detached"):  # x's gradient: q's slot as on copies; no gradient in slot 3
+        assert torch.equal(got[0][:, :, 0], dq.transpose(1, 2))
+        assert not got[0][:, :, 3].any()
+        if case == "k_detached":
+            assert not got[0][:, :, 1].any()
+        else:
+            assert torch.equal(got[0][:, :, 1], dk.transpose(1, 2))
+    else:
+        assert all(torch.isfinite(g).all() for g in got)
+
+
+def test_attention_bwd_into_errors_name_the_argument(ops):
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 1, 5, 6, 8, 8))
+    out, lse = ops.attention_fwd(q, k, v, None, None, 0, 1.0, 0.0)
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    with pytest.raises(RuntimeError, match="dk: expected a CPU Float tensor of size"):
+        ops.attention_bwd_into(q, k, v, None, None, out, lse, out, None, 0, 1.0, 0.0, False, dq, dk[..., :4], dv)
+    with pytest.raises(RuntimeError, match="dv: expected a CPU Float tensor"):
+        ops.attention_bwd_into(q, k, v, None, None, out, lse, out, None, 0, 1.0, 0.0, False, dq, dk, dv.double())
+    with pytest.raises(RuntimeError, match="dq: its last dimension must be contiguous"):
+        ops.attention_bwd_into(q, k, v, None, None, out, lse, out, None, 0, 1.0, 0.0, False,
+                               torch.empty(1, 2, 8, 5).transpose(2, 3), dk, dv)
 
 
 # --- long sequences, other code paths (in a child process: its own peak memory, its own environment) ------------

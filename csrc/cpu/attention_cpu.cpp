@@ -466,11 +466,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const std::optional<at::Tensor>& mask,
-    const std::optional<at::Tensor>& seed, const at::Tensor& out_in, const at::Tensor& lse_in,
-    const at::Tensor& dout_in, const std::optional<at::Tensor>& dlse_in, int64_t causal, double scale,
-    double dropout_p, bool mask_needs_grad) {
+// The backward into given dq, dk, dv (attention_bwd allocates them; attention_bwd_into takes the caller's, e.g.
+// the slices of one gradient buffer of a packed qkv tensor).  Returns dmask.
+at::Tensor attention_bwd_impl(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                              const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& seed,
+                              const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& dout_in,
+                              const std::optional<at::Tensor>& dlse_in, int64_t causal, double scale,
+                              double dropout_p, bool mask_needs_grad, at::Tensor& dq, at::Tensor& dk,
+                              at::Tensor& dv) {
   check_head_tensor(q_in, "q");
   check_head_tensor(k_in, "k");
   check_head_tensor(v_in, "v");
@@ -502,9 +505,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     dlse = dlse_in->to(stats).contiguous();
   }
 
-  at::Tensor dq = empty_like_layout(q_in, p.D, q.scalar_type());
-  at::Tensor dk = empty_like_layout(k_in, p.D, q.scalar_type());
-  at::Tensor dv = empty_like_layout(v_in, p.Dv, q.scalar_type());
+  for (const auto& [t, name, ref] : {std::make_tuple(&dq, "dq", &q), std::make_tuple(&dk, "dk", &k),
+                                     std::make_tuple(&dv, "dv", &v)}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == q.scalar_type() && t->sizes() == ref->sizes(), name,
+                ": expected a CPU ", q.scalar_type(), " tensor of size ", ref->sizes(), ", got ", t->scalar_type(),
+                " ", t->sizes(), " on ", t->device());
+    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, name, ": its last dimension must be contiguous, got strides ",
+                t->strides());
+  }
   maybe_poison(dq);
   maybe_poison(dk);
   maybe_poison(dv);
@@ -545,7 +553,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   } else {
     run(0.0f);
   }
+  return dmask;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& seed, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dout,
+    const std::optional<at::Tensor>& dlse, int64_t causal, double scale, double dropout_p, bool mask_needs_grad) {
+  check_head_tensor(q, "q");
+  check_head_tensor(k, "k");
+  check_head_tensor(v, "v");
+  at::Tensor dq = empty_like_layout(q, q.size(3), q.scalar_type());
+  at::Tensor dk = empty_like_layout(k, k.size(3), q.scalar_type());
+  at::Tensor dv = empty_like_layout(v, v.size(3), q.scalar_type());
+  at::Tensor dmask = attention_bwd_impl(q, k, v, mask, seed, out, lse, dout, dlse, causal, scale, dropout_p,
+                                        mask_needs_grad, dq, dk, dv);
   return {dq, dk, dv, dmask};
+}
+
+at::Tensor attention_bwd_into_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& seed,
+                                  const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dout,
+                                  const std::optional<at::Tensor>& dlse, int64_t causal, double scale,
+                                  double dropout_p, bool mask_needs_grad, at::Tensor dq, at::Tensor dk,
+                                  at::Tensor dv) {
+  return attention_bwd_impl(q, k, v, mask, seed, out, lse, dout, dlse, causal, scale, dropout_p, mask_needs_grad,
+                            dq, dk, dv);
 }
 
 }  // namespace
@@ -554,4 +587,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("attention_fwd", &fastattn::cpu::attention_fwd_cpu);
   m.impl("attention_bwd", &fastattn::cpu::attention_bwd_cpu);
+  m.impl("attention_bwd_into", &fastattn::cpu::attention_bwd_into_cpu);
 }

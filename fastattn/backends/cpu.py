@@ -68,3 +68,11 @@ class CpuBackend(ExtensionBackend):
             if err is not None:
                 why.append(err)
         return why
+
+    def backward_into(self, p, seed, out, lse, dout, dlse, dq, dk, dv):
+        """backward writing into the given dq, dk, dv (views with a contiguous last dim, e.g. the slices of one
+        packed qkv gradient: fastattn.functional.PackedAttentionFunction); returns the mask gradient or None."""
+        dmask = _ext.ops().attention_bwd_into(p.q, p.k, p.v, self._mask(p), seed, out, lse, dout, dlse,
+                                              CAUSAL_CODES[p.causal], p.scale, p.dropout_p, p.mask_needs_grad,
+                                              dq, dk, dv)
+        return dmask.sum_to_size(p.mask.shape).to(p.mask.dtype) if p.mask_needs_grad else None
