@@ -7,6 +7,9 @@ projection) on backends that write gradients into given buffers.
 """
 from __future__ import annotations
 
+import contextvars
+import functools
+import os
 from typing import Optional
 
 import torch
@@ -116,6 +119,33 @@ def _packed_geometry(q, k, v):
     return base, tuple((tuple(t.shape), tuple(t.stride()), off) for t, off in zip((q, k, v), offsets))
 
 
+# The packed path takes q, k, v out of the autograd graph (its input is their base), so hooks registered on them
+# and retain_grad() would not see their gradients: it stands aside when it can see either -- on the tensors passed
+# to attention, and (respects_qkv_hooks) on those passed to the functions that hand views of them on.  Views in
+# between that it is not given (a hook on k, then attention(k.transpose(1, 2), ...)) it cannot see: README,
+# "Packed q, k, v".  FASTATTN_PACKED_QKV=0 turns the path off.
+_PACK_QKV = contextvars.ContextVar("fastattn_pack_qkv", default=True)
+
+
+def _grad_observed(*tensors) -> bool:
+    return any(isinstance(t, torch.Tensor) and (t.retains_grad or bool(t._backward_hooks)) for t in tensors)
+
+
+def respects_qkv_hooks(fn):
+    """Decorator of the public functions that pass views of their q, k, v (first three arguments) on to
+    ``attention``: with a hook or retain_grad() on one of them, no packed path below."""
+    @functools.wraps(fn)
+    def wrapper(q, k, v, *args, **kwargs):
+        if torch.compiler.is_compiling() or not _grad_observed(q, k, v):
+            return fn(q, k, v, *args, **kwargs)
+        token = _PACK_QKV.set(False)
+        try:
+            return fn(q, k, v, *args, **kwargs)
+        finally:
+            _PACK_QKV.reset(token)
+    return wrapper
+
+
 def _draw_seed(dropout_p: float) -> Optional[torch.Tensor]:
     """The dropout seed: drawn from torch's default CPU generator, so torch.manual_seed fixes it."""
     if dropout_p == 0.0:
@@ -158,7 +188,8 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, dropout_p=0.
     seed = _draw_seed(p.dropout_p)
     packed = None
     if (getattr(chosen, "backward_into", None) is not None and torch.is_grad_enabled() and p.q.requires_grad
-            and not torch.compiler.is_compiling()):
+            and not torch.compiler.is_compiling() and _PACK_QKV.get() and os.environ.get("FASTATTN_PACKED_QKV") != "0"
+            and not _grad_observed(q, k, v, p.q, p.k, p.v)):
         packed = _packed_geometry(p.q, p.k, p.v)
     if packed is not None:
         out, lse = PackedAttentionFunction.apply(packed[0], packed[1], p.mask, seed, chosen.name, p.causal, p.scale,

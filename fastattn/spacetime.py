@@ -116,7 +116,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import dispatch
-from .functional import attention
+from .functional import attention, respects_qkv_hooks
 from .problem import make_problem
 
 __all__ = ["axial_attention", "temporal_attention", "spatial_attention", "factorised_dot_product_attention",
@@ -284,6 +284,7 @@ def _scale(scale, d) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # Axial attention and ViViT's factorised models.
 # ---------------------------------------------------------------------------------------------------------
+@respects_qkv_hooks
 def axial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: IntOrTuple, axis: AxisSpec,
                     layout: Optional[str] = None, scale: Optional[float] = None, dropout_p: float = 0.0,
                     backend=None) -> torch.Tensor:
@@ -309,6 +310,7 @@ def axial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: 
     return _finish(out, q)
 
 
+@respects_qkv_hooks
 def factorised_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: IntOrTuple,
                                      layout: Optional[str] = None, scale: Optional[float] = None,
                                      dropout_p: float = 0.0, backend=None) -> torch.Tensor:
@@ -357,6 +359,7 @@ def _check_frames(num_frames) -> int:
     return num_frames
 
 
+@respects_qkv_hooks
 def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_frames: int,
                        token_order: str = "nt", scale: Optional[float] = None, dropout_p: float = 0.0,
                        backend=None) -> torch.Tensor:
@@ -459,6 +462,7 @@ def _merge_one_key(out: torch.Tensor, lse: torch.Tensor, score: torch.Tensor, va
     return torch.lerp(out.to(w.dtype), value.to(w.dtype), w).to(out.dtype)
 
 
+@respects_qkv_hooks
 def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_frames: int,
                       cls_token: bool = True, token_order: str = "nt", scale: Optional[float] = None,
                       dropout_p: float = 0.0, backend=None) -> torch.Tensor:
@@ -539,6 +543,7 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_
 # ---------------------------------------------------------------------------------------------------------
 # TimeSformer's sparse local-global attention (L+G).
 # ---------------------------------------------------------------------------------------------------------
+@respects_qkv_hooks
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: IntOrTuple, window: IntOrTuple,
                     layout: Optional[str] = None, scale: Optional[float] = None, dropout_p: float = 0.0,
                     backend=None) -> torch.Tensor:
@@ -602,6 +607,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: 
     return out if q.dim() == 4 else out.view(qg.shape[:-1] + (out.shape[-1],))
 
 
+@respects_qkv_hooks
 def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: IntOrTuple,
                      stride: IntOrTuple = 2, layout: Optional[str] = None, scale: Optional[float] = None,
                      dropout_p: float = 0.0, backend=None) -> torch.Tensor:

@@ -442,6 +442,37 @@ def test_packed_path_falls_back_where_it_does_not_apply(ops, case):
         assert all(torch.isfinite(g).all() for g in got)
 
 
+@pytest.mark.parametrize("watch", ["retain_grad", "hook"])
+@pytest.mark.parametrize("entry", ["attention", "temporal_attention"])
+def test_packed_path_stands_aside_for_hooks_on_q_k_v(ops, watch, entry):
+    """The packed path takes q, k, v out of the graph; with retain_grad() or a hook on one of them it is not taken,
+    so they see their gradients."""
+    x = torch.randn(2, 12, 3, 2, 8, requires_grad=True)
+    q, k, v = x.unbind(2) if entry == "temporal_attention" else x.permute(2, 0, 3, 1, 4).unbind(0)
+    seen = []
+    if watch == "retain_grad":
+        k.retain_grad()
+    else:
+        k.register_hook(lambda g: seen.append(g.clone()))
+    if entry == "attention":
+        out = fastattn.attention(q, k, v, backend="cpu")
+    else:
+        out = fastattn.temporal_attention(q, k, v, num_frames=3, backend="cpu")
+    assert "PackedAttentionFunctionBackward" not in _graph_names(out)
+    out.sum().backward()
+    got = k.grad if watch == "retain_grad" else seen[0]
+    want = x.grad[:, :, 1] if entry == "temporal_attention" else x.grad[:, :, 1].transpose(1, 2)
+    assert got is not None and torch.equal(got, want)
+
+
+def test_packed_path_switched_off_by_the_environment(ops, monkeypatch):
+    x = torch.randn(2, 12, 3, 2, 8, requires_grad=True)
+    q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)
+    assert "PackedAttentionFunctionBackward" in _graph_names(fastattn.attention(q, k, v, backend="cpu"))
+    monkeypatch.setenv("FASTATTN_PACKED_QKV", "0")
+    assert "PackedAttentionFunctionBackward" not in _graph_names(fastattn.attention(q, k, v, backend="cpu"))
+
+
 def test_attention_bwd_into_errors_name_the_argument(ops):
     q, k, v = (t.detach() for t in make_qkv(1, 2, 1, 5, 6, 8, 8))
     out, lse = ops.attention_fwd(q, k, v, None, None, 0, 1.0, 0.0)

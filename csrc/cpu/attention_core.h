@@ -154,9 +154,9 @@ inline int64_t forward_key_splits(const Problem& p, int64_t items) {
   return std::min(key_blocks, ceil_div(2 * threads, items));  // about two splits per thread
 }
 
-// The online-softmax update of the query rows [i0, i0 + rows) for one block of scores S (keys j0 .. j0 + cols;
-// j0 = -1: a block without key indices): m, l and the rows of acc (leading dimension acc_ld, Dv columns used) are
-// rescaled and S becomes P = exp(S - m_new), then dropout(P), ready for acc += P V.
+// The online-softmax update of the query rows [i0, i0 + rows) for one block of scores S (keys j0 .. j0 + cols):
+// m, l and the rows of acc (leading dimension acc_ld, Dv columns used) are rescaled and S becomes
+// P = exp(S - m_new), then dropout(P), ready for acc += P V.
 // acc_fresh: acc holds nothing yet (the first key block; the caller's acc += P V then overwrites it): no rescale.
 template <typename acc_t>
 void online_softmax_update(const Problem& p, acc_t* S, int64_t lds, int64_t rows, int64_t cols, bool acc_fresh,
@@ -177,7 +177,7 @@ void online_softmax_update(const Problem& p, acc_t* S, int64_t lds, int64_t rows
     if (!acc_fresh && alpha != acc_t(1)) {
       for (int64_t d = 0; d < p.Dv; ++d) a[d] *= alpha;
     }
-    if (p.dropout && j0 >= 0) apply_dropout(p, s, cols, bh, i0 + r, j0);
+    if (p.dropout) apply_dropout(p, s, cols, bh, i0 + r, j0);
   }
 }
 
@@ -193,8 +193,9 @@ struct ForwardTile {
   // float32 on the AVX-512 tiles: each key block is transposed once per thread into a slot ([D, kKeyTLd]) and
   // kept while the thread's next query blocks (of the same head: at::parallel_for hands out contiguous items)
   // reuse it -- mm_nt would transpose it again for every query block (NOTES entry 24).  A slot is tagged with
-  // the address of its block's first key row, which names the block within one op call (the spatial op changes
-  // p.k per frame).  Above kMaxKeySlotBytes a single slot is repacked per block.
+  // the address of its block's first key row, which names the block within one op call (p.k's rows do not move
+  // during a call; a caller that reuses one key buffer for other keys passes its own K^T: use_transposed_keys).
+  // Above kMaxKeySlotBytes a single slot is repacked per block.
   static constexpr int64_t kKeyTLd = kFwdBlockN + 16;  // not a multiple of 1 KiB (cache sets)
   static constexpr int64_t kMaxKeySlotBytes = int64_t(32) << 20;
   bool transpose_keys = false;
