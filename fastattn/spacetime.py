@@ -94,9 +94,9 @@ the attention layout; the result is exact either way.  Other copies, by op:
   ``[B, 1+T*N, heads, dv]`` is written once (the cls row and the patch rows into one new tensor).
   Where the dispatch picks the ``cpu`` backend (fastattn._C) and there is no dropout, neither: the op
   ``fastattn::spatial_fwd`` / ``spatial_bwd`` (csrc/cpu/spacetime_cpu.cpp) addresses each (video, frame, head)'s
-  ``[cls, N patches]`` rows by index math -- the forward reads the patch rows in place with the cls key as one
-  extra score column, the backward gathers the rows into per-thread buffers -- and writes the rows back: no
-  concatenation, no output copy, the cls mean and its gradients' frame sums in the kernel;
+  ``[cls, N patches]`` rows by index math -- gathered into per-thread buffers (the forward's keys straight into
+  K^T), one (1+N) x (1+N) problem per item -- and writes the rows back: no concatenation, no output copy, the cls
+  mean and its gradients' frame sums in the kernel;
 * model 4: the two halves' outputs are written into one new ``[.., heads, dv]`` tensor (the concatenation);
 * local: when ``window`` divides the grid, the blocks are views of the grid and only the block dims are
   merged (a copy unless a block spans whole rows/frames); otherwise one gather per q/k/v into
