@@ -167,6 +167,22 @@ FA_INLINE float max_exp_sum_body(float* x, int64_t n, float* m_io, bool normaliz
 }
 
 // Philox in lanes: the same rounds as csrc/philox.h, written over arrays so the 32x32->64 multiplies vectorise.
+FA_INLINE float dot_body(const float* x, const float* y, int64_t n) {
+  vfloat s0 = splat(0.0f), s1 = splat(0.0f);
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
+    s0 += load(x + j) * load(y + j);
+    s1 += load(x + j + kLanes) * load(y + j + kLanes);
+  }
+  if (j + kLanes <= n) {
+    s0 += load(x + j) * load(y + j);
+    j += kLanes;
+  }
+  float s = lane_sum(s0 + s1);
+  for (; j < n; ++j) s += x[j] * y[j];
+  return s;
+}
+
 FA_INLINE void dropout_row_body(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
                                 uint32_t threshold, float scale) {
   int64_t j = 0;
@@ -203,6 +219,7 @@ FA_INLINE void dropout_row_body(float* p, int64_t n, uint64_t seed, uint32_t bh,
 
 // --- the three compilations -----------------------------------------------------------------------------------
 float row_max_baseline(const float* x, int64_t n) { return row_max_body(x, n); }
+float dot_baseline(const float* x, const float* y, int64_t n) { return dot_body(x, y, n); }
 float exp_shift_sum_baseline(float* x, int64_t n, float shift) { return exp_shift_sum_body(x, n, shift); }
 float scale_row_max_baseline(float* x, int64_t n, float scale) { return scale_row_max_body(x, n, scale); }
 float max_exp_sum_baseline(float* x, int64_t n, float* m_io, bool normalize) {
@@ -215,6 +232,7 @@ void dropout_row_baseline(float* p, int64_t n, uint64_t seed, uint32_t bh, uint3
 
 #if FA_X86_DISPATCH
 FA_TARGET_AVX2 float row_max_avx2(const float* x, int64_t n) { return row_max_body(x, n); }
+FA_TARGET_AVX2 float dot_avx2(const float* x, const float* y, int64_t n) { return dot_body(x, y, n); }
 FA_TARGET_AVX2 float exp_shift_sum_avx2(float* x, int64_t n, float shift) { return exp_shift_sum_body(x, n, shift); }
 FA_TARGET_AVX2 float scale_row_max_avx2(float* x, int64_t n, float scale) { return scale_row_max_body(x, n, scale); }
 FA_TARGET_AVX2 float max_exp_sum_avx2(float* x, int64_t n, float* m_io, bool normalize) {
@@ -234,6 +252,8 @@ FA_TARGET_AVX512 FA_INLINE __mmask16 tail_mask(int64_t left) {
 // of dependent max/add latencies) and a tree reduction of the lanes at the end (16 serial scalar steps cost as much
 // as a 512-column row's loads); masked loads for the tail.  Order is fixed, so results are reproducible.
 // row_max: NaN is skipped (MAXPS returns its second operand when either is NaN: the accumulator is never NaN).
+FA_TARGET_AVX512 float dot_avx512(const float* x, const float* y, int64_t n) { return dot_body(x, y, n); }
+
 FA_TARGET_AVX512 float row_max_avx512(const float* x, int64_t n) {
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
@@ -387,12 +407,12 @@ FA_TARGET_AVX512 void dropout_row_avx512(float* p, int64_t n, uint64_t seed, uin
 
 RowKernels choose() {
   const RowKernels baseline{row_max_baseline, exp_shift_sum_baseline, dropout_row_baseline, scale_row_max_baseline,
-                            max_exp_sum_baseline, "baseline"};
+                            max_exp_sum_baseline, dot_baseline, "baseline"};
 #if FA_X86_DISPATCH
   const RowKernels avx2{row_max_avx2, exp_shift_sum_avx2, dropout_row_avx2, scale_row_max_avx2, max_exp_sum_avx2,
-                        "avx2"};
+                        dot_avx2, "avx2"};
   const RowKernels avx512{row_max_avx512, exp_shift_sum_avx512, dropout_row_avx512, scale_row_max_avx512,
-                          max_exp_sum_avx512, "avx512"};
+                          max_exp_sum_avx512, dot_avx512, "avx512"};
   __builtin_cpu_init();
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&

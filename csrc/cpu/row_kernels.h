@@ -29,6 +29,8 @@ struct RowKernels {
   // `normalize`); *m_io = m; returns the sum of the exps.  A row with m = -inf (every score -inf so far) becomes
   // zeros, returns 0 and leaves *m_io.  Short rows (<= 128) stay in registers: one read and one write.
   float (*max_exp_sum)(float* x, int64_t n, float* m_io, bool normalize);
+  // sum_j x[j] * y[j] in 16 partial sums combined in a fixed order (the same order for every ISA).
+  float (*dot)(const float* x, const float* y, int64_t n);
   const char* isa;  // "avx512", "avx2" or "baseline"
 };
 
@@ -48,7 +50,13 @@ inline float max_exp_sum(float* x, int64_t n, float* m_io, bool normalize) {
   return row_kernels().max_exp_sum(x, n, m_io, normalize);
 }
 
+inline float dot(const float* x, const float* y, int64_t n) { return row_kernels().dot(x, y, n); }
 // --- float64: plain loops -----------------------------------------------------------------------------------
+inline double dot(const double* x, const double* y, int64_t n) {
+  double s = 0.0;
+  for (int64_t j = 0; j < n; ++j) s += x[j] * y[j];
+  return s;
+}
 inline double row_max(const double* x, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
   for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;

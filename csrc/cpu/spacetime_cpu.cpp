@@ -312,11 +312,7 @@ void spatial_backward_kernel(const Frames& f, const TokenTensor& q, const TokenT
       convert_row(g.dout.row(it.b, 0, it.h), g.dout.dtype, dOb, Dv);  // d(mean)/d(frame t's cls output) = 1/T
       for (int64_t d = 0; d < Dv; ++d) dOb[d] *= inv_frames;
       gather_frame(f, g.dout, it.b, it.t, it.h, dOb, 1);
-      for (int64_t r = 0; r < R; ++r) {  // Delta = rowsum(dO * O)
-        acc_t sum = 0;
-        for (int64_t d = 0; d < Dv; ++d) sum += dOb[r * Dv + d] * Ob[r * Dv + d];
-        delta[r] = sum;
-      }
+      for (int64_t r = 0; r < R; ++r) delta[r] = dot(dOb + r * Dv, Ob + r * Dv, Dv);  // Delta = rowsum(dO * O)
       if (item + 1 < end) {  // the next item's rows, while this one computes
         const Item next = locate(f, item + 1);
         for (const TokenTensor* x : {&q, &k, &v, &g.out, &g.dout}) prefetch_frame(f, *x, next.b, next.t, next.h);
