@@ -166,7 +166,7 @@ FA_INLINE float max_exp_sum_body(float* x, int64_t n, float* m_io, bool normaliz
   return sum;
 }
 
-// Philox in lanes: the same rounds as csrc/philox.h, written over arrays so the 32x32->64 multiplies vectorise.
+// sum_j x[j] y[j]: two 16-lane accumulators, lanes combined in lane_sum's fixed order.
 FA_INLINE float dot_body(const float* x, const float* y, int64_t n) {
   vfloat s0 = splat(0.0f), s1 = splat(0.0f);
   int64_t j = 0;
@@ -183,6 +183,7 @@ FA_INLINE float dot_body(const float* x, const float* y, int64_t n) {
   return s;
 }
 
+// Philox in lanes: the same rounds as csrc/philox.h, written over arrays so the 32x32->64 multiplies vectorise.
 FA_INLINE void dropout_row_body(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
                                 uint32_t threshold, float scale) {
   int64_t j = 0;
@@ -252,8 +253,6 @@ FA_TARGET_AVX512 FA_INLINE __mmask16 tail_mask(int64_t left) {
 // of dependent max/add latencies) and a tree reduction of the lanes at the end (16 serial scalar steps cost as much
 // as a 512-column row's loads); masked loads for the tail.  Order is fixed, so results are reproducible.
 // row_max: NaN is skipped (MAXPS returns its second operand when either is NaN: the accumulator is never NaN).
-FA_TARGET_AVX512 float dot_avx512(const float* x, const float* y, int64_t n) { return dot_body(x, y, n); }
-
 FA_TARGET_AVX512 float row_max_avx512(const float* x, int64_t n) {
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
@@ -403,6 +402,8 @@ FA_TARGET_AVX512 void dropout_row_avx512(float* p, int64_t n, uint64_t seed, uin
                                          uint32_t threshold, float scale) {
   dropout_row_body(p, n, seed, bh, m, n0, threshold, scale);
 }
+
+FA_TARGET_AVX512 float dot_avx512(const float* x, const float* y, int64_t n) { return dot_body(x, y, n); }
 #endif
 
 RowKernels choose() {
