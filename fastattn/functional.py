@@ -57,9 +57,14 @@ class PackedAttentionFunction(torch.autograd.Function):
     ``geometry``: (size, stride, storage offset relative to base) of q, k and v."""
 
     @staticmethod
+    def _views(t, geometry):
+        """q, k, v (or their gradients) as views of t, which has base's shape and strides."""
+        return [t.as_strided(size, stride, t.storage_offset() + offset) for size, stride, offset in geometry]
+
+    @staticmethod
     def forward(ctx, base, geometry, mask, seed, backend_name: str, causal: str, scale: float, dropout_p: float,
                 return_lse: bool, mask_needs_grad: bool):
-        q, k, v = (base.as_strided(size, stride, base.storage_offset() + offset) for size, stride, offset in geometry)
+        q, k, v = PackedAttentionFunction._views(base, geometry)
         p = AttentionProblem(q, k, v, mask, causal, scale, dropout_p, return_lse, mask_needs_grad)
         out, lse = BACKENDS[backend_name].forward(p, seed)
         ctx.save_for_backward(base, mask, seed, out, lse)
@@ -70,14 +75,14 @@ class PackedAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         base, mask, seed, out, lse = ctx.saved_tensors
         geometry, backend_name, causal, scale, dropout_p, return_lse = ctx.problem_args
-        q, k, v = (base.as_strided(size, stride, base.storage_offset() + offset) for size, stride, offset in geometry)
+        q, k, v = PackedAttentionFunction._views(base, geometry)
         p = AttentionProblem(q, k, v, mask, causal, scale, dropout_p, return_lse,
                              mask_needs_grad=bool(ctx.needs_input_grad[2]))
         if dout is None:
             dout = torch.zeros_like(out)
         # Every element of base belongs to exactly one of q, k, v (_packed_geometry), so nothing is left unwritten.
         dbase = torch.empty_strided(base.shape, base.stride(), dtype=base.dtype, device=base.device)
-        dq, dk, dv = (dbase.as_strided(size, stride, offset) for size, stride, offset in geometry)
+        dq, dk, dv = PackedAttentionFunction._views(dbase, geometry)
         dmask = BACKENDS[backend_name].backward_into(p, seed, out, lse, dout.contiguous(), dlse, dq, dk, dv)
         return dbase, None, dmask, None, None, None, None, None, None, None
 

@@ -215,8 +215,8 @@ void spatial_forward_kernel(const Frames& f, const TokenTensor& q, const TokenTe
                             const TokenTensor& out, acc_t* out_cls, acc_t* lse) {
   const int64_t R = f.rows(), N = f.N, D = f.D, Dv = f.Dv;
   const int64_t block_m = ceil_div(R, ceil_div(R, kSpatialBlockM));
-  // K^T's row stride: columns 1 .. round16(N) (transpose_32bit zero-fills past N); not a multiple of 1 KiB, which
-  // would put K^T's rows into the same cache sets.
+  // K^T's row stride: at least 1 + round16(N) (the patch keys go to columns 1..N and transpose_32bit zero-fills up
+  // to the next multiple of 16); not a multiple of 1 KiB, which would put K^T's rows into the same cache sets.
   int64_t ldkt = (N + 15) / 16 * 16 + 16;
   if (ldkt % 256 == 0) ldkt += 16;
   const bool direct_kt = k.dtype == acc_scalar_type<acc_t>();
@@ -235,21 +235,15 @@ void spatial_forward_kernel(const Frames& f, const TokenTensor& q, const TokenTe
       const Item it = locate(f, item);
       gather_frame(f, q, it.b, it.t, it.h, Qb);
       gather_frame(f, v, it.b, it.t, it.h, Vb);
-      if (tile.transpose_keys) {
+      if (tile.transpose_keys && direct_kt) {
         // K^T column 0: the cls key; columns 1..N: the patch keys, transposed from their rows in place.
-        const acc_t* k_cls;
-        if (direct_kt) {
-          k_cls = reinterpret_cast<const acc_t*>(k.row(it.b, 0, it.h));
-          const HeadTensor patches = frame_patches(f, k, it.b, it.t, it.h);
-          transpose_32bit(N, D, patches.data, patches.sl, Kt + 1, ldkt);
-        } else {
-          gather_frame(f, k, it.b, it.t, it.h, Kb);
-          k_cls = Kb;
-          transpose_32bit(N, D, Kb + D, D, Kt + 1, ldkt);
-        }
+        const HeadTensor patches = frame_patches(f, k, it.b, it.t, it.h);
+        transpose_32bit(N, D, patches.data, patches.sl, Kt + 1, ldkt);
+        const acc_t* k_cls = reinterpret_cast<const acc_t*>(k.row(it.b, 0, it.h));
         for (int64_t d = 0; d < D; ++d) Kt[d * ldkt] = k_cls[d];
-      } else {
+      } else {  // converted rows (cls first); K^T of all of them where the tiles take it
         gather_frame(f, k, it.b, it.t, it.h, Kb);
+        if (tile.transpose_keys) transpose_32bit(R, D, Kb, D, Kt, ldkt);
       }
       acc_t* lse_rows = lse + item * R;  // row 0: the cls query, row 1 + n: patch n
       for (int64_t i0 = 0; i0 < R; i0 += block_m) {
