@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -199,7 +200,7 @@ struct ForwardTile {
   static constexpr int64_t kKeyTLd = kFwdBlockN + 16;  // not a multiple of 1 KiB (cache sets)
   static constexpr int64_t kMaxKeySlotBytes = int64_t(32) << 20;
   bool transpose_keys = false;
-  std::vector<acc_t> key_slots;
+  std::unique_ptr<acc_t[]> key_slots;  // uninitialised: a transpose writes every column a product reads
   std::vector<const char*> key_slot_tag;  // empty until first used
   const acc_t* caller_kt = nullptr;        // use_transposed_keys
   int64_t caller_kt_ld = 0;
@@ -264,12 +265,12 @@ struct ForwardTile {
     if (key_slot_tag.empty()) {  // first use: the slots, one per key block unless that is too much
       const int64_t slot_floats = p.D * kKeyTLd, blocks = ceil_div(p.Lk, kFwdBlockN);
       const int64_t n = blocks * slot_floats * int64_t(sizeof(acc_t)) <= kMaxKeySlotBytes ? blocks : 1;
-      key_slots.resize(n * slot_floats);
+      key_slots.reset(new acc_t[n * slot_floats]);
       key_slot_tag.assign(n, nullptr);
     }
     const int64_t slots = static_cast<int64_t>(key_slot_tag.size());
     const int64_t slot = slots == 1 ? 0 : j0 / kFwdBlockN;
-    acc_t* dst = key_slots.data() + slot * p.D * kKeyTLd;
+    acc_t* dst = key_slots.get() + slot * p.D * kKeyTLd;
     const char* tag = p.k.row(b, hk, j0);
     if (key_slot_tag[slot] == tag) return dst;
     const int64_t cols = std::min(kFwdBlockN, p.Lk - j0);
