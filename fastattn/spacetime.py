@@ -444,12 +444,11 @@ class _SpatialCPU(torch.autograd.Function):
 
 def _key_scores(tokens: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """``[B, M, heads]``: the dot product of every token's query with its video's one key per head
-    (``tokens`` ``[B, M, heads, d]``, ``key`` ``[B, heads, d]``).  One bmm of the tokens, read in place as
-    ``[B, M, heads*d]`` rows, with a block-diagonal ``[B, heads*d, heads]`` key matrix -- ``torch.einsum``
-    would copy the strided tokens first."""
-    B, M, heads, d = tokens.shape
-    eye = torch.eye(heads, dtype=key.dtype, device=key.device).view(1, heads, 1, heads)
-    return torch.bmm(tokens.reshape(B, M, heads * d), (key.unsqueeze(-1) * eye).reshape(B, heads * d, heads))
+    (``tokens`` ``[B, M, heads, d]``, ``key`` ``[B, heads, d]``).  An einsum, which copies the strided tokens
+    into [B, heads, M, d] for its bmm.  (A bmm of the tokens read in place as [B, M, heads*d] rows with a
+    block-diagonal [B, heads*d, heads] key matrix saves that copy, but multiplies every head's query by the
+    other heads' zeros: a NaN in one head's query or key then spreads to every head, 0 * NaN = NaN.)"""
+    return torch.einsum("bmhd,bhd->bmh", tokens, key)
 
 
 def _merge_one_key(out: torch.Tensor, lse: torch.Tensor, score: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

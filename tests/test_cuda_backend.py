@@ -33,6 +33,7 @@ from fastattn.backends import cuda as cuda_backend
 from fastattn.backends.reference import reference_attention, reference_attention_backward
 from fastattn.problem import make_problem
 from helpers import assert_close_rule, run_with_grads
+from test_nan_semantics import check_dq_nan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(REPO, "csrc")
@@ -359,6 +360,49 @@ def test_emulated_wgmma_split_kv_forward(emu, case, splits, monkeypatch):
     if callable(cfg.get("mask")):
         cfg["mask"] = cfg["mask"]()
     emulated_check(emu, **cfg)
+
+
+# NaN inputs (the rule of tests/test_nan_semantics.py): a NaN in a query row or in a key makes exactly the rows
+# that see it NaN, in the output, the LSE and the gradients; rows that see no key stay 0 with LSE -inf.  A row
+# whose scores are all NaN has max -inf (fmaxf skips NaN): its l is NaN, not 0, and must not read as "no key".
+NAN_CASES = {  # (B, Hq, Hkv, Lq, Lk, D[, Dv]), dtype, causal, FASTATTN_NUM_SPLITS, the wgmma forward
+    "tc_f16": ((1, 2, 1, 37, 45, 64), torch.float16, 2, None, False),
+    "tc_bf16_split": ((1, 2, 1, 9, 300, 32), torch.bfloat16, 2, 2, False),
+    "tc_wide_d136": ((1, 2, 2, 20, 30, 136), torch.float16, 1, None, False),
+    "wgmma_f16": ((1, 2, 1, 37, 45, 64), torch.float16, 2, None, True),
+    "wgmma_bf16_split": ((1, 2, 1, 9, 300, 32), torch.bfloat16, 2, 2, True),
+    "simt_f32": ((1, 2, 2, 37, 45, 40), torch.float32, 2, None, False),
+    "simt_f32_split": ((1, 2, 2, 9, 300, 40), torch.float32, 0, 3, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NAN_CASES))
+def test_emulated_nan_inputs_propagate_as_the_reference(emu, case, monkeypatch):
+    shape, dtype, causal, splits, wgmma = NAN_CASES[case]
+    if splits:
+        monkeypatch.setenv("FASTATTN_NUM_SPLITS", str(splits))
+    monkeypatch.setenv("FASTATTN_CUDA_WGMMA", "1" if wgmma else "0")
+    B, Hq, Hkv, Lq, Lk, D, *rest = shape
+    Dv = rest[0] if rest else D
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, H, L, d, generator=g).to(dtype)
+               for H, L, d in ((Hq, Lq, D), (Hkv, Lk, D), (Hkv, Lk, Dv)))
+    q[0, 0, 3, 1] = float("nan")       # every score of row 3, head 0 (a causal row that sees keys)
+    k[0, Hkv - 1, Lk - 5, 0] = float("nan")  # one late key of the last kv head: only the rows that see it
+    dout = torch.randn(B, Hq, Lq, Dv, generator=g).to(dtype)
+    scale = D ** -0.5
+    out, lse = emu.attention_fwd(q, k, v, None, None, causal, scale, 0.0)
+    dq, dk, dv, _ = emu.attention_bwd(q, k, v, None, None, out, lse, dout, None, causal, scale, 0.0, False)
+    args = (q.double(), k.double(), v.double(), None, CAUSAL_NAMES[causal], scale, 0.0, None)
+    ref = reference_attention(*args)
+    ref_grads = reference_attention_backward(*args, dout.double(), None, False)
+    check_dq_nan(dq, ref_grads[0], torch.isnan(ref[0]).any(-1))
+    for name, a, b in zip(("out", "lse", "dk", "dv"), (out, lse, dk, dv), (ref[0], ref[1], *ref_grads[1:])):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), (
+            f"{name}: NaN at {torch.isnan(a).sum().item()} elements, the reference at {torch.isnan(b).sum().item()}")
+        assert torch.equal(torch.isinf(a), torch.isinf(b)), f"{name}: the infinities differ"
+    rows = torch.isnan(out).any(-1)
+    assert rows.any() and not rows.all()
 
 
 def test_emulated_op_argument_errors(emu):

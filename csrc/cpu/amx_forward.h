@@ -108,6 +108,8 @@ struct AmxForwardTile {
       const float m_new = std::max(m[r], scale_row_max(s, cols, scale));
       if (m_new == kNegInf) {  // every score so far -inf: nothing to add
         std::fill(p_row, p_row + BN, uint16_t(0));
+        // ... unless a score is NaN (the max skips NaN): then l, and the row's output and LSE, become NaN.
+        if (unseen_row_probabilities(s, cols) != 0.0f) l[r] = std::numeric_limits<float>::quiet_NaN();
         continue;
       }
       const float alpha = m[r] == kNegInf ? 0.0f : std::exp(m[r] - m_new);

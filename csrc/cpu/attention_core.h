@@ -169,7 +169,9 @@ void online_softmax_update(const Problem& p, acc_t* S, int64_t lds, int64_t rows
     acc_t m_new = m_old;
     // m_new = max(m_old, this row's scores); s = exp(s - m_new) -- zeros if no key was visible so far
     const acc_t row_sum = max_exp_sum(s, cols, &m_new, /*normalize=*/false);
-    if (m_new == kNegInf) continue;  // no visible key so far: nothing to add
+    // No visible key so far: nothing to add.  (m_new = -inf with row_sum NaN -- NaN scores only -- goes on: l
+    // becomes NaN, and with it the row's output and LSE.)
+    if (m_new == kNegInf && row_sum == acc_t(0)) continue;
     // alpha rescales what was accumulated against the old maximum (0 when nothing was).
     const acc_t alpha = m_old == kNegInf ? acc_t(0) : std::exp(m_old - m_new);
     l[r] = l[r] * alpha + row_sum;  // the normaliser sees P before dropout
@@ -301,11 +303,12 @@ struct ForwardTile {
   }
 };
 
-// out = acc / l and lse = m + log l for one row (a row that saw no key: out 0, lse -inf).
+// out = acc / l and lse = m + log l for one row (a row that saw no key, l = 0: out 0, lse -inf; l NaN -- a NaN
+// score -- gives NaN for both).
 template <typename acc_t>
 void finish_row(const Problem& p, acc_t* a, acc_t m, acc_t l, const HeadTensor& out, int64_t b, int64_t h, int64_t i,
                 acc_t* lse) {
-  if (l > acc_t(0)) {
+  if (l != acc_t(0)) {
     const acc_t inv = acc_t(1) / l;
     for (int64_t d = 0; d < p.Dv; ++d) a[d] *= inv;
     lse[(b * p.Hq + h) * p.Lq + i] = m + std::log(l);

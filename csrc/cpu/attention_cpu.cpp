@@ -129,16 +129,17 @@ void forward_kernel_with(const Problem& p, const HeadTensor& out, acc_t* lse) {
         for (int64_t s = 0; s < splits; ++s) M = std::max(M, pml[(t * splits + s) * 2 * BM + r]);
         std::fill(a.begin(), a.end(), acc_t(0));
         acc_t l = 0;
-        if (M != kNegInf) {
-          for (int64_t s = 0; s < splits; ++s) {
-            const int64_t u = t * splits + s;
-            const acc_t ms = pml[u * 2 * BM + r];
-            if (ms == kNegInf) continue;  // this split saw no visible key of the row
-            const acc_t w = std::exp(ms - M);
-            l += pml[u * 2 * BM + BM + r] * w;
-            const acc_t* src = pa + (u * BM + r) * p.Dv;
-            for (int64_t d = 0; d < p.Dv; ++d) a[d] += src[d] * w;
+        for (int64_t s = 0; s < splits; ++s) {
+          const int64_t u = t * splits + s;
+          const acc_t ms = pml[u * 2 * BM + r], ls = pml[u * 2 * BM + BM + r];
+          if (ms == kNegInf) {  // this split saw no visible key of the row (l_s = 0) -- or only NaN scores (NaN)
+            l += ls;
+            continue;
           }
+          const acc_t w = std::exp(ms - M);
+          l += ls * w;
+          const acc_t* src = pa + (u * BM + r) * p.Dv;
+          for (int64_t d = 0; d < p.Dv; ++d) a[d] += src[d] * w;
         }
         finish_row(p, a.data(), M, l, out, b, h, i0 + r, lse);
       }

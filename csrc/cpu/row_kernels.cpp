@@ -153,10 +153,7 @@ FA_INLINE float scale_row_max_body(float* x, int64_t n, float scale) {  // NaN i
 
 FA_INLINE float max_exp_sum_body(float* x, int64_t n, float* m_io, bool normalize) {
   const float m = std::max(*m_io, row_max_body(x, n));
-  if (m == -std::numeric_limits<float>::infinity()) {
-    for (int64_t j = 0; j < n; ++j) x[j] = 0.0f;
-    return 0.0f;
-  }
+  if (m == -std::numeric_limits<float>::infinity()) return unseen_row_probabilities(x, n);
   const float sum = exp_shift_sum_body(x, n, m);
   if (normalize) {
     const float inv = 1.0f / sum;
@@ -345,10 +342,7 @@ FA_TARGET_AVX512 float max_exp_sum_avx512(float* x, int64_t n, float* m_io, bool
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   if (n > kRegisterVectors * kLanes) {
     const float m = std::max(*m_io, row_max_avx512(x, n));
-    if (m == kNegInf) {
-      std::fill(x, x + n, 0.0f);
-      return 0.0f;
-    }
+    if (m == kNegInf) return unseen_row_probabilities(x, n);
     const float sum = exp_shift_sum_avx512(x, n, m);
     if (normalize) {
       const __m512 inv = _mm512_set1_ps(1.0f / sum);
@@ -375,10 +369,7 @@ FA_TARGET_AVX512 float max_exp_sum_avx512(float* x, int64_t n, float* m_io, bool
     }
   }
   const float m = std::max(*m_io, _mm512_reduce_max_ps(mx));
-  if (m == kNegInf) {
-    std::fill(x, x + n, 0.0f);
-    return 0.0f;
-  }
+  if (m == kNegInf) return unseen_row_probabilities(x, n);
   const __m512 sh = _mm512_set1_ps(m);
   __m512 sum = _mm512_setzero_ps();
   FA_UNROLL_ROW

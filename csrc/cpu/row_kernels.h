@@ -14,6 +14,20 @@
 
 namespace fastattn::cpu {
 
+// The scores of a row whose max is -inf (row_max skips NaN), as probabilities: each score is -inf (a masked
+// key: P = 0) or NaN, which stays.  Returns their sum: 0 for a row that sees no key -- the one row that
+// attention turns into output 0 and LSE -inf -- and NaN otherwise, so that a NaN input (or an inf score)
+// makes its rows NaN, as in torch's math attention, instead of silently a 0 row.
+template <typename T>
+inline T unseen_row_probabilities(T* x, int64_t n) {
+  T sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = x[j] == x[j] ? T(0) : x[j];
+    sum += x[j];
+  }
+  return sum;
+}
+
 struct RowKernels {
   // max_j x[j]; -inf for n == 0 or an all -inf row.
   float (*row_max)(const float* x, int64_t n);
@@ -26,8 +40,9 @@ struct RowKernels {
   // x[j] *= scale in place; returns the max of the scaled row (as row_max).
   float (*scale_row_max)(float* x, int64_t n, float scale);
   // One row's softmax step: m = max(*m_io, row_max(x)); x[j] = exp(x[j] - m) (then divided by their sum when
-  // `normalize`); *m_io = m; returns the sum of the exps.  A row with m = -inf (every score -inf so far) becomes
-  // zeros, returns 0 and leaves *m_io.  Short rows (<= 128) stay in registers: one read and one write.
+  // `normalize`); *m_io = m; returns the sum of the exps.  A row with m = -inf leaves *m_io and goes through
+  // unseen_row_probabilities: zeros and 0 when every score is -inf, NaN when one is NaN (the max skips NaN;
+  // exp(NaN - m) keeps it for a finite m).  Short rows (<= 128) stay in registers: one read and one write.
   float (*max_exp_sum)(float* x, int64_t n, float* m_io, bool normalize);
   // sum_j x[j] * y[j] in 16 partial sums combined in a fixed order (the same order for every ISA).
   float (*dot)(const float* x, const float* y, int64_t n);
@@ -74,10 +89,7 @@ inline double exp_shift_sum(double* x, int64_t n, double shift) {
 
 inline double max_exp_sum(double* x, int64_t n, double* m_io, bool normalize) {
   const double m = std::max(*m_io, row_max(x, n));
-  if (m == -std::numeric_limits<double>::infinity()) {
-    for (int64_t j = 0; j < n; ++j) x[j] = 0.0;
-    return 0.0;
-  }
+  if (m == -std::numeric_limits<double>::infinity()) return unseen_row_probabilities(x, n);
   const double sum = exp_shift_sum(x, n, m);
   if (normalize) {
     const double inv = 1.0 / sum;

@@ -193,11 +193,11 @@ HeadTensor frame_patches(const Frames& f, const TokenTensor& x, int64_t b, int64
   return v;
 }
 
-// acc / l in place and lse = m + log l of one finished row (no finite score -- non-finite inputs: as the dense
-// kernels, out 0 and lse -inf).
+// acc / l in place and lse = m + log l of one finished row (as the dense kernels' finish_row: l NaN -- a NaN
+// score -- makes both NaN; l = 0 is a row that saw no key: out 0, lse -inf).
 template <typename acc_t>
 void normalise_row(acc_t* a, int64_t Dv, acc_t m, acc_t l, acc_t* lse) {
-  if (l > acc_t(0)) {
+  if (l != acc_t(0)) {
     const acc_t inv = acc_t(1) / l;
     for (int64_t d = 0; d < Dv; ++d) a[d] *= inv;
     *lse = m + std::log(l);

@@ -247,7 +247,9 @@ void window_forward_kernel(const Window& g, const ImageTensor& q, const ImageTen
           acc_t* s = S + i * N;
           acc_t m = kNegInf;
           const acc_t l = max_exp_sum(s, N, &m, /*normalize=*/true);  // s = softmax(s), l = sum exp(s - m)
-          if (m == kNegInf) {  // only a table holding -inf can do this: the row sees no key (s is zeros)
+          // m = -inf: every score -inf (only a table holding -inf can do this): the row sees no key, s is zeros
+          // and l = 0; or NaN among them: l and s are NaN, and so are the row's output and LSE.
+          if (m == kNegInf && l == acc_t(0)) {
             lse_rows[i] = kNegInf;
             continue;
           }

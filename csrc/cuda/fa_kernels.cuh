@@ -684,7 +684,7 @@ FA_DEVICE void fwd_epilogue(const AttnParams& p, const Group& grp, int bh, int s
         l += shfl_xor(l, 2);
         const int m = m0 + warp_row0 + 16 * mt + g + 8 * r;
         if (m >= p.Lq) continue;
-        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const float inv = l != 0.f ? 1.f / l : 0.f;  // l = 0: no key seen; l NaN (a NaN score) stays NaN
         float* o = p.out_split + (split_row0 + m) * p.D;
 #pragma unroll
         for (int nb = 0; nb < DT / 8; ++nb) {
@@ -694,7 +694,7 @@ FA_DEVICE void fwd_epilogue(const AttnParams& p, const Group& grp, int bh, int s
             o[c + 1] = acc[mt][nb][2 * r + 1] * inv;
           }
         }
-        if (t == 0) p.lse_split[split_row0 + m] = l > 0.f ? (row_max[mt][r] + fast_log2(l)) * kLn2 : -INFINITY;
+        if (t == 0) p.lse_split[split_row0 + m] = l != 0.f ? (row_max[mt][r] + fast_log2(l)) * kLn2 : -INFINITY;
       }
     }
     return;
@@ -709,8 +709,8 @@ FA_DEVICE void fwd_epilogue(const AttnParams& p, const Group& grp, int bh, int s
       float l = row_sum[mt][r];
       l += shfl_xor(l, 1);
       l += shfl_xor(l, 2);
-      inv[r] = l > 0.f ? 1.f / l : 0.f;
-      lse[r] = l > 0.f ? (row_max[mt][r] + fast_log2(l)) * kLn2 : -INFINITY;
+      inv[r] = l != 0.f ? 1.f / l : 0.f;  // l = 0: no key seen (out 0, lse -inf); NaN: a NaN score, NaN out
+      lse[r] = l != 0.f ? (row_max[mt][r] + fast_log2(l)) * kLn2 : -INFINITY;
     }
     frag_to_smem<T, DT / 8, STRIDE>(stage + (warp_row0 + 16 * mt) * STRIDE, acc[mt], inv[0], inv[1], lane);
     if (t == 0) {
@@ -878,14 +878,14 @@ __global__ void __launch_bounds__(128) attn_fwd_merge_kernel(const AttnParams p)
       row_sum = row_sum * alpha + w;
       row_max = m_new;
     }
-    const float inv = row_sum > 0.f ? 1.f / row_sum : 0.f;
+    const float inv = row_sum != 0.f ? 1.f / row_sum : 0.f;  // NaN (a NaN split) stays NaN
     T* o = og + static_cast<int64_t>(m) * p.o_sm;
 #pragma unroll
     for (int i = 0; i < kMergeCols; ++i) {
       const int c = lane + 32 * i;
       if (c < p.Dv) o[c] = from_float<T>(acc[i] * inv);
     }
-    if (lane == 0) p.lse[row] = row_sum > 0.f ? (row_max + log2f(row_sum)) * kLn2 : -INFINITY;
+    if (lane == 0) p.lse[row] = row_sum != 0.f ? (row_max + log2f(row_sum)) * kLn2 : -INFINITY;
   }
 }
 

@@ -233,7 +233,7 @@ __global__ void __launch_bounds__(kSimtThreads, 2) attn_fwd_simt_kernel(const At
   for (int r = 0; r < R; ++r) {
     const int m = mw + r;
     if (m >= p.Lq) break;  // uniform across the warp
-    const bool seen = row_sum[r] > 0.f;  // a row that sees no key: output 0, lse = -inf
+    const bool seen = row_sum[r] != 0.f;  // 0: a row that sees no key (output 0, lse -inf); NaN: NaN out
     const float inv = seen ? 1.f / row_sum[r] : 0.f;
     if (partial)
       simt_store_row<float>(p.out_split + (row0 + m) * p.Dv, acc[r], inv, p.Dv, lane);

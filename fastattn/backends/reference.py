@@ -99,12 +99,18 @@ def masked_scores(q, k, attn_mask=None, causal=CAUSAL_NONE, scale=1.0):
 
 
 def safe_softmax(scores):
-    """(probs, lse) of the scores' rows.  A fully masked row (no finite score) gets probabilities 0 and
-    lse -inf, and no NaN in the gradient either (the inner `where` keeps -inf - -inf out of autograd)."""
-    row_alive = torch.isfinite(scores.amax(dim=-1, keepdim=True))
+    """(probs, lse) of the scores' rows.  A fully masked row (every score -inf) gets probabilities 0 and
+    lse -inf, and no NaN in the gradient either (the inner `where` keeps -inf - -inf out of autograd).
+    Any other row goes through softmax, so a NaN score (a NaN or inf in q, k or the mask, or an overflowing
+    score) makes the row's output and lse NaN: NaN inputs propagate, as in torch's math attention
+    (torch._safe_softmax), FlashAttention and every fastattn kernel -- never silently a 0 row."""
+    row_alive = scores.amax(dim=-1, keepdim=True) != float("-inf")  # NaN max (a NaN score): alive
     safe = torch.where(row_alive, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
     probs = torch.where(row_alive, torch.softmax(safe, dim=-1), 0.0)
     lse = torch.where(row_alive, torch.logsumexp(safe, dim=-1, keepdim=True), float("-inf")).squeeze(-1)
+    # An inf score: logsumexp is inf, softmax NaN (inf - inf).  The kernels' lse = m + log(l) is NaN there: so
+    # is this one (the LSE is NaN exactly where the output row is).
+    lse = torch.where(probs.isnan().any(dim=-1), float("nan"), lse)
     return probs, lse
 
 
