@@ -127,6 +127,65 @@ def test_forward_single_key_slot(ops, causal):
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("keys_major", ["1", "0"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [
+    (1, 1, 1, 64, 2100, 261, 261),  # Perceiver's cross-attention: keys split over threads, D not a multiple of 16
+    (2, 3, 3, 33, 700, 40, 24),     # Dv != D, a ragged last key block, a last column vector with one query
+    (1, 2, 2, 16, 1030, 64, 64),    # the fewest queries: one column vector
+    (1, 1, 1, 48, 20, 16, 16),      # one short key block
+])
+def test_forward_keys_major(ops, monkeypatch, keys_major, threads, dtype, shape):
+    """A head's 16..64 queries (float32 on the AVX-512 tiles, no dropout): the forward
+    computes S^T = K Q^T and runs the online softmax down its columns (ForwardTile::step_keys_major).  Both that
+    path and the row-major one (FASTATTN_CPU_KEYS_MAJOR=0) against the reference: outputs, LSE and the gradients
+    of the backward that reads them."""
+    monkeypatch.setenv("FASTATTN_CPU_AMX", "0")
+    monkeypatch.setenv("FASTATTN_CPU_KEYS_MAJOR", keys_major)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check(dtype, shape, return_lse=True)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _keys_major_mask(kind, B, H, Lq, Lk):
+    g = torch.Generator().manual_seed(8)
+    if kind == "bool_key_padding":  # Perceiver's padded inputs: [B, 1, 1, Lk], one video's last keys hidden
+        m = torch.ones(B, 1, 1, Lk, dtype=torch.bool)
+        m[1, ..., Lk - 700:] = False
+        return m
+    if kind == "bool_2d_rows_hidden":  # [Lq, Lk], two queries see no key at all
+        m = torch.rand(Lq, Lk, generator=g) > 0.3
+        m[[3, 40]] = False
+        return m
+    if kind == "float_head_bias_grad":  # [1, H, Lq, Lk]: read with both strides swapped, gradient summed over B
+        return torch.randn(1, H, Lq, Lk, dtype=torch.float64, generator=g).requires_grad_()
+    if kind == "float_alibi_grad":  # [H, 1, Lk]: query stride 0
+        return torch.randn(H, 1, Lk, dtype=torch.float64, generator=g).requires_grad_()
+    return None
+
+
+@pytest.mark.parametrize("keys_major", ["1", "0"])
+@pytest.mark.parametrize("mods", ["bool_key_padding", "bool_2d_rows_hidden", "float_head_bias_grad",
+                                  "float_alibi_grad", "top_left", "bottom_right", "bottom_right_bias"])
+def test_forward_keys_major_masks_and_causal(ops, monkeypatch, keys_major, mods):
+    """The keys-major blocks' score modifications (modify_scores with keys_major): masks read through swapped
+    strides, the causal limit per key row; 2 threads, so the keys also split."""
+    monkeypatch.setenv("FASTATTN_CPU_KEYS_MAJOR", keys_major)
+    B, H, Lq, Lk, D = 2, 3, 50, 1300, 40
+    mask = _keys_major_mask("float_head_bias_grad" if mods == "bottom_right_bias" else mods, B, H, Lq, Lk)
+    causal = mods.replace("_bias", "") if mods.startswith(("top_left", "bottom_right")) else False
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check(torch.float32, (B, H, H, Lq, Lk, D, D), causal=causal, mask=mask, return_lse=True)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("schedule", ["single", "striped", "two_pass"])
 @pytest.mark.parametrize("shape", [(1, 3, 1, 150, 300, 32, 40), (2, 2, 2, 70, 260, 16, 16)])
 def test_backward_schedules(ops, schedule, shape, monkeypatch):

@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -32,6 +34,12 @@ constexpr int64_t kFwdBlockM = 128;
 constexpr int64_t kFwdBlockN = 512;
 constexpr int64_t kBwdBlockM = 128;
 constexpr int64_t kBwdBlockN = 128;
+
+// Whether the environment variable `name` is "0" (A/B switches, read when a tile is built: per thread and call).
+inline bool env_is_zero(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && std::strcmp(value, "0") == 0;
+}
 
 // Work item t of n -> block index, alternating from both ends (0, n-1, 1, n-2, ...).  Under causal masking the
 // cost of a block grows with its index; at::parallel_for hands each thread a contiguous range of work items, so
@@ -110,22 +118,36 @@ void apply_mask_tile_f64(acc_t* S, int64_t lds, int64_t rows, int64_t cols, cons
 
 // The score modifications of the tile S[rows, cols] at queries i0.., keys j0.. of head (b, h):
 // the mask (bool: -inf where False; float: added) and causal masking (-inf where j > i + causal_off).
+// keys_major: the tile is S^T (ForwardTile::step_keys_major), S^T[c * lds + r] the score of query i0 + r and key
+// j0 + c -- the mask is read with its query and key strides swapped.
 template <typename acc_t>
 void modify_scores(const Problem& p, acc_t* S, int64_t lds, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                   int64_t j0, int64_t cols) {
+                   int64_t j0, int64_t cols, bool keys_major = false) {
   if (p.mask_kind != kMaskNone) {
     const char* base = p.mask + (b * p.msb + h * p.msh + i0 * p.msm + j0 * p.msn) * p.mask_elem;
+    // the tile's own rows and columns, and the mask's strides along them
+    const int64_t t_rows = keys_major ? cols : rows, t_cols = keys_major ? rows : cols;
+    const int64_t s_row = keys_major ? p.msn : p.msm, s_col = keys_major ? p.msm : p.msn;
     switch (p.mask_dtype) {
-      case at::kBool: apply_mask_tile<acc_t, bool>(S, lds, rows, cols, base, p.msm, p.msn); break;
-      case at::kFloat: apply_mask_tile<acc_t, float>(S, lds, rows, cols, base, p.msm, p.msn); break;
-      case at::kDouble: apply_mask_tile_f64<acc_t>(S, lds, rows, cols, base, p.msm, p.msn); break;
-      case at::kBFloat16: apply_mask_tile<acc_t, c10::BFloat16>(S, lds, rows, cols, base, p.msm, p.msn); break;
-      case at::kHalf: apply_mask_tile<acc_t, c10::Half>(S, lds, rows, cols, base, p.msm, p.msn); break;
+      case at::kBool: apply_mask_tile<acc_t, bool>(S, lds, t_rows, t_cols, base, s_row, s_col); break;
+      case at::kFloat: apply_mask_tile<acc_t, float>(S, lds, t_rows, t_cols, base, s_row, s_col); break;
+      case at::kDouble: apply_mask_tile_f64<acc_t>(S, lds, t_rows, t_cols, base, s_row, s_col); break;
+      case at::kBFloat16: apply_mask_tile<acc_t, c10::BFloat16>(S, lds, t_rows, t_cols, base, s_row, s_col); break;
+      case at::kHalf: apply_mask_tile<acc_t, c10::Half>(S, lds, t_rows, t_cols, base, s_row, s_col); break;
       default: TORCH_CHECK(false, "mask: unsupported dtype ", p.mask_dtype);
     }
   }
   if (p.causal != kCausalNone) {
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+    if (keys_major) {
+      for (int64_t c = 0; c < cols; ++c) {
+        // key j0 + c is visible to the queries i0 + r with r >= j0 + c - causal_off - i0
+        const int64_t hidden = std::min(rows, std::max<int64_t>(0, j0 + c - p.causal_off - i0));
+        acc_t* s = S + c * lds;
+        for (int64_t r = 0; r < hidden; ++r) s[r] = kNegInf;
+      }
+      return;
+    }
     for (int64_t r = 0; r < rows; ++r) {
       // keys j0 + c with c < visible are allowed for query i0 + r
       const int64_t visible = std::max<int64_t>(0, i0 + r + p.causal_off + 1 - j0);
@@ -206,6 +228,16 @@ struct ForwardTile {
   std::vector<const char*> key_slot_tag;  // empty until first used
   const acc_t* caller_kt = nullptr;        // use_transposed_keys
   int64_t caller_kt_ld = 0;
+  // Keys-major blocks (float32 on the tiles): where a key block feeds one query block only -- a head's queries fit
+  // one block, Perceiver's latents against its inputs -- its transpose is not reused, so the scores are computed
+  // transposed instead, S^T = K Q^T with K read in place and Q^T transposed once per run(); the online softmax
+  // runs down S^T's columns and acc += P V reads P^T as a transposed operand (NOTES entry 31).  Not with dropout
+  // (its keep-mask is generated along S's rows), and for 16..64 queries: fewer leave most of S^T's 16-query
+  // vectors empty, more amortise the transposes well enough that the row-major blocks are as fast (entry 31).
+  static constexpr int64_t kKeysMajorMinRows = 16;
+  bool keys_major = false;
+  std::unique_ptr<acc_t[]> q_t;  // Q^T of run()'s query rows, [D, q_t_ld]
+  int64_t q_t_ld = 0;
 
   // block_m: the most query rows one run() takes.
   explicit ForwardTile(const Problem& p, int64_t block_m = kFwdBlockM)
@@ -223,6 +255,13 @@ struct ForwardTile {
     if constexpr (std::is_same<acc_t, float>::value) {
       // (at most 16 keys: mm_nt's dot-product kernel reads the keys in place, small_gemm.cpp)
       transpose_keys = p.gemm == GemmPath::tiles && p.Lk > 16;
+      keys_major = transpose_keys && p.Lq <= std::min(block_m, kMaxColumnRows) && p.Lq >= kKeysMajorMinRows &&
+                   p.group == 1 && !p.dropout &&
+                   !env_is_zero("FASTATTN_CPU_KEYS_MAJOR");  // =0: the row-major blocks (A/B runs, tests)
+      if (keys_major) {
+        q_t_ld = (p.Lq + 15) / 16 * 16;
+        q_t.reset(new acc_t[p.D * q_t_ld]);
+      }
     }
   }
 
@@ -242,6 +281,18 @@ struct ForwardTile {
     std::fill(m, m + rows, kNegInf);
     std::fill(l, l + rows, acc_t(0));
     if (j_end <= j_begin) std::fill(acc, acc + rows * p.Dv, acc_t(0));  // else the first block's P V writes it
+    if constexpr (std::is_same<acc_t, float>::value) {
+      if (keys_major && caller_kt == nullptr) {
+        transpose_32bit(rows, p.D, Q, ldq, q_t.get(), q_t_ld);
+        for (int64_t j0 = j_begin; j0 < j_end; j0 += kFwdBlockN) {
+          const int64_t cols = std::min(kFwdBlockN, j_end - j0);
+          const acc_t* K = load_rows(p.k, b, hk, j0, cols, k_buf, &ldk);
+          const acc_t* V = load_rows(p.v, b, hk, j0, cols, v_buf, &ldv);
+          step_keys_major(p, K, ldk, V, ldv, b, h, i0, rows, j0, cols, /*acc_fresh=*/j0 == j_begin);
+        }
+        return;
+      }
+    }
     for (int64_t j0 = j_begin; j0 < j_end; j0 += kFwdBlockN) {
       const int64_t cols = std::min(kFwdBlockN, j_end - j0);
       const acc_t* K;
@@ -260,6 +311,31 @@ struct ForwardTile {
   }
 
  private:
+  // The keys-major step of one key block [j0, j0 + cols) for the query rows of q_t: S^T = scale K Q^T ([cols,
+  // q_t_ld] in S), the online softmax down its columns (per query r: m, l and acc's row r, as
+  // online_softmax_update), then acc (+)= P V = (P^T)^T V.
+  void step_keys_major(const Problem& p, const acc_t* K, int64_t ldk, const acc_t* V, int64_t ldv, int64_t b,
+                       int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, bool acc_fresh) {
+    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+    mm_nn<acc_t>(p.gemm, cols, rows, p.D, static_cast<acc_t>(p.scale), K, ldk, q_t.get(), q_t_ld, acc_t(0), S,
+                 q_t_ld);
+    modify_scores(p, S, q_t_ld, b, h, i0, rows, j0, cols, /*keys_major=*/true);
+    acc_t m_new[kMaxColumnRows], sums[kMaxColumnRows];
+    column_max_exp_sum(S, q_t_ld, cols, rows, m, m_new, sums);
+    for (int64_t r = 0; r < rows; ++r) {
+      if (m_new[r] == kNegInf && sums[r] == acc_t(0)) continue;  // no visible key so far (NaN sums go on)
+      // alpha rescales what was accumulated against the old maximum (0 when nothing was).
+      const acc_t alpha = m[r] == kNegInf ? acc_t(0) : std::exp(m[r] - m_new[r]);
+      l[r] = l[r] * alpha + sums[r];
+      m[r] = m_new[r];
+      if (!acc_fresh && alpha != acc_t(1)) {
+        acc_t* a = acc + r * acc_ld;
+        for (int64_t d = 0; d < p.Dv; ++d) a[d] *= alpha;
+      }
+    }
+    mm_tn<acc_t>(p.gemm, rows, p.Dv, cols, acc_t(1), S, q_t_ld, V, ldv, acc_fresh ? acc_t(0) : acc_t(1), acc, acc_ld);
+  }
+
   // K^T of the key block starting at j0 of (b, hk) in its slot, transposed now unless the slot holds it already.
   // The slot always holds the whole block (keys j0 .. min(j0 + kFwdBlockN, Lk)): a causal query block may use
   // fewer of its keys than the next one.

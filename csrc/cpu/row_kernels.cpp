@@ -181,6 +181,55 @@ FA_INLINE float dot_body(const float* x, const float* y, int64_t n) {
 }
 
 // Philox in lanes: the same rounds as csrc/philox.h, written over arrays so the 32x32->64 multiplies vectorise.
+// NV column vectors (rows <= 16 NV), kept in registers: one pass over the keys for the maxima and one for the
+// exps and sums, each over all columns at once (independent chains per vector, each key row read contiguously).
+template <int NV>
+FA_INLINE void column_max_exp_sum_tile(float* st, int64_t ld, int64_t cols, float* m_io, float* sums_out) {
+  vfloat mx[NV], shift[NV], sum[NV];
+  for (int v = 0; v < NV; ++v) mx[v] = load(m_io + v * kLanes);
+  for (int64_t j = 0; j < cols; ++j) {
+    const float* row = st + j * ld;
+    for (int v = 0; v < NV; ++v) {
+      const vfloat x = load(row + v * kLanes);
+      mx[v] = x > mx[v] ? x : mx[v];  // NaN skipped, as in row_max
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    shift[v] = mx[v] == -std::numeric_limits<float>::infinity() ? splat(0.0f) : mx[v];  // no finite score: x - 0
+    sum[v] = splat(0.0f);
+  }
+  for (int64_t j = 0; j < cols; ++j) {
+    float* row = st + j * ld;
+    for (int v = 0; v < NV; ++v) {
+      const vfloat e = exp_softmax(load(row + v * kLanes) - shift[v]);
+      store(row + v * kLanes, e);
+      sum[v] += e;
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    store(m_io + v * kLanes, mx[v]);
+    store(sums_out + v * kLanes, sum[v]);
+  }
+}
+
+FA_INLINE void column_max_exp_sum_body(float* st, int64_t ld, int64_t cols, int64_t rows, const float* m_old,
+                                      float* m_new, float* sums) {
+  constexpr int kMaxVectors = kMaxColumnRows / kLanes;
+  const int nv = static_cast<int>((rows + kLanes - 1) / kLanes);
+  alignas(64) float m_buf[kMaxVectors * kLanes], sum_buf[kMaxVectors * kLanes];
+  for (int r = 0; r < nv * kLanes; ++r) m_buf[r] = r < rows ? m_old[r] : -std::numeric_limits<float>::infinity();
+  switch (nv) {
+    case 1: column_max_exp_sum_tile<1>(st, ld, cols, m_buf, sum_buf); break;
+    case 2: column_max_exp_sum_tile<2>(st, ld, cols, m_buf, sum_buf); break;
+    case 3: column_max_exp_sum_tile<3>(st, ld, cols, m_buf, sum_buf); break;
+    default: column_max_exp_sum_tile<4>(st, ld, cols, m_buf, sum_buf); break;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    m_new[r] = m_buf[r];
+    sums[r] = sum_buf[r];
+  }
+}
+
 FA_INLINE void dropout_row_body(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
                                 uint32_t threshold, float scale) {
   int64_t j = 0;
@@ -227,6 +276,10 @@ void dropout_row_baseline(float* p, int64_t n, uint64_t seed, uint32_t bh, uint3
                           uint32_t threshold, float scale) {
   dropout_row_body(p, n, seed, bh, m, n0, threshold, scale);
 }
+void column_max_exp_sum_baseline(float* st, int64_t ld, int64_t cols, int64_t rows, const float* m_old, float* m_new,
+                                 float* sums) {
+  column_max_exp_sum_body(st, ld, cols, rows, m_old, m_new, sums);
+}
 
 #if FA_X86_DISPATCH
 FA_TARGET_AVX2 float row_max_avx2(const float* x, int64_t n) { return row_max_body(x, n); }
@@ -239,6 +292,10 @@ FA_TARGET_AVX2 float max_exp_sum_avx2(float* x, int64_t n, float* m_io, bool nor
 FA_TARGET_AVX2 void dropout_row_avx2(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
                                      uint32_t threshold, float scale) {
   dropout_row_body(p, n, seed, bh, m, n0, threshold, scale);
+}
+FA_TARGET_AVX2 void column_max_exp_sum_avx2(float* st, int64_t ld, int64_t cols, int64_t rows, const float* m_old,
+                                            float* m_new, float* sums) {
+  column_max_exp_sum_body(st, ld, cols, rows, m_old, m_new, sums);
 }
 
 // The lanes of a vector that hold one of `left` remaining elements (all 16 when left >= 16).
@@ -395,16 +452,20 @@ FA_TARGET_AVX512 void dropout_row_avx512(float* p, int64_t n, uint64_t seed, uin
 }
 
 FA_TARGET_AVX512 float dot_avx512(const float* x, const float* y, int64_t n) { return dot_body(x, y, n); }
+FA_TARGET_AVX512 void column_max_exp_sum_avx512(float* st, int64_t ld, int64_t cols, int64_t rows,
+                                                const float* m_old, float* m_new, float* sums) {
+  column_max_exp_sum_body(st, ld, cols, rows, m_old, m_new, sums);
+}
 #endif
 
 RowKernels choose() {
   const RowKernels baseline{row_max_baseline, exp_shift_sum_baseline, dropout_row_baseline, scale_row_max_baseline,
-                            max_exp_sum_baseline, dot_baseline, "baseline"};
+                            max_exp_sum_baseline, dot_baseline, column_max_exp_sum_baseline, "baseline"};
 #if FA_X86_DISPATCH
   const RowKernels avx2{row_max_avx2, exp_shift_sum_avx2, dropout_row_avx2, scale_row_max_avx2, max_exp_sum_avx2,
-                        dot_avx2, "avx2"};
+                        dot_avx2, column_max_exp_sum_avx2, "avx2"};
   const RowKernels avx512{row_max_avx512, exp_shift_sum_avx512, dropout_row_avx512, scale_row_max_avx512,
-                          max_exp_sum_avx512, dot_avx512, "avx512"};
+                          max_exp_sum_avx512, dot_avx512, column_max_exp_sum_avx512, "avx512"};
   __builtin_cpu_init();
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&

@@ -46,6 +46,13 @@ struct RowKernels {
   float (*max_exp_sum)(float* x, int64_t n, float* m_io, bool normalize);
   // sum_j x[j] * y[j] in 16 partial sums combined in a fixed order (the same order for every ISA).
   float (*dot)(const float* x, const float* y, int64_t n);
+  // max_exp_sum down the columns of a keys-major score tile St[j * ld + r] (keys j < cols, query columns
+  // r < rows <= kMaxColumnRows; ld a multiple of 16, the columns [rows, ld) scratch): per column
+  // m_new[r] = max(m_old[r], max_j St[j, r]), St[., r] = exp(St[., r] - m_new[r]), sums[r] = their sum.  A column
+  // with m_new = -inf is shifted by 0 instead: zeros and sum 0 when every score is -inf, NaN when one is NaN
+  // (as unseen_row_probabilities).  Each column's sum is one sequential sum over j (the same for every ISA).
+  void (*column_max_exp_sum)(float* st, int64_t ld, int64_t cols, int64_t rows, const float* m_old, float* m_new,
+                             float* sums);
   const char* isa;  // "avx512", "avx2" or "baseline"
 };
 
@@ -66,6 +73,11 @@ inline float max_exp_sum(float* x, int64_t n, float* m_io, bool normalize) {
 }
 
 inline float dot(const float* x, const float* y, int64_t n) { return row_kernels().dot(x, y, n); }
+constexpr int64_t kMaxColumnRows = 64;  // the keys-major forward's most queries per head (NOTES entry 31)
+inline void column_max_exp_sum(float* st, int64_t ld, int64_t cols, int64_t rows, const float* m_old, float* m_new,
+                               float* sums) {
+  row_kernels().column_max_exp_sum(st, ld, cols, rows, m_old, m_new, sums);
+}
 // --- float64: plain loops -----------------------------------------------------------------------------------
 inline double dot(const double* x, const double* y, int64_t n) {
   double s = 0.0;
