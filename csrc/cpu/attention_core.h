@@ -486,12 +486,51 @@ void recompute_pair(const Problem& p, const PairTiles<acc_t>& t, const acc_t* Q,
   score_gradients(p, t.P, t.Pd, t.dS, BN, rows, cols, delta + bh * p.Lq + i0);
 }
 
+// Keys-major block pairs of the backward (float32 on the tiles, where the forward's keys_major applies and without
+// dropout): the tiles hold P^T and dS^T, [cols, ld_t] with the query rows along ld_t, computed from Q^T and dO^T
+// ([D, ld_t], [Dv, ld_t], transposed once per query block) with K and V read in place as the broadcast operands:
+//     S^T = scale K Q^T,  P^T = exp(S^T - lse),  dP^T = V dO^T,  dS^T = P^T * (dP^T - Delta)
+// after which the callers' three products need no transposed operand but dQ's (dS^T read in place): no key or
+// value block is transposed per pair (NOTES entry 32).
+inline bool backward_keys_major(const Problem& p) {
+  return p.gemm == GemmPath::tiles && !p.dropout && p.group == 1 && p.Lk > 16 &&
+         p.Lq >= ForwardTile<float>::kKeysMajorMinRows && p.Lq <= kMaxColumnRows &&
+         !env_is_zero("FASTATTN_CPU_KEYS_MAJOR");
+}
+
+inline void recompute_pair_keys_major(const Problem& p, const PairTiles<float>& t, int64_t ld_t, const float* Q_t,
+                                      const float* dO_t, const float* K, int64_t ldk, const float* V, int64_t ldv,
+                                      int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+                                      const float* lse, const float* delta) {
+  const int64_t bh = b * p.Hq + h;
+  mm_nn<float>(p.gemm, cols, rows, p.D, static_cast<float>(p.scale), K, ldk, Q_t, ld_t, 0.0f, t.P, ld_t);
+  modify_scores(p, t.P, ld_t, b, h, i0, rows, j0, cols, /*keys_major=*/true);
+  column_exp_shift(t.P, ld_t, cols, rows, lse + bh * p.Lq + i0);
+  mm_nn<float>(p.gemm, cols, rows, p.Dv, 1.0f, V, ldv, dO_t, ld_t, 0.0f, t.dS, ld_t);  // dP^T = V dO^T
+  const float* delta_rows = delta + bh * p.Lq + i0;
+  for (int64_t c = 0; c < cols; ++c) {
+    const float* pr = t.P + c * ld_t;
+    float* g = t.dS + c * ld_t;
+    for (int64_t r = 0; r < rows; ++r) g[r] = pr[r] * (g[r] - delta_rows[r]);
+  }
+}
+
 template <typename acc_t>
 void write_mask_grad(const Problem& p, acc_t* dmask, const acc_t* dS, int64_t ld, int64_t bh, int64_t i0, int64_t rows,
                      int64_t j0, int64_t cols) {
   if (dmask == nullptr) return;
   for (int64_t r = 0; r < rows; ++r) {
     std::copy(dS + r * ld, dS + r * ld + cols, dmask + (bh * p.Lq + i0 + r) * p.Lk + j0);
+  }
+}
+
+// The mask gradient of a keys-major pair: dmask[query, key] = dS^T[key, query].
+inline void write_mask_grad_keys_major(const Problem& p, float* dmask, const float* dS_t, int64_t ld_t, int64_t bh,
+                                       int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
+  if (dmask == nullptr) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* dst = dmask + (bh * p.Lq + i0 + r) * p.Lk + j0;
+    for (int64_t c = 0; c < cols; ++c) dst[c] = dS_t[c * ld_t + r];
   }
 }
 

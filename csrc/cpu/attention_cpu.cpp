@@ -43,6 +43,7 @@
 #include <numeric>
 #include <string>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -245,9 +246,17 @@ void fused_backward_kernel(const Problem& p, const BackwardTensors& t, const acc
   const int64_t BM = one_pair ? std::max<int64_t>(p.Lq, 1) : kBwdBlockM, BN = one_pair ? std::max<int64_t>(p.Lk, 1) : kBwdBlockN;
   const int64_t ld = one_pair ? (BN + 15) / 16 * 16 : kBwdBlockN;
   const int64_t n_kblocks = ceil_div(p.Lk, BN);
+  // Keys-major pairs (attention_core.h): tiles [BN, ld_t] inside the [BM, ld] ones (ld_t = 16..64 <= BM = 128).
+  const bool keys_major = std::is_same<acc_t, float>::value && !one_pair && backward_keys_major(p);
+  const int64_t ld_t = (p.Lq + 15) / 16 * 16;
   at::parallel_for(0, p.B * p.Hkv * stripes, 1, [&](int64_t begin, int64_t end) {
     SerialBlasGuard serial_blas;
     BwdScratch<acc_t> s(p, p.Lk, BM, ld);  // dK, dV accumulators for every key of a head (a stripe uses its blocks)
+    std::unique_ptr<acc_t[]> q_t, do_t;  // Q^T, dO^T of the query block (keys-major)
+    if (keys_major) {
+      q_t.reset(new acc_t[p.D * ld_t]);
+      do_t.reset(new acc_t[p.Dv * ld_t]);
+    }
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bhk = item / stripes, stripe = item % stripes;
       const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv;
@@ -265,7 +274,27 @@ void fused_backward_kernel(const Problem& p, const BackwardTensors& t, const acc
           const acc_t* dO = load_rows(t.dout, b, h, i0, rows, s.do_buf, &ldo);
           std::fill(s.dq, s.dq + rows * p.D, acc_t(0));
           const int64_t kv_end = p.kv_end(i0, rows);
-          for (int64_t j0 = stripe * BN; j0 < kv_end; j0 += stripes * BN) {
+          if constexpr (std::is_same<acc_t, float>::value) {
+            if (keys_major) {
+              transpose_32bit(rows, p.D, Q, ldq, q_t.get(), ld_t);
+              transpose_32bit(rows, p.Dv, dO, ldo, do_t.get(), ld_t);
+              for (int64_t j0 = stripe * BN; j0 < kv_end; j0 += stripes * BN) {
+                const int64_t cols = std::min(BN, kv_end - j0);
+                const float* K = load_rows(p.k, b, hk, j0, cols, s.k_buf, &ldk);
+                const float* V = load_rows(p.v, b, hk, j0, cols, s.v_buf, &ldv);
+                recompute_pair_keys_major(p, s.tiles, ld_t, q_t.get(), do_t.get(), K, ldk, V, ldv, b, h, i0, rows,
+                                          j0, cols, lse, delta);
+                write_mask_grad_keys_major(p, dmask, s.tiles.dS, ld_t, bh, i0, rows, j0, cols);
+                mm_nn<float>(p.gemm, cols, p.Dv, rows, 1.0f, s.tiles.P, ld_t, dO, ldo, 1.0f, s.dv + j0 * p.Dv,
+                             p.Dv);  // dV += P^T dO
+                mm_nn<float>(p.gemm, cols, p.D, rows, static_cast<float>(p.scale), s.tiles.dS, ld_t, Q, ldq, 1.0f,
+                             s.dk + j0 * p.D, p.D);  // dK += scale * dS^T Q
+                mm_tn<float>(p.gemm, rows, p.D, cols, static_cast<float>(p.scale), s.tiles.dS, ld_t, K, ldk, 1.0f,
+                             s.dq, p.D);  // dQ += scale * (dS^T)^T K
+              }
+            }
+          }
+          for (int64_t j0 = stripe * BN; !keys_major && j0 < kv_end; j0 += stripes * BN) {
             const int64_t cols = std::min(BN, kv_end - j0);
             const acc_t* K = load_rows(p.k, b, hk, j0, cols, s.k_buf, &ldk);
             const acc_t* V = load_rows(p.v, b, hk, j0, cols, s.v_buf, &ldv);

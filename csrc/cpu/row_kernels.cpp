@@ -230,6 +230,31 @@ FA_INLINE void column_max_exp_sum_body(float* st, int64_t ld, int64_t cols, int6
   }
 }
 
+template <int NV>
+FA_INLINE void column_exp_shift_tile(float* st, int64_t ld, int64_t cols, const float* shift_in) {
+  vfloat shift[NV];
+  for (int v = 0; v < NV; ++v) shift[v] = load(shift_in + v * kLanes);
+  for (int64_t j = 0; j < cols; ++j) {
+    float* row = st + j * ld;
+    for (int v = 0; v < NV; ++v) store(row + v * kLanes, exp_softmax(load(row + v * kLanes) - shift[v]));
+  }
+}
+
+FA_INLINE void column_exp_shift_body(float* st, int64_t ld, int64_t cols, int64_t rows, const float* shift) {
+  constexpr int kMaxVectors = kMaxColumnRows / kLanes;
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const int nv = static_cast<int>((rows + kLanes - 1) / kLanes);
+  alignas(64) float buf[kMaxVectors * kLanes];
+  // LSE -inf (the row saw no key, its scores are -inf): shift by +inf instead, so that exp(x - inf) = 0.
+  for (int r = 0; r < nv * kLanes; ++r) buf[r] = r < rows && shift[r] != -kInf ? shift[r] : kInf;
+  switch (nv) {
+    case 1: column_exp_shift_tile<1>(st, ld, cols, buf); break;
+    case 2: column_exp_shift_tile<2>(st, ld, cols, buf); break;
+    case 3: column_exp_shift_tile<3>(st, ld, cols, buf); break;
+    default: column_exp_shift_tile<4>(st, ld, cols, buf); break;
+  }
+}
+
 FA_INLINE void dropout_row_body(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
                                 uint32_t threshold, float scale) {
   int64_t j = 0;
@@ -280,6 +305,9 @@ void column_max_exp_sum_baseline(float* st, int64_t ld, int64_t cols, int64_t ro
                                  float* sums) {
   column_max_exp_sum_body(st, ld, cols, rows, m_old, m_new, sums);
 }
+void column_exp_shift_baseline(float* st, int64_t ld, int64_t cols, int64_t rows, const float* shift) {
+  column_exp_shift_body(st, ld, cols, rows, shift);
+}
 
 #if FA_X86_DISPATCH
 FA_TARGET_AVX2 float row_max_avx2(const float* x, int64_t n) { return row_max_body(x, n); }
@@ -296,6 +324,9 @@ FA_TARGET_AVX2 void dropout_row_avx2(float* p, int64_t n, uint64_t seed, uint32_
 FA_TARGET_AVX2 void column_max_exp_sum_avx2(float* st, int64_t ld, int64_t cols, int64_t rows, const float* m_old,
                                             float* m_new, float* sums) {
   column_max_exp_sum_body(st, ld, cols, rows, m_old, m_new, sums);
+}
+FA_TARGET_AVX2 void column_exp_shift_avx2(float* st, int64_t ld, int64_t cols, int64_t rows, const float* shift) {
+  column_exp_shift_body(st, ld, cols, rows, shift);
 }
 
 // The lanes of a vector that hold one of `left` remaining elements (all 16 when left >= 16).
@@ -456,16 +487,21 @@ FA_TARGET_AVX512 void column_max_exp_sum_avx512(float* st, int64_t ld, int64_t c
                                                 const float* m_old, float* m_new, float* sums) {
   column_max_exp_sum_body(st, ld, cols, rows, m_old, m_new, sums);
 }
+FA_TARGET_AVX512 void column_exp_shift_avx512(float* st, int64_t ld, int64_t cols, int64_t rows, const float* shift) {
+  column_exp_shift_body(st, ld, cols, rows, shift);
+}
 #endif
 
 RowKernels choose() {
   const RowKernels baseline{row_max_baseline, exp_shift_sum_baseline, dropout_row_baseline, scale_row_max_baseline,
-                            max_exp_sum_baseline, dot_baseline, column_max_exp_sum_baseline, "baseline"};
+                            max_exp_sum_baseline, dot_baseline, column_max_exp_sum_baseline,
+                            column_exp_shift_baseline, "baseline"};
 #if FA_X86_DISPATCH
   const RowKernels avx2{row_max_avx2, exp_shift_sum_avx2, dropout_row_avx2, scale_row_max_avx2, max_exp_sum_avx2,
-                        dot_avx2, column_max_exp_sum_avx2, "avx2"};
+                        dot_avx2, column_max_exp_sum_avx2, column_exp_shift_avx2, "avx2"};
   const RowKernels avx512{row_max_avx512, exp_shift_sum_avx512, dropout_row_avx512, scale_row_max_avx512,
-                          max_exp_sum_avx512, dot_avx512, column_max_exp_sum_avx512, "avx512"};
+                          max_exp_sum_avx512, dot_avx512, column_max_exp_sum_avx512,
+                          column_exp_shift_avx512, "avx512"};
   __builtin_cpu_init();
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&

@@ -53,6 +53,10 @@ struct RowKernels {
   // (as unseen_row_probabilities).  Each column's sum is one sequential sum over j (the same for every ISA).
   void (*column_max_exp_sum)(float* st, int64_t ld, int64_t cols, int64_t rows, const float* m_old, float* m_new,
                              float* sums);
+  // The backward's probabilities down the columns of a keys-major tile: St[j * ld + r] = exp(St[j * ld + r] -
+  // shift[r]) for j < cols, r < rows <= kMaxColumnRows (shift = the rows' LSE; a row with LSE -inf saw no key:
+  // zeros, as `probabilities`).  ld a multiple of 16, the columns [rows, ld) scratch.
+  void (*column_exp_shift)(float* st, int64_t ld, int64_t cols, int64_t rows, const float* shift);
   const char* isa;  // "avx512", "avx2" or "baseline"
 };
 
@@ -77,6 +81,9 @@ constexpr int64_t kMaxColumnRows = 64;  // the keys-major forward's most queries
 inline void column_max_exp_sum(float* st, int64_t ld, int64_t cols, int64_t rows, const float* m_old, float* m_new,
                                float* sums) {
   row_kernels().column_max_exp_sum(st, ld, cols, rows, m_old, m_new, sums);
+}
+inline void column_exp_shift(float* st, int64_t ld, int64_t cols, int64_t rows, const float* shift) {
+  row_kernels().column_exp_shift(st, ld, cols, rows, shift);
 }
 // --- float64: plain loops -----------------------------------------------------------------------------------
 inline double dot(const double* x, const double* y, int64_t n) {
