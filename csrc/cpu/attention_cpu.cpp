@@ -231,6 +231,14 @@ void dq_kernel(const Problem& p, const BackwardTensors& t, const acc_t* lse, con
 
 constexpr int64_t kOnePairMax = 256;
 
+// Items of a few queries against a few keys (TimeSformer's temporal attention: 8 frames, whose rows lie a token
+// stride apart -- 9 KiB in ViT-B's qkv tensor -- so every row is a cache miss the hardware prefetchers do not
+// foresee): the single-pass backward prefetches the next item's rows while computing this one (NOTES entry 33;
+// the same in the forward gained nothing measurable).
+inline bool short_items(const Problem& p) {
+  return p.Lq <= 16 && p.Lk <= 16 && !env_is_zero("FASTATTN_CPU_PREFETCH");
+}
+
 // Single-pass backward: work items (batch, kv head, key stripe) walk each block pair of their keys once (5 block
 // products instead of the two-pass 7), for the whole GQA group of query heads.  Stripe s of S owns the key blocks
 // s, s + S, s + 2S, ... (interleaved, so causal masking costs every stripe about the same); its dK, dV rows are its
@@ -248,6 +256,7 @@ void fused_backward_kernel(const Problem& p, const BackwardTensors& t, const acc
   const int64_t n_kblocks = ceil_div(p.Lk, BN);
   // Keys-major pairs (attention_core.h): tiles [BN, ld_t] inside the [BM, ld] ones (ld_t = 16..64 <= BM = 128).
   const bool keys_major = std::is_same<acc_t, float>::value && !one_pair && backward_keys_major(p);
+  const bool prefetch = stripes == 1 && short_items(p);
   const int64_t ld_t = (p.Lq + 15) / 16 * 16;
   at::parallel_for(0, p.B * p.Hkv * stripes, 1, [&](int64_t begin, int64_t end) {
     SerialBlasGuard serial_blas;
@@ -260,6 +269,15 @@ void fused_backward_kernel(const Problem& p, const BackwardTensors& t, const acc
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bhk = item / stripes, stripe = item % stripes;
       const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv;
+      if (prefetch && item + 1 < end) {  // the next item's rows (one stripe: short_items), while this one computes
+        const int64_t nb = (bhk + 1) / p.Hkv, nhk = (bhk + 1) % p.Hkv;
+        prefetch_rows(p.k, nb, nhk, 0, p.Lk);
+        prefetch_rows(p.v, nb, nhk, 0, p.Lk);
+        for (int64_t g = 0; g < p.group; ++g) {
+          prefetch_rows(p.q, nb, nhk * p.group + g, 0, p.Lq);
+          prefetch_rows(t.dout, nb, nhk * p.group + g, 0, p.Lq);
+        }
+      }
       for (int64_t kb = stripe; kb < n_kblocks; kb += stripes) {
         const int64_t j0 = kb * BN, cols = std::min(BN, p.Lk - j0);
         std::fill(s.dk + j0 * p.D, s.dk + (j0 + cols) * p.D, acc_t(0));

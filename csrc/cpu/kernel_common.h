@@ -37,6 +37,22 @@ inline at::Tensor with_contiguous_rows(const at::Tensor& t, int64_t row_dim = 2)
   return (last_ok && rows_ok) ? t : t.contiguous();
 }
 
+// Software prefetch of a row's cache lines (rows a large stride apart, which the hardware prefetchers do not follow).
+inline void prefetch_row(const char* row, int64_t bytes, bool for_write = false) {
+  for (int64_t off = 0; off < bytes; off += 64) {
+    if (for_write) {
+      __builtin_prefetch(row + off, 1);
+    } else {
+      __builtin_prefetch(row + off);
+    }
+  }
+}
+
+// The rows [l0, l0 + rows) of head (b, h).
+inline void prefetch_rows(const HeadTensor& t, int64_t b, int64_t h, int64_t l0, int64_t rows) {
+  for (int64_t l = l0; l < l0 + rows; ++l) prefetch_row(t.row(b, h, l), t.dim * t.elem);
+}
+
 inline HeadTensor head_tensor(const at::Tensor& t) {
   HeadTensor v;
   v.data = static_cast<char*>(t.data_ptr());

@@ -204,6 +204,8 @@ FA_TARGET_AVX512 FA_TILE_INLINE __m512 sum_lanes_16(const __m512* a) {
 // frames): C(i, j) = alpha * dot(A row i, B row j) (+ beta C) in 16-lane partial products, reduced by
 // sum_lanes_16.  No transpose of B, and every lane busy, where the tiles would transpose B and run a 16-lane
 // vector with N lanes used.  NB: 8 or 16 dot products per row; rows j >= N reuse B's row 0 and are not stored.
+// With NB = 8, rows go in pairs (acc[j] row i, acc[8 + j] row i + 1): each B load serves two FMAs and one
+// reduction finishes both rows -- the one-row loop left half of the 16 accumulators, and of the reduction, empty.
 template <int NB>
 FA_TARGET_AVX512 void short_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t a_row,
                                const float* B, int64_t b_col, float beta, float* C, int64_t ldc) {
@@ -212,7 +214,35 @@ FA_TARGET_AVX512 void short_nt(int64_t M, int64_t N, int64_t K, float alpha, con
   for (int j = 0; j < NB; ++j) b_rows[j] = B + (j < N ? j : 0) * b_col;
   const __mmask16 out_mask = N >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << N) - 1);
   const __m512 alpha_v = _mm512_set1_ps(alpha), beta_v = _mm512_set1_ps(beta);
-  for (int64_t i = 0; i < M; ++i) {
+  int64_t i = 0;
+  if constexpr (NB == 8) {
+    for (; i + 1 < M; i += 2) {
+      const float* a0 = A + i * a_row;
+      const float* a1 = a0 + a_row;
+      __m512 acc[16];
+      FA_UNROLL
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += kLanes) {
+        const __mmask16 m = K - k >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+        const __m512 av0 = _mm512_maskz_loadu_ps(m, a0 + k), av1 = _mm512_maskz_loadu_ps(m, a1 + k);
+        FA_UNROLL
+        for (int j = 0; j < 8; ++j) {
+          const __m512 bv = _mm512_maskz_loadu_ps(m, b_rows[j] + k);
+          acc[j] = _mm512_fmadd_ps(av0, bv, acc[j]);
+          acc[8 + j] = _mm512_fmadd_ps(av1, bv, acc[8 + j]);
+        }
+      }
+      const __m512 sums = _mm512_mul_ps(sum_lanes_16(acc), alpha_v);  // lanes 0..7: row i, 8..15: row i + 1
+      __m512 v[2] = {sums, _mm512_shuffle_f32x4(sums, sums, _MM_SHUFFLE(3, 2, 3, 2))};
+      FA_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        float* c_row = C + (i + r) * ldc;
+        if (beta != 0.0f) v[r] = _mm512_fmadd_ps(beta_v, _mm512_maskz_loadu_ps(out_mask, c_row), v[r]);
+        _mm512_mask_storeu_ps(c_row, out_mask, v[r]);
+      }
+    }
+  }
+  for (; i < M; ++i) {
     const float* a = A + i * a_row;
     __m512 acc[16];
     FA_UNROLL

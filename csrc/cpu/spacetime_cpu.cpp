@@ -120,15 +120,6 @@ Problem frame_problem(const Frames& f, acc_t* q, acc_t* k, acc_t* v) {
 // (TimeSformer-B spatial forward, Intel Xeon VM: the gathers -2.5 %, the output stores -3 %; NOTES entry 25).
 constexpr int64_t kPrefetchRows = 4;
 
-inline void prefetch_row(const char* row, int64_t bytes, bool for_write = false) {
-  for (int64_t off = 0; off < bytes; off += 64) {
-    if (for_write) {
-      __builtin_prefetch(row + off, 1);
-    } else {
-      __builtin_prefetch(row + off);
-    }
-  }
-}
 
 // Rows [first, R) of frame t's sequence of head h, video b -> dst rows [first, R) (converted to acc_t).
 template <typename acc_t>
