@@ -151,6 +151,14 @@ def test_forward_keys_major(ops, monkeypatch, keys_major, threads, dtype, shape)
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("keys_major", ["1", "0"])
+def test_forward_keys_major_blhd_layout(ops, monkeypatch, keys_major):
+    """[B, L, H, D] storage read in place: key rows 12 heads x 200 floats apart (past small_gemm's far-stride
+    limit, so the S^T product packs its K rows), Q^T transposed from strided rows."""
+    monkeypatch.setenv("FASTATTN_CPU_KEYS_MAJOR", keys_major)
+    _check(torch.float32, (2, 12, 12, 40, 900, 200, 200), return_lse=True, layout="blhd")
+
+
 def _keys_major_mask(kind, B, H, Lq, Lk):
     g = torch.Generator().manual_seed(8)
     if kind == "bool_key_padding":  # Perceiver's padded inputs: [B, 1, 1, Lk], one video's last keys hidden
