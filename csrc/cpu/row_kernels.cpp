@@ -180,7 +180,6 @@ FA_INLINE float dot_body(const float* x, const float* y, int64_t n) {
   return s;
 }
 
-// Philox in lanes: the same rounds as csrc/philox.h, written over arrays so the 32x32->64 multiplies vectorise.
 // NV column vectors (rows <= 16 NV), kept in registers: one pass over the keys for the maxima and one for the
 // exps and sums, each over all columns at once (independent chains per vector, each key row read contiguously).
 template <int NV>
@@ -255,6 +254,7 @@ FA_INLINE void column_exp_shift_body(float* st, int64_t ld, int64_t cols, int64_
   }
 }
 
+// Philox in lanes: the same rounds as csrc/philox.h, written over arrays so the 32x32->64 multiplies vectorise.
 FA_INLINE void dropout_row_body(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
                                 uint32_t threshold, float scale) {
   int64_t j = 0;
