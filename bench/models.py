@@ -42,7 +42,7 @@ if __package__ in (None, ""):
 
 import fastattn  # noqa: E402
 import fastattn.models as fm  # noqa: E402
-from bench.run import device_slug, environment, resolve_device, short_error, times_ms  # noqa: E402
+from bench.run import device_slug, environment, interleaved_times_ms, resolve_device, short_error  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -229,7 +229,7 @@ def run_case(case: ModelCase, device, small: bool, autocast_dtype, print_row) ->
     impls = [("fastattn", models["fastattn"], None), ("reference", models["fastattn"], "reference")]
     impls += [(k, m, None) for k, m in models.items() if k != "fastattn"]
     for mode in ("forward", "train"):
-        group, outs = [], {}
+        group, outs, calls = [], {}, {}
         for impl, model, backend in impls:
             model = model.to(device).train(mode == "train")
             row = Row(case.name, impl, mode, batch, case.unit, params=sum(p.numel() for p in model.parameters()))
@@ -239,13 +239,25 @@ def run_case(case: ModelCase, device, small: bool, autocast_dtype, print_row) ->
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     outs[impl] = call().detach().float()
-                    row.time_ms, row.time_ms_min = times_ms(call, device, quick=small)
-                row.items_per_s = batch / (row.time_ms * 1e-3)
+                calls[impl] = call
             except Exception as e:  # noqa: BLE001
                 row.note = short_error(e)
             group.append(row)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                timed = interleaved_times_ms(calls, device, quick=small)  # the implementations timed in rounds
+        except Exception as e:  # noqa: BLE001
+            timed = {}
+            for row in group:
+                row.note = row.note or short_error(e)
+        for row in group:
+            if row.impl in timed:
+                row.time_ms, row.time_ms_min = timed[row.impl]
+                row.items_per_s = batch / (row.time_ms * 1e-3)
+        del calls
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         ref = next((r.time_ms for r in group if r.impl == "reference"), None)
         for r in group:
             if ref and r.time_ms:

@@ -231,6 +231,34 @@ def cpu_times_ms(fn: Callable[[], object], warmup: int = 2, min_reps: int = 5, m
     return 1e3 * statistics.median(times), 1e3 * min(times)
 
 
+def interleaved_times_ms(calls: Dict[str, Callable[[], object]], device: torch.device, quick: bool,
+                         min_rounds: int = 5, min_total_s: float = 1.0,
+                         max_rounds: int = 100) -> Dict[str, Tuple[float, float]]:
+    """(median, min) time in ms of each call, for calls that are compared with each other.  On the CPU they run
+    in rounds -- one call of each per round, the order rotated from round to round -- so that a slow spell of a
+    shared VM (this 2-core machine's run-to-run noise is +-5 % and, for memory-bound ops, far more: NOTES entries
+    33-34) lands on every implementation alike instead of on whichever was timed then.  On a GPU each is timed
+    on its own by do_bench, as times_ms."""
+    if device.type == "cuda" or len(calls) < 2:
+        return {name: times_ms(fn, device, quick) for name, fn in calls.items()}
+    names = list(calls)
+    for name in names:
+        for _ in range(2):  # warm-up
+            calls[name]()
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    rounds = 0
+    # at least min_rounds, then until about min_total_s per call has passed (a much slower implementation in
+    # the set shortens the run instead of lengthening it: every round runs it once)
+    while rounds < min_rounds or (sum(map(sum, times.values())) < min_total_s * len(names) and rounds < max_rounds):
+        shift = rounds % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+        rounds += 1
+    return {name: (1e3 * statistics.median(t), 1e3 * min(t)) for name, t in times.items()}
+
+
 def times_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> Tuple[float, float]:
     """(median, min) time of one call in ms."""
     if device.type == "cuda":
