@@ -370,9 +370,9 @@ def short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: " + " | ".join([head] + lines[1:])[:400]
 
 
-def run_row(row: Row, make_fn, x: Inputs, ref: Optional[Dict[str, torch.Tensor]], device: torch.device,
-            quick: bool) -> None:
-    """Fills row.time_ms / tflops / errors, or row.note with what it raised."""
+def prepare_row(row: Row, make_fn, x: Inputs, ref: Optional[Dict[str, torch.Tensor]],
+                device: torch.device) -> Optional[Callable[[], Dict[str, torch.Tensor]]]:
+    """The row's call after one checked run (row.errors filled), or None with row.note saying what it raised."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # SDPA's "kernel not used because ..." warnings; the error says it
@@ -382,16 +382,37 @@ def run_row(row: Row, make_fn, x: Inputs, ref: Optional[Dict[str, torch.Tensor]]
                 row.errors = max_abs_errors(got, ref)
                 row.max_abs_error = max(row.errors.values())
             del got
-            row.time_ms, row.time_ms_min = times_ms(call, device, quick)
-        row.tflops = row.flops / (row.time_ms * 1e-3) / 1e12
+        return call
     except Exception as e:  # noqa: BLE001 - one row's failure (OOM, unsupported) must not end the run
         row.note = short_error(e)
-        row.time_ms = row.tflops = None
+        return None
     finally:
         for t in (x.q, x.k, x.v):
             t.grad = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def time_rows(rows: Dict[str, Row], calls: Dict[str, Callable[[], object]], x: Inputs, device: torch.device,
+              quick: bool) -> None:
+    """Fills time_ms / tflops of the rows whose calls are given (interleaved_times_ms: in rounds on the CPU)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            timed = interleaved_times_ms(calls, device, quick)
+    except Exception as e:  # noqa: BLE001 - e.g. OOM while timing: the rows keep their errors
+        timed = {}
+        for name in calls:
+            rows[name].note = short_error(e)
+    finally:
+        for t in (x.q, x.k, x.v):
+            t.grad = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for name, (median, fastest) in timed.items():
+        row = rows[name]
+        row.time_ms, row.time_ms_min = median, fastest
+        row.tflops = row.flops / (row.time_ms * 1e-3) / 1e12
 
 
 def fill_speedups(rows: Sequence[Row]) -> None:
@@ -418,7 +439,7 @@ def bench_case(shape: Shape, dtype: torch.dtype, device: torch.device, backends:
             print(f"  float64 reference for {shape} causal={causal} failed: {short_error(e)}")
             ref = None
         for mode in MODES:
-            group = []
+            group, calls = [], {}
             for name in backends:
                 row = Row(shape.batch, shape.heads, shape.seqlen, shape.head_dim, SHORT_DTYPE[dtype], causal,
                           mode, name, attention_flops(shape, causal, mode))
@@ -428,8 +449,12 @@ def bench_case(shape: Shape, dtype: torch.dtype, device: torch.device, backends:
                 else:
                     mode_ref = None if ref is None else {k: ref[k] for k in ("out", "dq", "dk", "dv")
                                                          if mode == "fwd+bwd" or k == "out"}
-                    run_row(row, BACKENDS[name], x, mode_ref, device, quick)
+                    call = prepare_row(row, BACKENDS[name], x, mode_ref, device)
+                    if call is not None:
+                        calls[name] = call
                 group.append(row)
+            time_rows({r.backend: r for r in group}, calls, x, device, quick)
+            del calls
             fill_speedups(group)
             for row in group:
                 print_row(row)
