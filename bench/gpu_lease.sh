@@ -58,6 +58,10 @@ FASTATTN_NO_JIT=1 timeout 150 $PY -m pytest -q -ra -n 4 --timeout 120 -p no:cach
   tests/test_cuda_backend.py tests/test_cuda_window.py tests/test_api.py tests/test_multihead_attention.py \
   -k "(cuda or gpu) and not emulated" >> "$OUT/tests.log" 2>&1
 stamp "cuda tests exit $?"; tail -4 "$OUT/tests.log"
+{ echo "=== NaN / inf inputs (Triton and CUDA C++ on the GPU, the CPU kernels)"; } >> "$OUT/tests.log"
+FASTATTN_NO_JIT=1 timeout 60 $PY -m pytest -q -ra -n 4 --timeout 50 -p no:cacheprovider tests/test_nan_semantics.py \
+  >> "$OUT/tests.log" 2>&1
+stamp "nan tests exit $?"; tail -2 "$OUT/tests.log"
 
 stamp "stage 3: bench.run"
 FASTATTN_NO_JIT=1 timeout 140 $PY -m bench.run --dtypes bf16 --seqlens 1024,4096,16384 --head-dims 64,128 \
