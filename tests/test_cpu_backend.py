@@ -159,6 +159,37 @@ def test_forward_keys_major_blhd_layout(ops, monkeypatch, keys_major):
     _check(torch.float32, (2, 12, 12, 40, 900, 200, 200), return_lse=True, layout="blhd")
 
 
+@pytest.mark.parametrize("dot_keys", ["1", "0"])
+@pytest.mark.parametrize("case", [
+    dict(shape=(1, 4, 4, 1, 4100, 64, 64)),                        # decoding: one query, keys split over threads
+    dict(shape=(2, 8, 2, 1, 1030, 40, 24), causal="bottom_right"),   # GQA, a ragged last key block (6 keys)
+    dict(shape=(1, 2, 2, 3, 700, 128, 128), mask="bool_key_padding"),
+    dict(shape=(1, 3, 3, 8, 520, 24, 24), mask="float_alibi_grad", causal="bottom_right"),  # 8 rows: the most
+    dict(shape=(1, 2, 2, 5, 300, 64, 64), dtype=torch.bfloat16),
+    dict(shape=(2, 12, 12, 2, 900, 64, 64), layout="blhd"),
+])
+def test_forward_dot_keys(ops, monkeypatch, dot_keys, case):
+    """Query blocks of at most 8 rows (decoding) take their scores as dot products with the keys in place, 16 keys
+    per short_nt call, instead of transposing each key block (ForwardTile::run's dot_keys); both paths
+    (FASTATTN_CPU_DOT_KEYS=1 / 0) against the reference, forward and backward."""
+    monkeypatch.setenv("FASTATTN_CPU_AMX", "0")
+    monkeypatch.setenv("FASTATTN_CPU_DOT_KEYS", dot_keys)
+    B, Hq, Hkv, Lq, Lk, D, Dv = case["shape"]
+    mask = None
+    if case.get("mask") == "bool_key_padding":
+        mask = torch.ones(B, 1, 1, Lk, dtype=torch.bool)
+        mask[..., Lk - 250:] = False
+    elif case.get("mask") == "float_alibi_grad":
+        mask = torch.randn(Hq, 1, Lk, dtype=torch.float64).requires_grad_()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check(case.get("dtype", torch.float32), case["shape"], causal=case.get("causal", False), mask=mask,
+               return_lse=True, layout=case.get("layout", "bhld"))
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _keys_major_mask(kind, B, H, Lq, Lk):
     g = torch.Generator().manual_seed(8)
     if kind == "bool_key_padding":  # Perceiver's padded inputs: [B, 1, 1, Lk], one video's last keys hidden

@@ -236,6 +236,9 @@ struct ForwardTile {
   // vectors empty, more amortise the transposes well enough that the row-major blocks are as fast (entry 31).
   static constexpr int64_t kKeysMajorMinRows = 16;
   bool keys_major = false;
+  // Query blocks of at most kDotKeysMaxRows rows take their scores as dot products (run()).
+  static constexpr int64_t kDotKeysMaxRows = 8;
+  bool dot_keys_enabled = true;
   std::unique_ptr<acc_t[]> q_t;  // Q^T of run()'s query rows, [D, q_t_ld]
   int64_t q_t_ld = 0;
 
@@ -258,6 +261,7 @@ struct ForwardTile {
       keys_major = transpose_keys && p.Lq <= std::min(block_m, kMaxColumnRows) && p.Lq >= kKeysMajorMinRows &&
                    p.group == 1 && !p.dropout &&
                    !env_is_zero("FASTATTN_CPU_KEYS_MAJOR");  // =0: the row-major blocks (A/B runs, tests)
+      dot_keys_enabled = !env_is_zero("FASTATTN_CPU_DOT_KEYS");  // =0: transposed keys (A/B runs, tests)
       if (keys_major) {
         q_t_ld = (p.Lq + 15) / 16 * 16;
         q_t.reset(new acc_t[p.D * q_t_ld]);
@@ -293,20 +297,24 @@ struct ForwardTile {
         return;
       }
     }
+    // A few query rows (decoding: one per head): the scores as dot products of each row with the keys read in
+    // place, 16 keys per call (small_gemm's short_nt) -- a transposed key block would serve these rows only.
+    const bool dot_keys = transpose_keys && caller_kt == nullptr && rows <= kDotKeysMaxRows && dot_keys_enabled;
     for (int64_t j0 = j_begin; j0 < j_end; j0 += kFwdBlockN) {
       const int64_t cols = std::min(kFwdBlockN, j_end - j0);
       const acc_t* K;
       if (caller_kt != nullptr) {
         K = caller_kt + j0;
         ldk = caller_kt_ld;
-      } else if (transpose_keys) {
+      } else if (transpose_keys && !dot_keys) {
         K = transposed_keys(p, b, hk, j0);
         ldk = kKeyTLd;
       } else {
         K = load_rows(p.k, b, hk, j0, cols, k_buf, &ldk);
       }
       const acc_t* V = load_rows(p.v, b, hk, j0, cols, v_buf, &ldv);
-      step(p, Q, ldq, K, ldk, transpose_keys, V, ldv, b, h, i0, rows, j0, cols, /*acc_fresh=*/j0 == j_begin);
+      step(p, Q, ldq, K, ldk, transpose_keys && !dot_keys, V, ldv, b, h, i0, rows, j0, cols,
+           /*acc_fresh=*/j0 == j_begin);
     }
   }
 
@@ -370,6 +378,11 @@ struct ForwardTile {
     const acc_t scale = static_cast<acc_t>(p.scale);
     if (k_transposed) {
       mm_nn<acc_t>(p.gemm, rows, cols, p.D, scale, Q, ldq, K, ldk, acc_t(0), S, BN);
+    } else if (p.gemm == GemmPath::tiles && rows <= kDotKeysMaxRows) {
+      for (int64_t c = 0; c < cols; c += 16) {  // <= 16 keys per product: dot products, nothing transposed
+        mm_nt<acc_t>(p.gemm, rows, std::min<int64_t>(16, cols - c), p.D, scale, Q, ldq, K + c * ldk, ldk, acc_t(0),
+                     S + c, BN);
+      }
     } else {
       mm_nt<acc_t>(p.gemm, rows, cols, p.D, scale, Q, ldq, K, ldk, acc_t(0), S, BN);
     }
