@@ -4,7 +4,7 @@
 #   0. environment, and the machine's two ceilings (HBM copy bandwidth, bf16 matmul rate)
 #   1. the extension build for sm_90a (background)  ||  the Triton kernels' GPU tests (pytest-xdist)
 #   2. the CUDA C++ kernels' GPU tests (dense and window ops), in their own processes: a sticky CUDA error there
-#      cannot spoil the Triton results
+#      cannot spoil the Triton results; then tests/test_nan_semantics.py (Triton and CUDA C++ on the GPU, <= 60 s)
 #   3. bench.run, bf16, L = 1k / 4k / 16k, d 64 / 128: triton vs cuda vs torch's flash / cuDNN kernels; then fp32,
 #      L = 1k / 4k: triton vs the CUDA-core kernels (csrc/cuda/fa_simt.cuh; bench/NOTES.md entry 13)
 #   4. bench.ops, bf16: the layout variants on Triton and on CUDA vs the composites users write
