@@ -42,7 +42,7 @@ if __package__ in (None, ""):
 
 import fastattn  # noqa: E402
 import fastattn.models as fm  # noqa: E402
-from bench.run import device_slug, environment, interleaved_times_ms, resolve_device, short_error  # noqa: E402
+from bench.run import device_slug, environment, resolve_device, short_error, time_group  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -243,21 +243,11 @@ def run_case(case: ModelCase, device, small: bool, autocast_dtype, print_row) ->
             except Exception as e:  # noqa: BLE001
                 row.note = short_error(e)
             group.append(row)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                timed = interleaved_times_ms(calls, device, quick=small)  # the implementations timed in rounds
-        except Exception as e:  # noqa: BLE001
-            timed = {}
-            for row in group:
-                row.note = row.note or short_error(e)
-        for row in group:
-            if row.impl in timed:
-                row.time_ms, row.time_ms_min = timed[row.impl]
-                row.items_per_s = batch / (row.time_ms * 1e-3)
+        time_group({r.impl: r for r in group}, calls, device, quick=small)  # the implementations timed in rounds
         del calls
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for row in group:
+            if row.time_ms is not None:
+                row.items_per_s = batch / (row.time_ms * 1e-3)
         ref = next((r.time_ms for r in group if r.impl == "reference"), None)
         for r in group:
             if ref and r.time_ms:

@@ -55,8 +55,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastattn  # noqa: E402
-from bench.run import (DTYPES, SHORT_DTYPE, device_slug, environment, interleaved_times_ms, resolve_device,  # noqa: E402
-                       short_error)
+from bench.run import DTYPES, SHORT_DTYPE, device_slug, environment, resolve_device, short_error, time_group  # noqa: E402
 from fastattn.window import region_ids, relative_position_index  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -411,23 +410,13 @@ def run_case(case: Case, dtype, device, quick: bool, impls: Optional[List[str]],
             except Exception as e:  # noqa: BLE001 - one implementation's failure must not end the run
                 row.note = short_error(e)
             group.append(row)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                timed = interleaved_times_ms(calls, device, quick)  # the implementations timed in rounds
-        except Exception as e:  # noqa: BLE001
-            timed = {}
-            for row in group:
-                row.note = row.note or short_error(e)
+        time_group({r.impl: r for r in group}, calls, device, quick)  # the implementations timed in rounds
+        del calls
         for row in group:
-            if row.impl in timed:
-                row.time_ms, row.time_ms_min = timed[row.impl]
+            if row.time_ms is not None:
                 row.tflops = row.flops / (row.time_ms * 1e-3) / 1e12
                 if mode == "fwd":
                     row.gbps = row.bytes / (row.time_ms * 1e-3) / 1e9
-        del calls
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         base = next((r.time_ms for r in group if r.impl == "composite"), None)
         for r in group:
             if base and r.time_ms:

@@ -393,26 +393,34 @@ def prepare_row(row: Row, make_fn, x: Inputs, ref: Optional[Dict[str, torch.Tens
             torch.cuda.empty_cache()
 
 
-def time_rows(rows: Dict[str, Row], calls: Dict[str, Callable[[], object]], x: Inputs, device: torch.device,
-              quick: bool) -> None:
-    """Fills time_ms / tflops of the rows whose calls are given (interleaved_times_ms: in rounds on the CPU)."""
+def time_group(rows: Dict[str, object], calls: Dict[str, Callable[[], object]], device: torch.device,
+               quick: bool) -> None:
+    """Sets time_ms / time_ms_min of rows[name] for each call, timed together by interleaved_times_ms; if the
+    timing raises (e.g. out of memory), every row without a note of its own gets the error as its note."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             timed = interleaved_times_ms(calls, device, quick)
-    except Exception as e:  # noqa: BLE001 - e.g. OOM while timing: the rows keep their errors
+    except Exception as e:  # noqa: BLE001 - the rows keep their errors; the run goes on
         timed = {}
-        for name in calls:
-            rows[name].note = short_error(e)
-    finally:
-        for t in (x.q, x.k, x.v):
-            t.grad = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for row in rows.values():
+            row.note = row.note or short_error(e)
     for name, (median, fastest) in timed.items():
+        rows[name].time_ms, rows[name].time_ms_min = median, fastest
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def time_rows(rows: Dict[str, Row], calls: Dict[str, Callable[[], object]], x: Inputs, device: torch.device,
+              quick: bool) -> None:
+    """Fills time_ms / tflops of the rows whose calls are given (time_group: in rounds on the CPU)."""
+    time_group(rows, calls, device, quick)
+    for t in (x.q, x.k, x.v):
+        t.grad = None
+    for name in calls:
         row = rows[name]
-        row.time_ms, row.time_ms_min = median, fastest
-        row.tflops = row.flops / (row.time_ms * 1e-3) / 1e12
+        if row.time_ms is not None:
+            row.tflops = row.flops / (row.time_ms * 1e-3) / 1e12
 
 
 def fill_speedups(rows: Sequence[Row]) -> None:

@@ -37,3 +37,22 @@ def test_a_slow_call_does_not_lengthen_the_run():
     interleaved_times_ms({"slow": slow, "fast": fast}, torch.device("cpu"), quick=True, min_rounds=5,
                          min_total_s=0.05, max_rounds=1000)
     assert n["slow"] == n["fast"] and n["slow"] <= 2 + 10
+
+
+def test_time_group_fills_rows_and_reports_a_failure_as_their_note():
+    from types import SimpleNamespace
+
+    from bench.run import time_group
+    rows = {name: SimpleNamespace(time_ms=None, time_ms_min=None, note=None) for name in ("a", "b", "skipped")}
+    rows["skipped"].note = "skipped: too large"
+    time_group(rows, {"a": lambda: None, "b": lambda: None}, torch.device("cpu"), quick=True)
+    assert rows["a"].time_ms is not None and rows["b"].time_ms_min is not None and rows["skipped"].time_ms is None
+    state = {"calls": 0}
+
+    def flaky():  # passes its warm-up, then fails while timed
+        state["calls"] += 1
+        if state["calls"] > 2:
+            raise RuntimeError("out of memory")
+    rows = {name: SimpleNamespace(time_ms=None, time_ms_min=None, note=None) for name in ("ok", "flaky")}
+    time_group(rows, {"ok": lambda: None, "flaky": flaky}, torch.device("cpu"), quick=True)
+    assert all(r.time_ms is None and "out of memory" in r.note for r in rows.values())
