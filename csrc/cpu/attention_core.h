@@ -177,6 +177,26 @@ inline int64_t forward_key_splits(const Problem& p, int64_t items) {
   return std::min(key_blocks, ceil_div(2 * threads, items));  // about two splits per thread
 }
 
+// One row's online-softmax step, given its new maximum m_new and the sum of exp(s - m_new) over the block:
+// l = alpha l + row_sum, m = m_new and the accumulated output row scaled by alpha = exp(m_old - m_new).  Returns
+// false, changing nothing, for a row with no visible key so far (m_new = -inf and sum 0); m_new = -inf with a NaN
+// sum -- NaN scores only -- goes on: l becomes NaN, and with it the row's output and LSE.
+// acc_fresh: the row holds nothing yet (the block's P V will overwrite it).
+template <typename acc_t>
+inline bool rescale_row(const Problem& p, acc_t m_new, acc_t row_sum, bool acc_fresh, acc_t* m, acc_t* l,
+                        acc_t* acc_row) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  if (m_new == kNegInf && row_sum == acc_t(0)) return false;
+  // alpha rescales what was accumulated against the old maximum (0 when nothing was).
+  const acc_t alpha = *m == kNegInf ? acc_t(0) : std::exp(*m - m_new);
+  *l = *l * alpha + row_sum;  // the normaliser sees P before dropout
+  *m = m_new;
+  if (!acc_fresh && alpha != acc_t(1)) {
+    for (int64_t d = 0; d < p.Dv; ++d) acc_row[d] *= alpha;
+  }
+  return true;
+}
+
 // The online-softmax update of the query rows [i0, i0 + rows) for one block of scores S (keys j0 .. j0 + cols):
 // m, l and the rows of acc (leading dimension acc_ld, Dv columns used) are rescaled and S becomes
 // P = exp(S - m_new), then dropout(P), ready for acc += P V.
@@ -184,26 +204,25 @@ inline int64_t forward_key_splits(const Problem& p, int64_t items) {
 template <typename acc_t>
 void online_softmax_update(const Problem& p, acc_t* S, int64_t lds, int64_t rows, int64_t cols, bool acc_fresh,
                            acc_t* m, acc_t* l, acc_t* acc, int64_t acc_ld, int64_t bh, int64_t i0, int64_t j0) {
-  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* s = S + r * lds;
-    const acc_t m_old = m[r];
-    acc_t m_new = m_old;
-    // m_new = max(m_old, this row's scores); s = exp(s - m_new) -- zeros if no key was visible so far
+    acc_t m_new = m[r];
+    // m_new = max(m, this row's scores); s = exp(s - m_new) -- zeros if no key was visible so far
     const acc_t row_sum = max_exp_sum(s, cols, &m_new, /*normalize=*/false);
-    // No visible key so far: nothing to add.  (m_new = -inf with row_sum NaN -- NaN scores only -- goes on: l
-    // becomes NaN, and with it the row's output and LSE.)
-    if (m_new == kNegInf && row_sum == acc_t(0)) continue;
-    // alpha rescales what was accumulated against the old maximum (0 when nothing was).
-    const acc_t alpha = m_old == kNegInf ? acc_t(0) : std::exp(m_old - m_new);
-    l[r] = l[r] * alpha + row_sum;  // the normaliser sees P before dropout
-    m[r] = m_new;
-    acc_t* a = acc + r * acc_ld;
-    if (!acc_fresh && alpha != acc_t(1)) {
-      for (int64_t d = 0; d < p.Dv; ++d) a[d] *= alpha;
-    }
+    if (!rescale_row(p, m_new, row_sum, acc_fresh, &m[r], &l[r], acc + r * acc_ld)) continue;
     if (p.dropout) apply_dropout(p, s, cols, bh, i0 + r, j0);
   }
+}
+
+// Keys-major blocks (ForwardTile::step_keys_major, recompute_pair_keys_major): for heads of 16..64 queries, one
+// query head per kv head, no dropout (its keep-mask is generated along S's rows), float32 on the AVX-512 tiles
+// (on BLAS they did not help: MKL packs both operands either way), more than 16 keys (fewer take small_gemm's dot
+// products), FASTATTN_CPU_KEYS_MAJOR not "0" (A/B runs, tests).  Fewer queries leave most of S^T's 16-query
+// vectors empty; more amortise the key transposes well enough that the row-major blocks are as fast (entry 31).
+constexpr int64_t kKeysMajorMinRows = 16;
+inline bool keys_major_applies(const Problem& p) {
+  return p.gemm == GemmPath::tiles && !p.dropout && p.group == 1 && p.Lk > 16 && p.Lq >= kKeysMajorMinRows &&
+         p.Lq <= kMaxColumnRows && !env_is_zero("FASTATTN_CPU_KEYS_MAJOR");
 }
 
 // The per-thread buffers of the forward and the online-softmax loop over the keys [j_begin, j_end) of the query
@@ -231,10 +250,7 @@ struct ForwardTile {
   // Keys-major blocks (float32 on the tiles): where a key block feeds one query block only -- a head's queries fit
   // one block, Perceiver's latents against its inputs -- its transpose is not reused, so the scores are computed
   // transposed instead, S^T = K Q^T with K read in place and Q^T transposed once per run(); the online softmax
-  // runs down S^T's columns and acc += P V reads P^T as a transposed operand (NOTES entry 31).  Not with dropout
-  // (its keep-mask is generated along S's rows), and for 16..64 queries: fewer leave most of S^T's 16-query
-  // vectors empty, more amortise the transposes well enough that the row-major blocks are as fast (entry 31).
-  static constexpr int64_t kKeysMajorMinRows = 16;
+  // runs down S^T's columns and acc += P V reads P^T as a transposed operand (NOTES entry 31; keys_major_applies).
   bool keys_major = false;
   // Query blocks of at most kDotKeysMaxRows rows take their scores as dot products (run()).
   static constexpr int64_t kDotKeysMaxRows = 8;
@@ -258,9 +274,7 @@ struct ForwardTile {
     if constexpr (std::is_same<acc_t, float>::value) {
       // (at most 16 keys: mm_nt's dot-product kernel reads the keys in place, small_gemm.cpp)
       transpose_keys = p.gemm == GemmPath::tiles && p.Lk > 16;
-      keys_major = transpose_keys && p.Lq <= std::min(block_m, kMaxColumnRows) && p.Lq >= kKeysMajorMinRows &&
-                   p.group == 1 && !p.dropout &&
-                   !env_is_zero("FASTATTN_CPU_KEYS_MAJOR");  // =0: the row-major blocks (A/B runs, tests)
+      keys_major = keys_major_applies(p) && p.Lq <= block_m;
       dot_keys_enabled = !env_is_zero("FASTATTN_CPU_DOT_KEYS");  // =0: transposed keys (A/B runs, tests)
       if (keys_major) {
         q_t_ld = (p.Lq + 15) / 16 * 16;
@@ -324,23 +338,12 @@ struct ForwardTile {
   // online_softmax_update), then acc (+)= P V = (P^T)^T V.
   void step_keys_major(const Problem& p, const acc_t* K, int64_t ldk, const acc_t* V, int64_t ldv, int64_t b,
                        int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, bool acc_fresh) {
-    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
     mm_nn<acc_t>(p.gemm, cols, rows, p.D, static_cast<acc_t>(p.scale), K, ldk, q_t.get(), q_t_ld, acc_t(0), S,
                  q_t_ld);
     modify_scores(p, S, q_t_ld, b, h, i0, rows, j0, cols, /*keys_major=*/true);
     acc_t m_new[kMaxColumnRows], sums[kMaxColumnRows];
     column_max_exp_sum(S, q_t_ld, cols, rows, m, m_new, sums);
-    for (int64_t r = 0; r < rows; ++r) {
-      if (m_new[r] == kNegInf && sums[r] == acc_t(0)) continue;  // no visible key so far (NaN sums go on)
-      // alpha rescales what was accumulated against the old maximum (0 when nothing was).
-      const acc_t alpha = m[r] == kNegInf ? acc_t(0) : std::exp(m[r] - m_new[r]);
-      l[r] = l[r] * alpha + sums[r];
-      m[r] = m_new[r];
-      if (!acc_fresh && alpha != acc_t(1)) {
-        acc_t* a = acc + r * acc_ld;
-        for (int64_t d = 0; d < p.Dv; ++d) a[d] *= alpha;
-      }
-    }
+    for (int64_t r = 0; r < rows; ++r) rescale_row(p, m_new[r], sums[r], acc_fresh, &m[r], &l[r], acc + r * acc_ld);
     mm_tn<acc_t>(p.gemm, rows, p.Dv, cols, acc_t(1), S, q_t_ld, V, ldv, acc_fresh ? acc_t(0) : acc_t(1), acc, acc_ld);
   }
 
@@ -499,18 +502,11 @@ void recompute_pair(const Problem& p, const PairTiles<acc_t>& t, const acc_t* Q,
   score_gradients(p, t.P, t.Pd, t.dS, BN, rows, cols, delta + bh * p.Lq + i0);
 }
 
-// Keys-major block pairs of the backward (float32 on the tiles, where the forward's keys_major applies and without
-// dropout): the tiles hold P^T and dS^T, [cols, ld_t] with the query rows along ld_t, computed from Q^T and dO^T
+// Keys-major block pairs of the backward (where keys_major_applies, as in the forward): the tiles hold P^T and dS^T, [cols, ld_t] with the query rows along ld_t, computed from Q^T and dO^T
 // ([D, ld_t], [Dv, ld_t], transposed once per query block) with K and V read in place as the broadcast operands:
 //     S^T = scale K Q^T,  P^T = exp(S^T - lse),  dP^T = V dO^T,  dS^T = P^T * (dP^T - Delta)
 // after which the callers' three products need no transposed operand but dQ's (dS^T read in place): no key or
 // value block is transposed per pair (NOTES entry 32).
-inline bool backward_keys_major(const Problem& p) {
-  return p.gemm == GemmPath::tiles && !p.dropout && p.group == 1 && p.Lk > 16 &&
-         p.Lq >= ForwardTile<float>::kKeysMajorMinRows && p.Lq <= kMaxColumnRows &&
-         !env_is_zero("FASTATTN_CPU_KEYS_MAJOR");
-}
-
 inline void recompute_pair_keys_major(const Problem& p, const PairTiles<float>& t, int64_t ld_t, const float* Q_t,
                                       const float* dO_t, const float* K, int64_t ldk, const float* V, int64_t ldv,
                                       int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,

@@ -255,7 +255,7 @@ void fused_backward_kernel(const Problem& p, const BackwardTensors& t, const acc
   const int64_t ld = one_pair ? (BN + 15) / 16 * 16 : kBwdBlockN;
   const int64_t n_kblocks = ceil_div(p.Lk, BN);
   // Keys-major pairs (attention_core.h): tiles [BN, ld_t] inside the [BM, ld] ones (ld_t = 16..64 <= BM = 128).
-  const bool keys_major = std::is_same<acc_t, float>::value && !one_pair && backward_keys_major(p);
+  const bool keys_major = std::is_same<acc_t, float>::value && !one_pair && keys_major_applies(p);
   const bool prefetch = stripes == 1 && short_items(p);
   const int64_t ld_t = (p.Lq + 15) / 16 * 16;
   at::parallel_for(0, p.B * p.Hkv * stripes, 1, [&](int64_t begin, int64_t end) {
