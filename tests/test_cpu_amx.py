@@ -147,6 +147,114 @@ def test_backward_after_the_amx_forward(amx, monkeypatch):
         assert_close_rule(a, lo, r, what=f"d{name}")
 
 
+# --- the backward on AMX (amx_backward.h; FASTATTN_CPU_AMX_BWD=0 runs the float32 backward) ------------------------
+def _grads(q, k, v, grad, monkeypatch, amx_bwd, backend="cpu", **kw):
+    monkeypatch.setenv("FASTATTN_CPU_AMX_BWD", "1" if amx_bwd else "0")
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    mask = kw.get("attn_mask")
+    if mask is not None and mask.is_floating_point():
+        kw["attn_mask"] = mask = mask.detach().clone().requires_grad_()
+        leaves.append(mask)
+    out = fastattn.attention(*leaves[:3], backend=backend, **kw)
+    return torch.autograd.grad(out, leaves, grad)
+
+
+def _check_backward(q, k, v, monkeypatch, **kw):
+    """The AMX backward's dq, dk, dv (and float mask gradient) against the float64 reference under the tolerance
+    rule; returns them.  Also checks that the switch selects another computation (the float32 backward)."""
+    out = fastattn.attention(q, k, v, backend="reference", **kw)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.dtype)
+    got = _grads(q, k, v, grad, monkeypatch, True, **kw)
+    kw64 = dict(kw)
+    if kw.get("attn_mask") is not None and kw["attn_mask"].is_floating_point():
+        kw64["attn_mask"] = kw["attn_mask"].double()
+    ref = _grads(q.double(), k.double(), v.double(), grad.double(), monkeypatch, True, backend="reference", **kw64)
+    low = _grads(q, k, v, grad, monkeypatch, True, backend="reference", **kw)
+    for name, a, lo, r in zip(["dq", "dk", "dv", "dmask"], got, low, ref):
+        assert a.dtype == lo.dtype and a.shape == r.shape, name
+        assert_close_rule(a, lo, r, what=name)
+    other = _grads(q, k, v, grad, monkeypatch, False, **kw)
+    if q.shape[2] * k.shape[2] > 100:
+        assert not all(torch.equal(a, b) for a, b in zip(got, other)), "FASTATTN_CPU_AMX_BWD=0 changed nothing"
+    return got
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [False, "top_left", "bottom_right"])
+def test_backward_parity_with_reference(amx, monkeypatch, shape, causal):
+    _check_backward(*_inputs(*shape), monkeypatch, causal=causal)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.bfloat16])
+def test_backward_masks_and_mask_gradient(amx, monkeypatch, mask_dtype):
+    """Bool masks (with a row that sees no key), float masks with their gradient (written from the keys-major dS^T
+    tile), a broadcast head dimension."""
+    q, k, v = _inputs(2, 2, 2, 70, 300, 64, 48)
+    g = torch.Generator().manual_seed(1)
+    if mask_dtype == torch.bool:
+        mask = torch.rand(2, 1, 70, 300, generator=g) > 0.3
+        mask[0, 0, 5] = False
+    else:
+        mask = torch.randn(1, 2, 70, 300, generator=g).to(mask_dtype)
+    _check_backward(q, k, v, monkeypatch, attn_mask=mask, causal="bottom_right")
+
+
+@pytest.mark.parametrize("schedule", ["single", "striped", "two_pass"])
+def test_backward_schedules(amx, monkeypatch, schedule):
+    """Key stripes with partial dQs summed afterwards (few heads, many keys), one stripe, and the two-pass choice
+    (run as one stripe on AMX): each under the rule, and all three the same computation up to dQ's sum order."""
+    monkeypatch.setenv("FASTATTN_CPU_BACKWARD", schedule)
+    q, k, v = _inputs(1, 2, 1, 150, 700, 64, 64)
+    _check_backward(q, k, v, monkeypatch, causal="bottom_right")
+
+
+def test_backward_strided_views(amx, monkeypatch):
+    """[B, L, H, D] views, odd row strides (packing copies the rows first) and a dout that is a strided view."""
+    base = torch.randn(2, 150, 3, 65).bfloat16()
+    q = base[..., :64].transpose(1, 2)
+    k = torch.randn(2, 90, 3, 65).bfloat16()[..., 1:].transpose(1, 2)
+    v = torch.randn(2, 3, 90, 49).bfloat16()[..., :48]
+    _check_backward(q, k, v, monkeypatch)
+
+
+def test_backward_deterministic(amx, monkeypatch):
+    q, k, v = _inputs(2, 4, 2, 200, 600, 64, 64)
+    grad = torch.randn(2, 4, 200, 64).bfloat16()
+    for schedule in ("single", "striped"):
+        monkeypatch.setenv("FASTATTN_CPU_BACKWARD", schedule)
+        a = _grads(q, k, v, grad, monkeypatch, True, causal=True)
+        b = _grads(q, k, v, grad, monkeypatch, True, causal=True)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_backward_nan_as_the_float32_backward(amx, monkeypatch):
+    """A NaN in a key row or a value row: NaN exactly where the float32 backward has it.  Key 60 is hidden from
+    every query (top-left causal, 40 queries) but lies in the visible key block: it must not reach any gradient."""
+    q, k, v = _inputs(1, 1, 1, 40, 70, 32, 32)
+    grad = torch.randn(1, 1, 40, 32).bfloat16()
+    for kk, vv in ((k.index_fill(2, torch.tensor([7]), float("nan")), v),
+                   (k, v.index_fill(2, torch.tensor([9]), float("nan"))),
+                   (k.index_fill(2, torch.tensor([60]), float("nan")), v)):
+        a = _grads(q, kk, vv, grad, monkeypatch, True, causal=True)
+        b = _grads(q, kk, vv, grad, monkeypatch, False, causal=True)
+        for x, y in zip(a, b):
+            assert torch.equal(torch.isnan(x), torch.isnan(y))
+        if kk[0, 0, 60].isnan().any():
+            assert not any(torch.isnan(x).any() for x in a)
+
+
+def test_backward_dropout_keeps_the_float32_backward(amx, monkeypatch):
+    """With dropout the backward is the float32 one (its keep-mask is drawn on float32 probabilities): the switch
+    changes nothing."""
+    q, k, v = _inputs(1, 2, 2, 50, 300, 32, 32)
+    grad = torch.randn(1, 2, 50, 32).bfloat16()
+    results = []
+    for amx_bwd in (True, False):
+        torch.manual_seed(5)
+        results.append(_grads(q, k, v, grad, monkeypatch, amx_bwd, dropout_p=0.3))
+    assert all(torch.equal(x, y) for x, y in zip(*results))
+
+
 def test_deterministic(amx, monkeypatch):
     q, k, v = _inputs(2, 4, 2, 300, 900, 64, 64)
     a, la = _forward(q, k, v, monkeypatch, True, causal=True)

@@ -195,6 +195,34 @@ FA_TARGET_AVX512BF16 float exp_shift_sum_bf16_avx512(const float* x, int64_t n, 
   return total;
 }
 
+FA_TARGET_AVX512BF16 void amx_backward_scores_avx512(const float* S, float* dP, int64_t ld, int64_t cols,
+                                                     int64_t rows, float scale, const float* shift,
+                                                     const float* delta, uint16_t* p16, uint16_t* ds16,
+                                                     int64_t cols_out, bool keep_ds) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t c = 0; c < cols; ++c) {
+    const float* s = S + c * ld;
+    float* g = dP + c * ld;
+    for (int64_t r = 0; r < ld; r += 16) {
+      const __mmask16 valid = rows - r >= 16 ? __mmask16(0xFFFF)
+                              : rows > r    ? __mmask16((1u << (rows - r)) - 1)
+                                            : __mmask16(0);
+      // Padding lanes forced to 0: their scores are 0 * K, NaN where a key is NaN.
+      const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(s + r), sc, _mm512_loadu_ps(shift + r));
+      const __m512 p = _mm512_maskz_mov_ps(valid, exp_for_bf16(x));
+      const __m512 ds = _mm512_maskz_mul_ps(valid, p, _mm512_sub_ps(_mm512_loadu_ps(g + r), _mm512_loadu_ps(delta + r)));
+      if (keep_ds) _mm512_storeu_ps(g + r, ds);
+      const __m256bh p_h = _mm512_cvtneps_pbh(p), ds_h = _mm512_cvtneps_pbh(ds);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p16 + c * ld + r), reinterpret_cast<const __m256i&>(p_h));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ds16 + c * ld + r), reinterpret_cast<const __m256i&>(ds_h));
+    }
+  }
+  for (int64_t c = cols; c < cols_out; ++c) {
+    std::fill(p16 + c * ld, p16 + (c + 1) * ld, uint16_t(0));
+    std::fill(ds16 + c * ld, ds16 + (c + 1) * ld, uint16_t(0));
+  }
+}
+
 std::vector<uint16_t>& staging_buffer() {
   thread_local std::vector<uint16_t> buffer;
   return buffer;
@@ -276,6 +304,12 @@ float exp_shift_sum_bf16(const float* x, int64_t n, float shift, uint16_t* out, 
   return exp_shift_sum_bf16_avx512(x, n, shift, out, n_pad);
 }
 
+void amx_backward_scores(const float* S, float* dP, int64_t ld, int64_t cols, int64_t rows, float scale,
+                         const float* shift, const float* delta, uint16_t* p16, uint16_t* ds16, int64_t cols_out,
+                         bool keep_ds) {
+  amx_backward_scores_avx512(S, dP, ld, cols, rows, scale, shift, delta, p16, ds16, cols_out, keep_ds);
+}
+
 #else  // no AMX on this platform: the callers check amx_bf16_enabled() first, so the rest is unreachable
 
 bool amx_bf16_enabled() { return false; }
@@ -296,6 +330,10 @@ void float_to_bf16_row(const float*, int64_t, int64_t, uint16_t*) {
 }
 float exp_shift_sum_bf16(const float*, int64_t, float, uint16_t*, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "exp_shift_sum_bf16 without AMX");
+}
+void amx_backward_scores(const float*, float*, int64_t, int64_t, int64_t, float, const float*, const float*,
+                         uint16_t*, uint16_t*, int64_t, bool) {
+  TORCH_INTERNAL_ASSERT(false, "amx_backward_scores without AMX");
 }
 
 #endif

@@ -52,4 +52,14 @@ void float_to_bf16_row(const float* src, int64_t n, int64_t n_pad, uint16_t* dst
 // the float32 exponentials (relative error < 3e-6: P is rounded to bf16 after).  x[j] - shift <= 0 expected.
 float exp_shift_sum_bf16(const float* x, int64_t n, float shift, uint16_t* out, int64_t n_pad);
 
+// The backward's keys-major pair after its two score products (amx_backward.h): for key rows c < cols of S^T and
+// dP^T ([cols, ld] float32, query r at column r, ld a multiple of 32) and r < rows:
+//     P = exp(scale * S[c, r] - shift[r]),  dS = P * (dP[c, r] - delta[r])
+// p16[c * ld + r] = bf16(P), ds16[c * ld + r] = bf16(dS), and dP[c, r] = dS when keep_ds (the mask gradient).
+// The columns [rows, ld) and the rows [cols, cols_out) of p16 and ds16 are written as zeros (operand padding).
+// shift[r] = +inf gives P = 0 (a row with LSE -inf); exp as exp_shift_sum_bf16's (relative error < 3e-6).
+void amx_backward_scores(const float* S, float* dP, int64_t ld, int64_t cols, int64_t rows, float scale,
+                         const float* shift, const float* delta, uint16_t* p16, uint16_t* ds16, int64_t cols_out,
+                         bool keep_ds);
+
 }  // namespace fastattn::cpu

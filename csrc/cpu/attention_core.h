@@ -68,7 +68,7 @@ struct Problem {
   uint32_t threshold = 0;
   double drop_scale = 1.0;
   GemmPath gemm = GemmPath::blas;
-  bool amx_bf16 = false;  // bf16 inputs, products on AMX (amx_forward.h; the dense forward)
+  bool amx_bf16 = false;  // bf16 inputs, products on AMX (the dense forward: amx_forward.h; backward: amx_backward.h)
 
   // Keys [0, kv_end) can be visible to the queries [i0, i0 + rows).
   int64_t kv_end(int64_t i0, int64_t rows) const {

@@ -50,6 +50,7 @@
 #include "../ops.h"
 #include "../philox.h"
 #include "amx.h"
+#include "amx_backward.h"
 #include "amx_forward.h"
 #include "attention_core.h"
 #include "blas.h"
@@ -239,6 +240,24 @@ inline bool short_items(const Problem& p) {
   return p.Lq <= 16 && p.Lk <= 16 && !env_is_zero("FASTATTN_CPU_PREFETCH");
 }
 
+// dQ = the stripes' partial dQs summed in the fixed order s = 0..S-1 (reproducible), to t.dq.
+template <typename acc_t>
+void sum_dq_partials(const Problem& p, const BackwardTensors& t, int64_t stripes, const acc_t* dq_partial) {
+  const int64_t rows_total = p.B * p.Hq * p.Lq;
+  at::parallel_for(0, rows_total, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(p.D);
+    for (int64_t row = begin; row < end; ++row) {
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      for (int64_t st = 0; st < stripes; ++st) {  // fixed order
+        const acc_t* part = dq_partial + (st * rows_total + row) * p.D;
+        for (int64_t d = 0; d < p.D; ++d) sum[d] += part[d];
+      }
+      const int64_t i = row % p.Lq, bh = row / p.Lq;
+      store_row(sum.data(), t.dq.dtype, t.dq.row(bh / p.Hq, bh % p.Hq, i), p.D);
+    }
+  });
+}
+
 // Single-pass backward: work items (batch, kv head, key stripe) walk each block pair of their keys once (5 block
 // products instead of the two-pass 7), for the whole GQA group of query heads.  Stripe s of S owns the key blocks
 // s, s + S, s + 2S, ... (interleaved, so causal masking costs every stripe about the same); its dK, dV rows are its
@@ -340,20 +359,7 @@ void fused_backward_kernel(const Problem& p, const BackwardTensors& t, const acc
       }
     }
   });
-  if (stripes == 1) return;
-  const int64_t rows_total = p.B * p.Hq * p.Lq;
-  at::parallel_for(0, rows_total, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum(p.D);
-    for (int64_t row = begin; row < end; ++row) {
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      for (int64_t st = 0; st < stripes; ++st) {  // fixed order
-        const acc_t* part = dq_partial + (st * rows_total + row) * p.D;
-        for (int64_t d = 0; d < p.D; ++d) sum[d] += part[d];
-      }
-      const int64_t i = row % p.Lq, bh = row / p.Lq;
-      store_row(sum.data(), t.dq.dtype, t.dq.row(bh / p.Hq, bh % p.Hq, i), p.D);
-    }
-  });
+  if (stripes > 1) sum_dq_partials(p, t, stripes, dq_partial);
 }
 
 // The backward's schedule, from the shape and the thread count T only (so results are bitwise reproducible run to
@@ -584,6 +590,18 @@ at::Tensor attention_bwd_impl(const at::Tensor& q_in, const at::Tensor& k_in, co
     acc_t* dmask_ptr = mask_needs_grad ? dmask.data_ptr<acc_t>() : nullptr;
     if (p.B * p.Hq * p.Lq > 0) delta_kernel<acc_t>(p, t, dlse_ptr, delta_ptr);
     const BackwardSchedule schedule = choose_backward_schedule(p, sizeof(acc_t));
+    if constexpr (std::is_same<acc_t, float>::value) {
+      // bf16 on AMX (amx_backward.h): the single pass only (with one stripe where the schedule says two passes).
+      if (p.amx_bf16 && !p.dropout && !env_is_zero("FASTATTN_CPU_AMX_BWD")) {
+        const int64_t stripes = schedule.two_pass ? 1 : schedule.stripes;
+        at::Tensor dq_partial;
+        if (stripes > 1) dq_partial = at::empty({stripes * p.B * p.Hq * p.Lq * p.D}, lse.options());
+        float* partial = stripes > 1 ? dq_partial.data_ptr<float>() : nullptr;
+        amx_backward_kernel(p, t, lse_ptr, delta_ptr, dmask_ptr, stripes, partial);
+        if (stripes > 1) sum_dq_partials(p, t, stripes, static_cast<const float*>(partial));
+        return;
+      }
+    }
     if (schedule.two_pass) {
       if (p.B * p.Hkv * p.Lk > 0) dkdv_kernel<acc_t>(p, t, lse_ptr, delta_ptr);
       if (p.B * p.Hq * p.Lq > 0) dq_kernel<acc_t>(p, t, lse_ptr, delta_ptr, dmask_ptr);
