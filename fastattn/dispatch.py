@@ -4,12 +4,13 @@ Priority per device (the first backend with no reasons serves the call):
 
     cuda: triton > cuda > sdpa > reference
     cpu:  cpu > sdpa > reference > triton   (triton runs on CPU only under TRITON_INTERPRET=1: for tests)
-    cpu, bfloat16 without dropout on a CPU with AMX:  sdpa > cpu > reference > triton
+    cpu, bfloat16 without dropout on a CPU with AMX, nothing to differentiate:  sdpa > cpu > reference > triton
 
-The AMX exception: there torch's SDPA runs its bf16 products on the AMX tile unit through oneDNN, and so does our
-forward (csrc/cpu/amx.h), but ours was still 0.73-1.12x SDPA's forward and its backward runs in float32
-(bench/NOTES.md entry 23).  With dropout the cpu backend stays first (its Philox keep-mask matches the other
-backends'; SDPA's follows torch's RNG).
+The AMX exception: there torch's SDPA runs its bf16 products on the AMX tile unit through oneDNN, and so do our
+forward and backward (csrc/cpu/amx_forward.h, amx_backward.h).  Our forward alone is 0.81-1.10x SDPA's (entry
+23; rechecked in entry 36), so inference goes to SDPA; with a gradient to compute ours is 1.4-2.8x SDPA's
+forward+backward (bench/NOTES.md entry 36), so training stays with the cpu backend.  With dropout the cpu backend
+stays first either way (its Philox keep-mask matches the other backends'; SDPA's follows torch's RNG).
 
 The user narrows the choice, in order of precedence, with the ``backend=`` argument, the
 ``fastattn.use_backend(...)`` context manager, or the ``FASTATTN_BACKEND`` environment variable (a name or
@@ -88,6 +89,11 @@ _PRIORITY_CPU_AMX_BF16 = ("sdpa", "cpu", "reference", "triton")
 _amx_answers: Dict[Optional[str], bool] = {}
 
 
+def _needs_grad(p: AttentionProblem) -> bool:
+    """Whether this call records a backward (grad mode on and an input that requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (p.q, p.k, p.v, p.mask))
+
+
 def _cpu_has_amx_bf16() -> bool:
     """Whether the C++ extension runs bf16 on AMX here (False when the extension is unavailable).  The extension
     reads FASTATTN_CPU_AMX on every call (FASTATTN_CPU_ISA once), so the answer is cached per value of it."""
@@ -103,7 +109,8 @@ def _order(p: AttentionProblem, backend_arg=None) -> Tuple[Tuple[str, ...], str]
     allowed, source = _allowed(backend_arg)
     if allowed is not None:
         return allowed, source
-    if p.device.type == "cpu" and p.dtype == torch.bfloat16 and p.dropout_p == 0 and _cpu_has_amx_bf16():
+    if (p.device.type == "cpu" and p.dtype == torch.bfloat16 and p.dropout_p == 0 and _cpu_has_amx_bf16()
+            and not (_needs_grad(p) and os.environ.get("FASTATTN_CPU_AMX_BWD") != "0")):
         return _PRIORITY_CPU_AMX_BF16, source
     return _PRIORITY.get(p.device.type, _DEFAULT_PRIORITY), source
 

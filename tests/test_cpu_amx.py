@@ -264,7 +264,7 @@ def test_deterministic(amx, monkeypatch):
 
 # --- dispatch (no AMX needed: the hardware query is stood in for) --------------------------------------------------
 @pytest.mark.parametrize("has_amx", [True, False])
-def test_dispatch_prefers_sdpa_for_bf16_on_amx(monkeypatch, has_amx):
+def test_dispatch_bf16_on_amx_sdpa_for_inference_cpu_for_training(monkeypatch, has_amx):
     monkeypatch.setattr(dispatch, "_cpu_has_amx_bf16", lambda: has_amx)
     monkeypatch.delenv("FASTATTN_BACKEND", raising=False)
     q, k, v = _inputs(1, 2, 2, 8, 8, 16, 16)
@@ -282,3 +282,11 @@ def test_dispatch_prefers_sdpa_for_bf16_on_amx(monkeypatch, has_amx):
         assert "chosen: cpu" in fastattn.explain(q, k, v, return_lse=True)
     # an explicit choice wins over the rule
     assert "chosen: cpu" in fastattn.explain(q, k, v, backend="cpu") or not cpu_serves
+    # training (a gradient to compute): the cpu backend, whose AMX backward wins (entry 36) -- unless switched off
+    qg = q.clone().requires_grad_()
+    if cpu_serves:
+        assert "chosen: cpu" in fastattn.explain(qg, k, v)
+        with torch.no_grad():
+            assert ("chosen: sdpa" if has_amx else "chosen: cpu") in fastattn.explain(qg, k, v)
+        monkeypatch.setenv("FASTATTN_CPU_AMX_BWD", "0")
+        assert ("chosen: sdpa" if has_amx else "chosen: cpu") in fastattn.explain(qg, k, v)
