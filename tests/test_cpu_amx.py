@@ -99,6 +99,21 @@ def test_scale_and_extreme_scores(amx, monkeypatch):
     _check(q, k, v, monkeypatch, scale=-0.5)
 
 
+@pytest.mark.parametrize("lazy", ["1", "0"])
+def test_scores_rising_along_the_keys(amx, monkeypatch, lazy):
+    """Each key block's scores exceed the running max of the blocks before by far more than the one-pass softmax's
+    margin (e^8): the row must be redone with the new max (else P overflows to inf and the output is NaN); and
+    falling scores, where the stale max is kept.  FASTATTN_CPU_AMX_LAZY=0 is the two-pass softmax throughout."""
+    monkeypatch.setenv("FASTATTN_CPU_AMX_LAZY", lazy)
+    q, k, v = _inputs(1, 2, 2, 40, 1300, 64, 64)
+    ramp = torch.linspace(0.0, 20.0, 1300).view(1, 1, 1300, 1)
+    k = (k.float() * 0.1 + ramp).bfloat16()  # scores rise by ~14 per unit of ramp: ~290 in all
+    q = (q.float().abs() + 1.0).bfloat16()
+    for kk in (k, k.flip(2)):
+        _check(q, kk, v, monkeypatch)
+        _check(q, kk, v, monkeypatch, causal="bottom_right")
+
+
 def test_nan_inputs_as_the_float32_path(amx, monkeypatch):
     """NaN in a query row and in a key row: the AMX path gives what the float32 path gives, under the one rule of
     tests/test_nan_semantics.py -- exactly the rows that see a NaN score are NaN (here: the query's own row; every

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "row_kernels.h"
@@ -195,6 +196,30 @@ FA_TARGET_AVX512BF16 float exp_shift_sum_bf16_avx512(const float* x, int64_t n, 
   return total;
 }
 
+FA_TARGET_AVX512BF16 float exp_scaled_sum_max_bf16_avx512(const float* x, int64_t n, float scale, float shift,
+                                                          uint16_t* out, int64_t n_pad, float* max_arg) {
+  const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift);
+  __m512 sum = _mm512_setzero_ps();
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j < n; j += 16) {
+    const __mmask16 mask = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512 a = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(mask, x + j), sc, sh);
+    mx = _mm512_mask_max_ps(mx, mask, a, mx);  // MAXPS returns its second operand on NaN: NaN skipped
+    const __m512 e = _mm512_maskz_mov_ps(mask, exp_for_bf16(a));
+    sum = _mm512_add_ps(sum, e);
+    const __m256bh h = _mm512_cvtneps_pbh(e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), reinterpret_cast<const __m256i&>(h));  // 0 past n
+  }
+  for (; j < n_pad; ++j) out[j] = 0;
+  *max_arg = _mm512_reduce_max_ps(mx);
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, sum);
+  float total = 0.0f;
+  for (int l = 0; l < 16; ++l) total += lanes[l];
+  return total;
+}
+
 FA_TARGET_AVX512BF16 void amx_backward_scores_avx512(const float* S, float* dP, int64_t ld, int64_t cols,
                                                      int64_t rows, float scale, const float* shift,
                                                      const float* delta, uint16_t* p16, uint16_t* ds16,
@@ -304,6 +329,11 @@ float exp_shift_sum_bf16(const float* x, int64_t n, float shift, uint16_t* out, 
   return exp_shift_sum_bf16_avx512(x, n, shift, out, n_pad);
 }
 
+float exp_scaled_sum_max_bf16(const float* x, int64_t n, float scale, float shift, uint16_t* out, int64_t n_pad,
+                              float* max_arg) {
+  return exp_scaled_sum_max_bf16_avx512(x, n, scale, shift, out, n_pad, max_arg);
+}
+
 void amx_backward_scores(const float* S, float* dP, int64_t ld, int64_t cols, int64_t rows, float scale,
                          const float* shift, const float* delta, uint16_t* p16, uint16_t* ds16, int64_t cols_out,
                          bool keep_ds) {
@@ -330,6 +360,9 @@ void float_to_bf16_row(const float*, int64_t, int64_t, uint16_t*) {
 }
 float exp_shift_sum_bf16(const float*, int64_t, float, uint16_t*, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "exp_shift_sum_bf16 without AMX");
+}
+float exp_scaled_sum_max_bf16(const float*, int64_t, float, float, uint16_t*, int64_t, float*) {
+  TORCH_INTERNAL_ASSERT(false, "exp_scaled_sum_max_bf16 without AMX");
 }
 void amx_backward_scores(const float*, float*, int64_t, int64_t, int64_t, float, const float*, const float*,
                          uint16_t*, uint16_t*, int64_t, bool) {

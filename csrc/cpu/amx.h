@@ -52,6 +52,12 @@ void float_to_bf16_row(const float* src, int64_t n, int64_t n_pad, uint16_t* dst
 // the float32 exponentials (relative error < 3e-6: P is rounded to bf16 after).  x[j] - shift <= 0 expected.
 float exp_shift_sum_bf16(const float* x, int64_t n, float shift, uint16_t* out, int64_t n_pad);
 
+// out[j] = bf16(exp(scale * x[j] - shift)) for j < n, zeros for j in [n, n_pad); returns their float32 sum and
+// sets *max_arg to the largest exponent scale * x[j] - shift (NaN skipped; -inf for none).  x is only read: the
+// forward's one-pass softmax with a stale shift (amx_forward.h) redoes the row when *max_arg is too large.
+float exp_scaled_sum_max_bf16(const float* x, int64_t n, float scale, float shift, uint16_t* out, int64_t n_pad,
+                              float* max_arg);
+
 // The backward's keys-major pair after its two score products (amx_backward.h): for key rows c < cols of S^T and
 // dP^T ([cols, ld] float32, query r at column r, ld a multiple of 32) and r < rows:
 //     P = exp(scale * S[c, r] - shift[r]),  dS = P * (dP[c, r] - delta[r])

@@ -33,8 +33,20 @@ struct AmxForwardTile {
   float *S, *acc, *m, *l;
   int64_t acc_ld;
 
+  // Block shape (NOTES entry 38): with head dims <= 64, 32 query rows per work item and 256 keys per product pair,
+  // so that the [32, 256] float32 S (32 KiB) stays in L1 from QK^T's tile stores through the softmax (QK^T's
+  // short K loop makes those stores its limit: 0.9 TFLOP/s with S in L2, 1.7 in L1); larger head dims keep
+  // 128 x 512 (their longer K loop amortises the stores, and 32-row items re-read twice as much K and V).
+  // FASTATTN_CPU_AMX_SMALL_BLOCKS=0 keeps 128 x 512 everywhere (A/B).
+  static bool small_blocks(const Problem& p) {
+    return p.D <= 64 && p.Dv <= 64 && !env_is_zero("FASTATTN_CPU_AMX_SMALL_BLOCKS");
+  }
+  static int64_t query_block(const Problem& p) { return small_blocks(p) ? 32 : kFwdBlockM; }
+  const int64_t sub_n;  // keys per product pair: 256 or kFwdBlockN (a packed block holds kFwdBlockN keys)
+
   explicit AmxForwardTile(const Problem& p, int64_t block_m = kFwdBlockM)
-      : d_pad(round_up(p.D, 32)),
+      : sub_n(small_blocks(p) ? 256 : kFwdBlockN),
+        d_pad(round_up(p.D, 32)),
         dv_pad(round_up(p.Dv, 32)),
         n_kblocks(ceil_div(p.Lk, kFwdBlockN)),
         q16(round_up(block_m, 16) * d_pad, 0),
@@ -71,12 +83,13 @@ struct AmxForwardTile {
     std::fill(m, m + rows, -std::numeric_limits<float>::infinity());
     std::fill(l, l + rows, 0.0f);
     const float scale = static_cast<float>(p.scale);
-    for (int64_t j0 = j_begin; j0 < j_end; j0 += kFwdBlockN) {
-      const int64_t cols = std::min(kFwdBlockN, j_end - j0);
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += sub_n) {
+      const int64_t cols = std::min(sub_n, j_end - j0);
       const int64_t BN = round_up(cols, 32);  // S's and P16's leading dimension; the second product's K
       const int64_t slot = packed_block(p, b, hk, j0 / kFwdBlockN);
-      amx_gemm_bf16(rows16, BN, d_pad, q16.data(), d_pad, k_packed.data() + slot * k_slot_words, kKeyLd, S, BN,
-                    /*accumulate=*/false);
+      const int64_t j_in = j0 % kFwdBlockN;  // the pair's first key within its packed block
+      amx_gemm_bf16(rows16, BN, d_pad, q16.data(), d_pad, k_packed.data() + slot * k_slot_words + j_in, kKeyLd, S,
+                    BN, /*accumulate=*/false);
       // Without a mask, dropout or a causal limit inside this block, each row's softmax is two fused passes
       // (scale + max, then exp + sum + bf16 rounding); otherwise ForwardTile's steps, then the rounding.
       const bool plain = p.mask_kind == kMaskNone && !p.dropout &&
@@ -90,14 +103,16 @@ struct AmxForwardTile {
         for (int64_t r = 0; r < rows; ++r) float_to_bf16_row(S + r * BN, cols, BN, p16.data() + r * BN);
       }
       // Rows [rows, rows16) of P16 hold zeros or an earlier block's values: they only reach acc's padding rows.
-      // (Running both products and the softmax per 32- or 64-row sub-block measured no faster: NOTES entry 23.)
-      amx_gemm_bf16(rows16, dv_pad, BN, p16.data(), BN, v_packed.data() + slot * v_slot_words, dv_pad, acc,
-                    acc_ld, /*accumulate=*/true);
+      // (32- or 64-row sub-blocks of a 128-row item measured no faster: NOTES entry 23; 32-row items do, entry 38.)
+      amx_gemm_bf16(rows16, dv_pad, BN, p16.data(), BN, v_packed.data() + slot * v_slot_words + j_in / 2 * dv_pad,
+                    dv_pad, acc, acc_ld, /*accumulate=*/true);
     }
   }
 
  private:
   static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+  static constexpr float kLazyMargin = 8.0f;  // P <= e^8 ~ 3e3 with a stale max
+  const bool lazy_rescale = !env_is_zero("FASTATTN_CPU_AMX_LAZY");
 
   // online_softmax_update for a block with nothing to mask, writing P straight into P16 (bf16).
   void softmax_rows_to_bf16(int64_t rows, int64_t cols, int64_t BN, float scale) {
@@ -105,6 +120,18 @@ struct AmxForwardTile {
     for (int64_t r = 0; r < rows; ++r) {
       float* s = S + r * BN;
       uint16_t* p_row = p16.data() + r * BN;
+      if (lazy_rescale && m[r] != kNegInf) {
+        // One pass with the row's running max m as the shift, kept unless the block's scores exceed it by more
+        // than kLazyMargin (then the two passes below redo the row): P = exp(scale s - m) <= e^kLazyMargin is
+        // still exact in float32 and bf16's relative rounding, and acc needs no rescale (FlashAttention-4's
+        // conditional rescaling).  Saves the max pass and its read and write of S.
+        float max_arg;
+        const float sum = exp_scaled_sum_max_bf16(s, cols, scale, m[r], p_row, BN, &max_arg);
+        if (max_arg <= kLazyMargin) {
+          l[r] += sum;
+          continue;
+        }
+      }
       const float m_new = std::max(m[r], scale_row_max(s, cols, scale));
       if (m_new == kNegInf) {  // every score so far -inf: nothing to add
         std::fill(p_row, p_row + BN, uint16_t(0));

@@ -258,6 +258,9 @@ struct ForwardTile {
   std::unique_ptr<acc_t[]> q_t;  // Q^T of run()'s query rows, [D, q_t_ld]
   int64_t q_t_ld = 0;
 
+  // The query rows of the forward's work items (AmxForwardTile has its own).
+  static int64_t query_block(const Problem&) { return kFwdBlockM; }
+
   // block_m: the most query rows one run() takes.
   explicit ForwardTile(const Problem& p, int64_t block_m = kFwdBlockM)
       : scratch(Scratch<acc_t>::rounded(block_m * kFwdBlockN) + Scratch<acc_t>::rounded(block_m * p.Dv) +

@@ -67,7 +67,7 @@ namespace {
 template <typename acc_t, typename Tile>
 void forward_kernel_with(const Problem& p, const HeadTensor& out, acc_t* lse) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t BM = kFwdBlockM;
+  const int64_t BM = Tile::query_block(p);
   const int64_t n_qblocks = ceil_div(p.Lq, BM);
   const int64_t items = p.B * p.Hq * n_qblocks;
   // work item t -> (b, h, query block); causal blocks alternate from both ends (zigzag) to balance the threads
@@ -84,7 +84,7 @@ void forward_kernel_with(const Problem& p, const HeadTensor& out, acc_t* lse) {
   if (splits == 1) {
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
       SerialBlasGuard serial_blas;
-      Tile tile(p);
+      Tile tile(p, BM);
       for (int64_t t = begin; t < end; ++t) {
         int64_t b, h, i0, rows;
         locate(t, &b, &h, &i0, &rows);
@@ -106,7 +106,7 @@ void forward_kernel_with(const Problem& p, const HeadTensor& out, acc_t* lse) {
   acc_t* pml = part_ml.data_ptr<acc_t>();
   at::parallel_for(0, items * splits, 1, [&](int64_t begin, int64_t end) {
     SerialBlasGuard serial_blas;
-    Tile tile(p);
+    Tile tile(p, BM);
     for (int64_t u = begin; u < end; ++u) {
       int64_t b, h, i0, rows;
       locate(u / splits, &b, &h, &i0, &rows);

@@ -7,6 +7,7 @@
 //     path "loops" | "blas" | "tiles" (small_gemm directly; returns false, c untouched, where it declines)
 //   a, b, c: 2-D, float32 (float64 for loops/blas), unit column stride, any row stride; c is written in place.
 //
+//   amx_block_product(a, b_vnni, c, accumulate, repeats) -> bool: amx.h's amx_gemm_bf16 (tests, microbenchmarks).
 //   cpu_amx_bf16() -> bool: whether the dense forward runs bf16 inputs on AMX here (amx.h; dispatch reads it).
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -73,6 +74,30 @@ bool block_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c
                                        : run_block_product<double>(a, b, c, form, path, alpha, beta);
 }
 
+// c[M, N] (+)= a[M, K] b, bf16 a, b in amx.h's VNNI layout (int32 [K/2, N]), on AMX tiles; `repeats` times (so a
+// benchmark times the tiles without the call overhead).  M, N multiples of 16, K of 32.  Returns false without AMX.
+bool amx_block_product(const at::Tensor& a, const at::Tensor& b_vnni, const at::Tensor& c, bool accumulate,
+                       int64_t repeats) {
+  TORCH_CHECK(a.scalar_type() == at::kBFloat16 && b_vnni.scalar_type() == at::kInt && c.scalar_type() == at::kFloat,
+              "amx_block_product: expected a bf16, b_vnni int32, c float32");
+  for (const auto* t : {&a, &b_vnni, &c}) {
+    TORCH_CHECK(t->dim() == 2 && t->stride(1) == 1 && t->device().is_cpu(),
+                "amx_block_product: a, b_vnni and c must be 2-D CPU tensors with unit column stride");
+  }
+  const int64_t M = c.size(0), N = c.size(1), K = a.size(1);
+  TORCH_CHECK(a.size(0) == M && b_vnni.size(0) * 2 == K && b_vnni.size(1) == N && M % 16 == 0 && N % 16 == 0 &&
+                  K % 32 == 0,
+              "amx_block_product: shapes a ", a.sizes(), " b_vnni ", b_vnni.sizes(), " c ", c.sizes());
+  if (!amx_bf16_enabled()) return false;
+  AmxTileScope scope;
+  for (int64_t r = 0; r < repeats; ++r) {
+    amx_gemm_bf16(M, N, K, reinterpret_cast<const uint16_t*>(a.const_data_ptr()), a.stride(0),
+                  reinterpret_cast<const uint32_t*>(b_vnni.const_data_ptr()), b_vnni.stride(0),
+                  c.mutable_data_ptr<float>(), c.stride(0), accumulate);
+  }
+  return true;
+}
+
 }  // namespace
 }  // namespace fastattn::cpu
 
@@ -80,6 +105,10 @@ TORCH_LIBRARY(fastattn_internal, m) {
   m.def("block_product(Tensor a, Tensor b, Tensor(c!) c, str form, str path, float alpha, float beta) -> bool");
   // Whether the dense forward runs bf16 inputs on AMX tiles here (csrc/cpu/amx.h): read by dispatch and tests.
   m.def("cpu_amx_bf16() -> bool", [] { return fastattn::cpu::amx_bf16_enabled(); });
+  m.def("amx_block_product(Tensor a, Tensor b_vnni, Tensor(c!) c, bool accumulate, int repeats) -> bool");
 }
 
-TORCH_LIBRARY_IMPL(fastattn_internal, CPU, m) { m.impl("block_product", &fastattn::cpu::block_product); }
+TORCH_LIBRARY_IMPL(fastattn_internal, CPU, m) {
+  m.impl("block_product", &fastattn::cpu::block_product);
+  m.impl("amx_block_product", &fastattn::cpu::amx_block_product);
+}
