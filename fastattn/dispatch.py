@@ -7,8 +7,8 @@ Priority per device (the first backend with no reasons serves the call):
     cpu, bfloat16 without dropout on a CPU with AMX, nothing to differentiate:  sdpa > cpu > reference > triton
 
 The AMX exception: there torch's SDPA runs its bf16 products on the AMX tile unit through oneDNN, and so do our
-forward and backward (csrc/cpu/amx_forward.h, amx_backward.h).  Our forward alone is 0.81-1.10x SDPA's (entry
-23; rechecked in entry 36), so inference goes to SDPA; with a gradient to compute ours is 1.4-2.8x SDPA's
+forward and backward (csrc/cpu/amx_forward.h, amx_backward.h).  Our forward alone is 0.95-1.21x SDPA's (entries
+23, 38: 4-5 % behind on long non-causal rows), so inference goes to SDPA; with a gradient to compute ours is 1.4-2.8x SDPA's
 forward+backward (bench/NOTES.md entry 36), so training stays with the cpu backend.  With dropout the cpu backend
 stays first either way (its Philox keep-mask matches the other backends'; SDPA's follows torch's RNG).
 

@@ -162,6 +162,28 @@ def test_backward_after_the_amx_forward(amx, monkeypatch):
         assert_close_rule(a, lo, r, what=f"d{name}")
 
 
+def _vnni(b):
+    """[K, N] bf16 -> amx.h's B layout: int32 [K / 2, N], word (kk, n) = (b[2kk, n], b[2kk + 1, n])."""
+    K, N = b.shape
+    return b.view(K // 2, 2, N).transpose(1, 2).contiguous().view(torch.int32).view(K // 2, N)
+
+
+@pytest.mark.parametrize("M,N,K", [(16, 16, 32), (128, 512, 64), (48, 80, 96), (32, 64, 512)])
+def test_amx_block_product_hook(amx, M, N, K):
+    """amx_gemm_bf16 through its test hook: C = A B and C += A B, exact products summed in float32."""
+    g = torch.Generator().manual_seed(M + N + K)
+    a, b = torch.randn(M, K, generator=g).bfloat16(), torch.randn(K, N, generator=g).bfloat16()
+    c = torch.randn(M, N, generator=g)
+    c_orig, c0 = c.double(), c.clone()
+    want = a.double() @ b.double()
+    assert torch.ops.fastattn_internal.amx_block_product(a, _vnni(b), c, False, 1)
+    assert (c.double() - want).abs().max().item() <= 1e-5 * K
+    assert torch.ops.fastattn_internal.amx_block_product(a, _vnni(b), c0, True, 2)
+    assert (c0.double() - (c_orig + 2 * want)).abs().max().item() <= 1e-5 * K * 3
+    with pytest.raises(RuntimeError, match="amx_block_product: shapes"):
+        torch.ops.fastattn_internal.amx_block_product(a[:, :K - 16] if K > 16 else a, _vnni(b), c, False, 1)
+
+
 # --- the backward on AMX (amx_backward.h; FASTATTN_CPU_AMX_BWD=0 runs the float32 backward) ------------------------
 def _grads(q, k, v, grad, monkeypatch, amx_bwd, backend="cpu", **kw):
     monkeypatch.setenv("FASTATTN_CPU_AMX_BWD", "1" if amx_bwd else "0")
