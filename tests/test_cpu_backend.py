@@ -190,6 +190,42 @@ def test_forward_dot_keys(ops, monkeypatch, dot_keys, case):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("pack", ["1", "0"])
+@pytest.mark.parametrize("case", [
+    dict(shape=(1, 8, 2, 1, 700, 64, 64)),  # group 4: the dot-product rows
+    dict(shape=(2, 8, 4, 1, 300, 32, 32), mask="bool_key_padding"),
+    dict(shape=(1, 6, 2, 1, 520, 24, 24), mask="float_alibi_grad"),  # a per-head mask: its head stride -> rows
+    dict(shape=(1, 6, 3, 1, 200, 40, 40), mask="float_head_row_grad"),  # [B, Hq, 1, Lk]
+    dict(shape=(1, 4, 1, 1, 200, 64, 48), causal="bottom_right"),  # one query sees every key: packed
+    dict(shape=(1, 4, 1, 1, 200, 64, 64), causal="top_left"),  # one query sees key 0 only: not packed
+    dict(shape=(1, 32, 2, 1, 1000, 64, 64)),  # group 16: the keys-major rows
+    dict(shape=(1, 160, 2, 1, 300, 16, 16)),  # group 80: more rows than a keys-major block
+    dict(shape=(1, 8, 2, 1, 600, 64, 64), dtype=torch.bfloat16),
+    dict(shape=(2, 12, 4, 1, 900, 64, 64), layout="blhd"),
+])
+def test_forward_gqa_decoding_packs_query_heads(ops, monkeypatch, pack, case):
+    """One query per head with GQA: the group's query heads become the rows of one block (attention_cpu.cpp
+    pack_query_heads; FASTATTN_CPU_PACK_GQA=0 switches it off); forward, LSE and backward against the reference."""
+    monkeypatch.setenv("FASTATTN_CPU_PACK_GQA", pack)
+    B, Hq, Hkv, Lq, Lk, D, Dv = case["shape"]
+    mask = None
+    if case.get("mask") == "bool_key_padding":
+        mask = torch.ones(B, 1, 1, Lk, dtype=torch.bool)
+        mask[1, ..., Lk - 100:] = False
+        mask[0, ..., :] = False  # batch 0 sees no key: output 0, LSE -inf
+    elif case.get("mask") == "float_alibi_grad":
+        mask = torch.randn(Hq, 1, Lk, dtype=torch.float64).requires_grad_()
+    elif case.get("mask") == "float_head_row_grad":
+        mask = torch.randn(B, Hq, 1, Lk, dtype=torch.float64).requires_grad_()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check(case.get("dtype", torch.float32), case["shape"], causal=case.get("causal", False), mask=mask,
+               return_lse=True, layout=case.get("layout", "bhld"))
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _keys_major_mask(kind, B, H, Lq, Lk):
     g = torch.Generator().manual_seed(8)
     if kind == "bool_key_padding":  # Perceiver's padded inputs: [B, 1, 1, Lk], one video's last keys hidden

@@ -496,6 +496,33 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return p;
 }
 
+// Decoding with GQA (NOTES entry 39): one query per head, so each work item would stream its kv head's keys and
+// values for a single row, once per query head of the group.  Instead the group's query heads become the rows of
+// one query block: q [B, Hq, 1, D] is read as [B, Hkv, group, D] (query head hk * group + g is row g of kv head hk,
+// so the head stride becomes the row stride), and the output and the mask alike; the LSE [B, Hq, 1] is already
+// laid out as [B, Hkv, group].  Only where every row would see the same keys (no causal limit, or bottom-right
+// with one query: every key) and there is no dropout (its keep-mask is drawn per (head, row)); float32 and bf16/fp16
+// inputs (float32 statistics).  Returns whether it rewrote *p and *out.
+bool pack_query_heads(Problem* p, HeadTensor* out) {
+  if (p->Lq != 1 || p->group == 1 || p->dropout || p->causal == kCausalTopLeft || p->q.dtype == at::kDouble ||
+      env_is_zero("FASTATTN_CPU_PACK_GQA")) {
+    return false;
+  }
+  const int64_t group = p->group;
+  p->Lq = group;
+  p->Hq = p->Hkv;
+  p->group = 1;
+  p->q.sl = p->q.sh;
+  p->q.sh *= group;
+  out->sl = out->sh;
+  out->sh *= group;
+  p->msm = p->msh;
+  p->msh *= group;
+  p->causal = kCausalNone;  // bottom-right with one query hides no key
+  p->causal_off = 0;
+  return true;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                      const at::Tensor& v_in, const std::optional<at::Tensor>& mask,
                                                      const std::optional<at::Tensor>& seed, int64_t causal,
@@ -511,8 +538,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   maybe_poison(out);
   maybe_poison(lse);
   if (out.numel() == 0) return {out, lse};
-  const HeadTensor o = head_tensor(out);
-  if (lse.scalar_type() == at::kDouble) {
+  HeadTensor o = head_tensor(out);
+  Problem packed = p;
+  if (pack_query_heads(&packed, &o)) {
+    forward_kernel<float>(packed, o, lse.data_ptr<float>());
+  } else if (lse.scalar_type() == at::kDouble) {
     forward_kernel<double>(p, o, lse.data_ptr<double>());
   } else {
     forward_kernel<float>(p, o, lse.data_ptr<float>());
