@@ -112,6 +112,25 @@ FA_TARGET_AVX512 void all_panels(int64_t M, int64_t N, int64_t K, float alpha, c
   const int64_t vectors = (N + kLanes - 1) / kLanes;
   const int64_t tail = N % kLanes;
   const __mmask16 tail_mask = tail == 0 ? __mmask16(0xFFFF) : __mmask16((1u << tail) - 1);
+  if (M == 1) {  // one row (decoding's P V): up to 8 vectors per pass, no rows of a taller tile computed in vain
+    for (int64_t v = 0; v < vectors; v += 8) {
+      const int64_t cv = std::min<int64_t>(8, vectors - v);
+      const __mmask16 mask = v + cv == vectors ? tail_mask : __mmask16(0xFFFF);
+      const float* b = B + v * kLanes;
+      float* c = C + v * kLanes;
+      switch (cv) {
+        case 8: tile<1, 8, kUnitACol>(K, A, a_row, a_col, 1, b, b_row, mask, alpha, beta, c, ldc); break;
+        case 7: tile<1, 7, kUnitACol>(K, A, a_row, a_col, 1, b, b_row, mask, alpha, beta, c, ldc); break;
+        case 6: tile<1, 6, kUnitACol>(K, A, a_row, a_col, 1, b, b_row, mask, alpha, beta, c, ldc); break;
+        case 5: tile<1, 5, kUnitACol>(K, A, a_row, a_col, 1, b, b_row, mask, alpha, beta, c, ldc); break;
+        case 4: tile<1, 4, kUnitACol>(K, A, a_row, a_col, 1, b, b_row, mask, alpha, beta, c, ldc); break;
+        case 3: tile<1, 3, kUnitACol>(K, A, a_row, a_col, 1, b, b_row, mask, alpha, beta, c, ldc); break;
+        case 2: tile<1, 2, kUnitACol>(K, A, a_row, a_col, 1, b, b_row, mask, alpha, beta, c, ldc); break;
+        default: tile<1, 1, kUnitACol>(K, A, a_row, a_col, 1, b, b_row, mask, alpha, beta, c, ldc); break;
+      }
+    }
+    return;
+  }
   // Panels of 4 vectors; a remainder of 1 vector joins the previous panel (a 5-vector panel), so that no
   // 1-vector panel (R broadcasts per R FMAs) runs unless N <= 16.
   int64_t v = 0;
