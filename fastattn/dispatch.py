@@ -4,13 +4,13 @@ Priority per device (the first backend with no reasons serves the call):
 
     cuda: triton > cuda > sdpa > reference
     cpu:  cpu > sdpa > reference > triton   (triton runs on CPU only under TRITON_INTERPRET=1: for tests)
-    cpu, bfloat16 without dropout on a CPU with AMX, nothing to differentiate:  sdpa > cpu > reference > triton
 
-The AMX exception: there torch's SDPA runs its bf16 products on the AMX tile unit through oneDNN, and so do our
-forward and backward (csrc/cpu/amx_forward.h, amx_backward.h).  Our forward alone is 0.95-1.21x SDPA's (entries
-23, 38: 4-5 % behind on long non-causal rows), so inference goes to SDPA; with a gradient to compute ours is 1.4-2.8x SDPA's
-forward+backward (bench/NOTES.md entry 36), so training stays with the cpu backend.  With dropout the cpu backend
-stays first either way (its Philox keep-mask matches the other backends'; SDPA's follows torch's RNG).
+bfloat16 on CPUs with AMX (where torch's SDPA multiplies on the tile unit through oneDNN) follows the same order:
+our kernels run their products on AMX too (csrc/cpu/amx_forward.h, amx_backward.h) and win or tie everywhere
+measured -- forward+backward 1.4-2.8x SDPA's, the forward 0.95-1.21x on dense self-attention (the one loss: 4-5 %
+on long non-causal rows with head dims 64-128), 2.1-2.4x at Perceiver's head dim 261, 1.38x for GQA decoding, and
+the space-time ops 1.2-1.7x the permute composites that SDPA serves (bench/NOTES.md entries 36-41).  Until entry
+41, bf16 inference there tried SDPA first.
 
 The user narrows the choice, in order of precedence, with the ``backend=`` argument, the
 ``fastattn.use_backend(...)`` context manager, or the ``FASTATTN_BACKEND`` environment variable (a name or
@@ -83,35 +83,10 @@ def _allowed(backend_arg) -> Tuple[Optional[Tuple[str, ...]], str]:
     return None, ""
 
 
-_PRIORITY_CPU_AMX_BF16 = ("sdpa", "cpu", "reference", "triton")
-
-
-_amx_answers: Dict[Optional[str], bool] = {}
-
-
-def _needs_grad(p: AttentionProblem) -> bool:
-    """Whether this call records a backward (grad mode on and an input that requires grad)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (p.q, p.k, p.v, p.mask))
-
-
-def _cpu_has_amx_bf16() -> bool:
-    """Whether the C++ extension runs bf16 on AMX here (False when the extension is unavailable).  The extension
-    reads FASTATTN_CPU_AMX on every call (FASTATTN_CPU_ISA once), so the answer is cached per value of it."""
-    key = os.environ.get("FASTATTN_CPU_AMX")
-    if key not in _amx_answers:
-        from . import _ext
-
-        _amx_answers[key] = _ext.load() and bool(torch.ops.fastattn_internal.cpu_amx_bf16())
-    return _amx_answers[key]
-
-
 def _order(p: AttentionProblem, backend_arg=None) -> Tuple[Tuple[str, ...], str]:
     allowed, source = _allowed(backend_arg)
     if allowed is not None:
         return allowed, source
-    if (p.device.type == "cpu" and p.dtype == torch.bfloat16 and p.dropout_p == 0 and _cpu_has_amx_bf16()
-            and not (_needs_grad(p) and os.environ.get("FASTATTN_CPU_AMX_BWD") != "0")):
-        return _PRIORITY_CPU_AMX_BF16, source
     return _PRIORITY.get(p.device.type, _DEFAULT_PRIORITY), source
 
 

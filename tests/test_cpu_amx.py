@@ -1,14 +1,14 @@
-"""The dense CPU forward's AMX path for bfloat16 (csrc/cpu/amx.h, amx_forward.h) and the dispatch rule around it.
+"""The CPU kernels' AMX paths for bfloat16 (csrc/cpu/amx.h; the dense forward amx_forward.h and backward
+amx_backward.h, TimeSformer's spatial forward) and the dispatch of bf16.
 
 The kernel tests need a CPU with AMX-BF16 (Sapphire Rapids or later) and skip elsewhere; the dispatch tests run
-everywhere (they stand in for the hardware query).  FASTATTN_CPU_AMX=0 switches the kernel path off per call,
+everywhere.  FASTATTN_CPU_AMX=0 (FASTATTN_CPU_AMX_BWD=0 for the backward) switches the kernel path off per call,
 so each test compares the two paths in one process as well as both with the float64 reference.
 """
 import pytest
 import torch
 
 import fastattn
-from fastattn import dispatch
 from helpers import assert_close_rule, max_err, reference64
 
 
@@ -184,6 +184,29 @@ def test_amx_block_product_hook(amx, M, N, K):
         torch.ops.fastattn_internal.amx_block_product(a[:, :K - 16] if K > 16 else a, _vnni(b), c, False, 1)
 
 
+@pytest.mark.parametrize("order", ["nt", "tn"])
+@pytest.mark.parametrize("N,D", [(49, 64), (196, 64), (20, 96), (7, 17)])
+def test_spatial_forward_on_amx(amx, monkeypatch, order, N, D):
+    """TimeSformer's spatial op in bf16 on AMX (spacetime_cpu.cpp spatial_forward_amx): every (video, frame, head)
+    item refills the same buffers, so the tile's packed keys must be dropped between items; against the float64
+    composite under the tolerance rule, with the float32 path (FASTATTN_CPU_AMX=0) as a second opinion."""
+    from test_spacetime import naive_spatial
+
+    B, T, H = 2, 3, 2
+    g = torch.Generator().manual_seed(N + D)
+    q, k, v = (torch.randn(B, 1 + N * T, H, D, generator=g) for _ in range(3))
+    low = [t.bfloat16() for t in (q, k, v)]
+    monkeypatch.setenv("FASTATTN_CPU_AMX", "1")
+    out = fastattn.spatial_attention(*low, num_frames=T, token_order=order, backend="cpu")
+    monkeypatch.setenv("FASTATTN_CPU_AMX", "0")
+    other = fastattn.spatial_attention(*low, num_frames=T, token_order=order, backend="cpu")
+    ref64 = naive_spatial(*[t.double() for t in low], T, order)
+    assert_close_rule(out, naive_spatial(*low, T, order), ref64)
+    assert (out.float() - other.float()).abs().max().item() < 0.05
+    if N * N > 100:
+        assert not torch.equal(out, other), "FASTATTN_CPU_AMX=0 gave the AMX path's bits"
+
+
 # --- the backward on AMX (amx_backward.h; FASTATTN_CPU_AMX_BWD=0 runs the float32 backward) ------------------------
 def _grads(q, k, v, grad, monkeypatch, amx_bwd, backend="cpu", **kw):
     monkeypatch.setenv("FASTATTN_CPU_AMX_BWD", "1" if amx_bwd else "0")
@@ -299,31 +322,31 @@ def test_deterministic(amx, monkeypatch):
     assert torch.equal(a, b) and torch.equal(la, lb)
 
 
-# --- dispatch (no AMX needed: the hardware query is stood in for) --------------------------------------------------
-@pytest.mark.parametrize("has_amx", [True, False])
-def test_dispatch_bf16_on_amx_sdpa_for_inference_cpu_for_training(monkeypatch, has_amx):
-    monkeypatch.setattr(dispatch, "_cpu_has_amx_bf16", lambda: has_amx)
+# --- dispatch (runs everywhere: the order does not depend on the CPU) ------------------------------------------------
+def test_dispatch_bf16_goes_to_the_cpu_backend(monkeypatch):
+    """bf16 takes the cpu backend first for inference and training alike, as every dtype does: on AMX CPUs its
+    kernels win or tie against torch's SDPA (entries 36-41; until entry 41 inference went to SDPA there)."""
     monkeypatch.delenv("FASTATTN_BACKEND", raising=False)
     q, k, v = _inputs(1, 2, 2, 8, 8, 16, 16)
-    cpu_serves = "cpu: serves" in fastattn.explain(q.float(), k.float(), v.float()) or \
-        "chosen: cpu" in fastattn.explain(q.float(), k.float(), v.float())
-    text = fastattn.explain(q, k, v)
-    if has_amx:
-        assert "chosen: sdpa" in text, text
-    elif cpu_serves:
-        assert "chosen: cpu" in text, text
-    # float32, dropout (the Philox keep-mask) and the LSE stay with the cpu backend whenever it serves
-    if cpu_serves:
-        assert "chosen: cpu" in fastattn.explain(q.float(), k.float(), v.float())
-        assert "chosen: cpu" in fastattn.explain(q, k, v, dropout_p=0.1)
-        assert "chosen: cpu" in fastattn.explain(q, k, v, return_lse=True)
-    # an explicit choice wins over the rule
-    assert "chosen: cpu" in fastattn.explain(q, k, v, backend="cpu") or not cpu_serves
-    # training (a gradient to compute): the cpu backend, whose AMX backward wins (entry 36) -- unless switched off
-    qg = q.clone().requires_grad_()
-    if cpu_serves:
-        assert "chosen: cpu" in fastattn.explain(qg, k, v)
-        with torch.no_grad():
-            assert ("chosen: sdpa" if has_amx else "chosen: cpu") in fastattn.explain(qg, k, v)
-        monkeypatch.setenv("FASTATTN_CPU_AMX_BWD", "0")
-        assert ("chosen: sdpa" if has_amx else "chosen: cpu") in fastattn.explain(qg, k, v)
+    if "chosen: cpu" not in fastattn.explain(q.float(), k.float(), v.float()):
+        pytest.skip("the cpu backend does not serve here")
+    assert "chosen: cpu" in fastattn.explain(q, k, v)
+    assert "chosen: cpu" in fastattn.explain(q.clone().requires_grad_(), k, v)
+    assert "chosen: cpu" in fastattn.explain(q, k, v, dropout_p=0.1)
+    assert "chosen: sdpa" in fastattn.explain(q, k, v, backend="sdpa")
+
+
+def test_dispatch_space_time_ops_use_the_cpu_kernels_for_bf16(monkeypatch):
+    """The space-time ops in bf16 without a gradient: the cpu backend's result, bit for bit (entry 41)."""
+    monkeypatch.delenv("FASTATTN_BACKEND", raising=False)
+    q0, _, _ = _inputs(1, 1, 1, 8, 8, 16, 16)
+    if "chosen: cpu" not in fastattn.explain(q0.float(), q0.float(), q0.float()):
+        pytest.skip("the cpu backend does not serve here")
+    g = torch.Generator().manual_seed(4)
+    T, N = 4, 9
+    q, k, v = (torch.randn(2, 1 + N * T, 2, 16, generator=g).bfloat16() for _ in range(3))
+    spatial = fastattn.spatial_attention(q, k, v, num_frames=T)
+    assert torch.equal(spatial, fastattn.spatial_attention(q, k, v, num_frames=T, backend="cpu"))
+    temporal = fastattn.temporal_attention(q[:, 1:], k[:, 1:], v[:, 1:], num_frames=T)
+    assert torch.equal(temporal, fastattn.temporal_attention(q[:, 1:], k[:, 1:], v[:, 1:], num_frames=T,
+                                                             backend="cpu"))

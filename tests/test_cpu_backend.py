@@ -678,8 +678,6 @@ def test_fallback_paths_without_blas_tiles_or_vector_isa(ops):
 
 # --- dispatch ------------------------------------------------------------------------------------------------------
 def test_dispatch_picks_cpu_when_built(ops, monkeypatch):
-    # bf16 on a CPU with AMX goes to sdpa first (tests/test_cpu_amx.py): stand in for a CPU without it here
-    monkeypatch.setattr(dispatch, "_cpu_has_amx_bf16", lambda: False)
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         q, k, v = make_qkv(1, 2, 2, 8, 8, 16, 16, dtype=dtype)
         p = make_problem(q, k, v, causal=True, return_lse=True)

@@ -68,6 +68,9 @@ struct AmxForwardTile {
     acc_ld = dv_pad;
   }
 
+  // Forgets the packed key blocks (a caller that refills the same buffers with other keys: the spatial op).
+  void forget_packed_blocks() { std::fill(slot_tag.begin(), slot_tag.end(), int64_t(-1)); }
+
   // As ForwardTile::run: on return acc holds the unnormalised output rows, m the row
   // maxima and l the row sums of exp(S - m) of the query rows [i0, i0 + rows) over the keys [j_begin, j_end);
   // j_begin is a multiple of kFwdBlockN.

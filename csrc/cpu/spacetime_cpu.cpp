@@ -35,6 +35,8 @@
 #include <vector>
 
 #include "../ops.h"
+#include "amx.h"
+#include "amx_forward.h"
 #include "attention_core.h"
 #include "blas.h"
 #include "kernel_common.h"
@@ -196,6 +198,60 @@ void normalise_row(acc_t* a, int64_t Dv, acc_t m, acc_t l, acc_t* lse) {
     std::fill(a, a + Dv, acc_t(0));
     *lse = -std::numeric_limits<acc_t>::infinity();
   }
+}
+
+// The bf16 spatial forward on AMX (CPUs with AMX-BF16; FASTATTN_CPU_AMX=0 turns it off): per item the frame's R rows
+// (cls first) copied as bf16 into contiguous buffers and the dense AMX tile (amx_forward.h) run on the R x R
+// problem; its packed key blocks are dropped between items (the buffers hold another frame each time).
+void spatial_forward_amx(const Frames& f, const TokenTensor& q, const TokenTensor& k, const TokenTensor& v,
+                         const TokenTensor& out, float* out_cls, float* lse) {
+  const int64_t R = f.rows(), D = f.D, Dv = f.Dv;
+  const int64_t block_m = AmxForwardTile::query_block(frame_problem<float>(f, nullptr, nullptr, nullptr));
+  auto copy_rows = [&](const TokenTensor& src, int64_t b, int64_t t, int64_t h, uint16_t* dst) {
+    for (int64_t r = 0; r < R; ++r) {
+      if (r + kPrefetchRows < R) prefetch_row(src.row(b, f.token(t, r + kPrefetchRows), h), src.dim * src.elem);
+      std::memcpy(dst + r * src.dim, src.row(b, f.token(t, r), h), src.dim * sizeof(uint16_t));
+    }
+  };
+  at::parallel_for(0, f.items(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> qb(R * D), kb(R * D), vb(R * Dv);
+    Problem p = frame_problem<float>(f, nullptr, nullptr, nullptr);
+    auto bf16_rows = [](HeadTensor* t, uint16_t* data, int64_t dim) {
+      t->data = reinterpret_cast<char*>(data);
+      t->dtype = at::kBFloat16;
+      t->elem = 2;
+      t->sl = dim;
+      t->dim = dim;
+    };
+    bf16_rows(&p.q, qb.data(), D);
+    bf16_rows(&p.k, kb.data(), D);
+    bf16_rows(&p.v, vb.data(), Dv);
+    p.amx_bf16 = true;
+    AmxForwardTile tile(p, block_m);
+    for (int64_t item = begin; item < end; ++item) {
+      const Item it = locate(f, item);
+      copy_rows(q, it.b, it.t, it.h, qb.data());
+      copy_rows(k, it.b, it.t, it.h, kb.data());
+      copy_rows(v, it.b, it.t, it.h, vb.data());
+      tile.forget_packed_blocks();
+      float* lse_rows = lse + item * R;  // row 0: the cls query, row 1 + n: patch n
+      for (int64_t i0 = 0; i0 < R; i0 += block_m) {
+        const int64_t rows = std::min(block_m, R - i0);
+        tile.run(p, 0, 0, i0, rows, 0, R);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r;
+          float* a = tile.acc + r * tile.acc_ld;
+          normalise_row(a, Dv, tile.m[r], tile.l[r], lse_rows + i);
+          if (i == 0) {
+            std::copy(a, a + Dv, out_cls + item * Dv);
+          } else {
+            store_row(a, out.dtype, out.row(it.b, f.token(it.t, i), it.h), Dv);
+          }
+        }
+      }
+    }
+  });
+  reduce_over_frames(f, out_cls, Dv, static_cast<float>(f.T), out);
 }
 
 // Forward: per item, the frame's R rows (cls first) copied into contiguous buffers -- the keys straight into K^T
@@ -406,7 +462,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_fwd_cpu(const at::Tensor&
     spatial_forward_kernel<acc_t>(f, token_tensor(q), token_tensor(k), token_tensor(v), token_tensor(out),
                                   out_cls.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
   };
-  if (lse.scalar_type() == at::kDouble) {
+  if (q.scalar_type() == at::kBFloat16 && gemm_path() != GemmPath::loops && amx_bf16_enabled()) {
+    spatial_forward_amx(f, token_tensor(q), token_tensor(k), token_tensor(v), token_tensor(out),
+                        out_cls.data_ptr<float>(), lse.data_ptr<float>());
+  } else if (lse.scalar_type() == at::kDouble) {
     run(0.0);
   } else {
     run(0.0f);
