@@ -550,6 +550,19 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   return {out, lse};
 }
 
+// Whether the bf16 backward runs on AMX (amx_backward.h): bf16 inputs on an AMX CPU, no dropout, and enough query
+// rows per kv head to pay for packing every key block (K, V, K^T) once per work item -- measured on the Intel VM
+// (NOTES entry 42): with 4,096 keys it loses to the float32 backward (whose 16-64-query pairs are keys-major) at
+// 8 queries with d 64 (1.12x the time) and at 64 with d 261 (1.20x), and wins from 32 queries with d 64 (0.88x)
+// and from 128 with d 261 (0.87x).  FASTATTN_CPU_AMX_BWD=1 forces it wherever it can run (tests), 0 turns it off.
+bool amx_backward_applies(const Problem& p) {
+  if (!p.amx_bf16 || p.dropout) return false;
+  const char* env = std::getenv("FASTATTN_CPU_AMX_BWD");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (env != nullptr && std::strcmp(env, "1") == 0) return true;
+  return p.group * p.Lq >= std::min<int64_t>(128, p.D / 2);
+}
+
 // The backward into given dq, dk, dv (attention_bwd allocates them; attention_bwd_into takes the caller's, e.g.
 // the slices of one gradient buffer of a packed qkv tensor).  Returns dmask.
 at::Tensor attention_bwd_impl(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -622,7 +635,7 @@ at::Tensor attention_bwd_impl(const at::Tensor& q_in, const at::Tensor& k_in, co
     const BackwardSchedule schedule = choose_backward_schedule(p, sizeof(acc_t));
     if constexpr (std::is_same<acc_t, float>::value) {
       // bf16 on AMX (amx_backward.h): the single pass only (with one stripe where the schedule says two passes).
-      if (p.amx_bf16 && !p.dropout && !env_is_zero("FASTATTN_CPU_AMX_BWD")) {
+      if (amx_backward_applies(p)) {
         const int64_t stripes = schedule.two_pass ? 1 : schedule.stripes;
         at::Tensor dq_partial;
         if (stripes > 1) dq_partial = at::empty({stripes * p.B * p.Hq * p.Lq * p.D}, lse.options());
