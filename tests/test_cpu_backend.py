@@ -159,6 +159,18 @@ def test_forward_keys_major_blhd_layout(ops, monkeypatch, keys_major):
     _check(torch.float32, (2, 12, 12, 40, 900, 200, 200), return_lse=True, layout="blhd")
 
 
+def _check_decoding_case(case, mask):
+    """A decoding-shaped case (the dot-product and packed-GQA tests) with 2 threads: forward, LSE and backward
+    against the reference."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check(case.get("dtype", torch.float32), case["shape"], causal=case.get("causal", False), mask=mask,
+               return_lse=True, layout=case.get("layout", "bhld"))
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("dot_keys", ["1", "0"])
 @pytest.mark.parametrize("case", [
     dict(shape=(1, 4, 4, 1, 4100, 64, 64)),                        # decoding: one query, keys split over threads
@@ -181,13 +193,7 @@ def test_forward_dot_keys(ops, monkeypatch, dot_keys, case):
         mask[..., Lk - 250:] = False
     elif case.get("mask") == "float_alibi_grad":
         mask = torch.randn(Hq, 1, Lk, dtype=torch.float64).requires_grad_()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        _check(case.get("dtype", torch.float32), case["shape"], causal=case.get("causal", False), mask=mask,
-               return_lse=True, layout=case.get("layout", "bhld"))
-    finally:
-        torch.set_num_threads(previous)
+    _check_decoding_case(case, mask)
 
 
 @pytest.mark.parametrize("pack", ["1", "0"])
@@ -217,13 +223,7 @@ def test_forward_gqa_decoding_packs_query_heads(ops, monkeypatch, pack, case):
         mask = torch.randn(Hq, 1, Lk, dtype=torch.float64).requires_grad_()
     elif case.get("mask") == "float_head_row_grad":
         mask = torch.randn(B, Hq, 1, Lk, dtype=torch.float64).requires_grad_()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        _check(case.get("dtype", torch.float32), case["shape"], causal=case.get("causal", False), mask=mask,
-               return_lse=True, layout=case.get("layout", "bhld"))
-    finally:
-        torch.set_num_threads(previous)
+    _check_decoding_case(case, mask)
 
 
 def _keys_major_mask(kind, B, H, Lq, Lk):

@@ -175,27 +175,6 @@ FA_TARGET_AVX512BF16 inline __m512 exp_for_bf16(__m512 x) {
   return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~tiny), p, n);
 }
 
-FA_TARGET_AVX512BF16 float exp_shift_sum_bf16_avx512(const float* x, int64_t n, float shift, uint16_t* out,
-                                                     int64_t n_pad) {
-  const __m512 sh = _mm512_set1_ps(shift);
-  __m512 sum = _mm512_setzero_ps();
-  int64_t j = 0;
-  for (; j < n; j += 16) {
-    const __mmask16 mask = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
-    const __m512 e = _mm512_maskz_mov_ps(mask, exp_for_bf16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + j), sh)));
-    sum = _mm512_add_ps(sum, e);
-    const __m256bh h = _mm512_cvtneps_pbh(e);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), reinterpret_cast<const __m256i&>(h));  // 0 past n
-  }
-  for (; j < n_pad; ++j) out[j] = 0;
-  // The lanes combined in a fixed order (reproducible).
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, sum);
-  float total = 0.0f;
-  for (int l = 0; l < 16; ++l) total += lanes[l];
-  return total;
-}
-
 FA_TARGET_AVX512BF16 float exp_scaled_sum_max_bf16_avx512(const float* x, int64_t n, float scale, float shift,
                                                           uint16_t* out, int64_t n_pad, float* max_arg) {
   const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift);
@@ -326,7 +305,8 @@ void float_to_bf16_row(const float* src, int64_t n, int64_t n_pad, uint16_t* dst
 }
 
 float exp_shift_sum_bf16(const float* x, int64_t n, float shift, uint16_t* out, int64_t n_pad) {
-  return exp_shift_sum_bf16_avx512(x, n, shift, out, n_pad);
+  float unused_max;  // x * 1 - shift rounds once, as x - shift: the same bits
+  return exp_scaled_sum_max_bf16_avx512(x, n, 1.0f, shift, out, n_pad, &unused_max);
 }
 
 float exp_scaled_sum_max_bf16(const float* x, int64_t n, float scale, float shift, uint16_t* out, int64_t n_pad,

@@ -200,6 +200,27 @@ void normalise_row(acc_t* a, int64_t Dv, acc_t m, acc_t l, acc_t* lse) {
   }
 }
 
+// The finished rows [i0, i0 + rows) of an item's tile (acc rows acc_ld apart, their m and l): normalised, with
+// their LSE; row 0 (the cls query) to out_cls, the others to their tokens' output rows.
+template <typename acc_t>
+void store_item_rows(const Frames& f, const Item& it, int64_t item, const acc_t* m, const acc_t* l, acc_t* acc,
+                     int64_t acc_ld, int64_t i0, int64_t rows, const TokenTensor& out, acc_t* out_cls, acc_t* lse) {
+  const int64_t R = f.rows(), Dv = f.Dv;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    acc_t* a = acc + r * acc_ld;
+    normalise_row(a, Dv, m[r], l[r], lse + item * R + i);  // LSE row 0: the cls query, row 1 + n: patch n
+    if (i == 0) {
+      std::copy(a, a + Dv, out_cls + item * Dv);
+    } else {
+      if (i + kPrefetchRows < R) {
+        prefetch_row(out.row(it.b, f.token(it.t, i + kPrefetchRows), it.h), Dv * out.elem, /*for_write=*/true);
+      }
+      store_row(a, out.dtype, out.row(it.b, f.token(it.t, i), it.h), Dv);
+    }
+  }
+}
+
 // The bf16 spatial forward on AMX (CPUs with AMX-BF16; FASTATTN_CPU_AMX=0 turns it off): per item the frame's R rows
 // (cls first) copied as bf16 into contiguous buffers and the dense AMX tile (amx_forward.h) run on the R x R
 // problem; its packed key blocks are dropped between items (the buffers hold another frame each time).
@@ -234,20 +255,10 @@ void spatial_forward_amx(const Frames& f, const TokenTensor& q, const TokenTenso
       copy_rows(k, it.b, it.t, it.h, kb.data());
       copy_rows(v, it.b, it.t, it.h, vb.data());
       tile.forget_packed_blocks();
-      float* lse_rows = lse + item * R;  // row 0: the cls query, row 1 + n: patch n
       for (int64_t i0 = 0; i0 < R; i0 += block_m) {
         const int64_t rows = std::min(block_m, R - i0);
         tile.run(p, 0, 0, i0, rows, 0, R);
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t i = i0 + r;
-          float* a = tile.acc + r * tile.acc_ld;
-          normalise_row(a, Dv, tile.m[r], tile.l[r], lse_rows + i);
-          if (i == 0) {
-            std::copy(a, a + Dv, out_cls + item * Dv);
-          } else {
-            store_row(a, out.dtype, out.row(it.b, f.token(it.t, i), it.h), Dv);
-          }
-        }
+        store_item_rows<float>(f, it, item, tile.m, tile.l, tile.acc, tile.acc_ld, i0, rows, out, out_cls, lse);
       }
     }
   });
@@ -292,23 +303,10 @@ void spatial_forward_kernel(const Frames& f, const TokenTensor& q, const TokenTe
         gather_frame(f, k, it.b, it.t, it.h, Kb);
         if (tile.transpose_keys) transpose_32bit(R, D, Kb, D, Kt, ldkt);
       }
-      acc_t* lse_rows = lse + item * R;  // row 0: the cls query, row 1 + n: patch n
       for (int64_t i0 = 0; i0 < R; i0 += block_m) {
         const int64_t rows = std::min(block_m, R - i0);
         tile.run(p, 0, 0, i0, rows, 0, R);
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t i = i0 + r;
-          acc_t* a = tile.acc + r * Dv;
-          normalise_row(a, Dv, tile.m[r], tile.l[r], lse_rows + i);
-          if (i == 0) {
-            std::copy(a, a + Dv, out_cls + item * Dv);
-          } else {
-            if (i + kPrefetchRows < R) {
-              prefetch_row(out.row(it.b, f.token(it.t, i + kPrefetchRows), it.h), Dv * out.elem, /*for_write=*/true);
-            }
-            store_row(a, out.dtype, out.row(it.b, f.token(it.t, i), it.h), Dv);
-          }
-        }
+        store_item_rows<acc_t>(f, it, item, tile.m, tile.l, tile.acc, Dv, i0, rows, out, out_cls, lse);
       }
     }
   });
