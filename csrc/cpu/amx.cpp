@@ -199,6 +199,25 @@ FA_TARGET_AVX512BF16 float exp_scaled_sum_max_bf16_avx512(const float* x, int64_
   return total;
 }
 
+// Splits each row of (even, odd) bf16 pairs -- n words, n a multiple of 32 -- into the rows of the evens and of
+// the odds: words[kk * ld_words + j] = (a_j, b_j) -> dst[2kk][j] = a_j, dst[2kk + 1][j] = b_j.
+FA_TARGET_AVX512BF16 void split_pairs_avx512(const uint32_t* words, int64_t rows, int64_t n, int64_t ld_words,
+                                            uint16_t* dst, int64_t ld_dst) {
+  alignas(64) static constexpr uint16_t kEvensThenOdds[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20,
+                                                              22, 24, 26, 28, 30, 1,  3,  5,  7,  9,  11,
+                                                              13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+  const __m512i index = _mm512_load_si512(kEvensThenOdds);
+  for (int64_t kk = 0; kk < rows; ++kk) {
+    for (int64_t j = 0; j < n; j += 16) {  // 16 words: 16 evens and 16 odds
+      const __m512i w = _mm512_loadu_si512(words + kk * ld_words + j);
+      const __m512i split = _mm512_permutexvar_epi16(index, w);  // lanes 0-15: evens, 16-31: odds
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (2 * kk) * ld_dst + j), _mm512_castsi512_si256(split));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (2 * kk + 1) * ld_dst + j),
+                          _mm512_extracti64x4_epi64(split, 1));
+    }
+  }
+}
+
 FA_TARGET_AVX512BF16 void amx_backward_scores_avx512(const float* S, float* dP, int64_t ld, int64_t cols,
                                                      int64_t rows, float scale, const float* shift,
                                                      const float* delta, uint16_t* p16, uint16_t* ds16,
@@ -309,6 +328,15 @@ float exp_shift_sum_bf16(const float* x, int64_t n, float shift, uint16_t* out, 
   return exp_scaled_sum_max_bf16_avx512(x, n, 1.0f, shift, out, n_pad, &unused_max);
 }
 
+void pack_keys_transposed(int64_t N, int64_t D, const uint16_t* K, int64_t ld_k, int64_t n_pad, int64_t d_pad,
+                          uint16_t* dst, int64_t ld_dst) {
+  // K's (k, k + 1) pairs transposed as 32-bit words (pack_keys_vnni), then each row of pairs split in two rows.
+  thread_local std::vector<uint32_t> words;
+  if (static_cast<int64_t>(words.size()) < d_pad / 2 * n_pad) words.resize(d_pad / 2 * n_pad);
+  pack_keys_vnni(N, D, K, ld_k, n_pad, d_pad, words.data(), n_pad);
+  split_pairs_avx512(words.data(), d_pad / 2, n_pad, n_pad, dst, ld_dst);
+}
+
 float exp_scaled_sum_max_bf16(const float* x, int64_t n, float scale, float shift, uint16_t* out, int64_t n_pad,
                               float* max_arg) {
   return exp_scaled_sum_max_bf16_avx512(x, n, scale, shift, out, n_pad, max_arg);
@@ -343,6 +371,9 @@ float exp_shift_sum_bf16(const float*, int64_t, float, uint16_t*, int64_t) {
 }
 float exp_scaled_sum_max_bf16(const float*, int64_t, float, float, uint16_t*, int64_t, float*) {
   TORCH_INTERNAL_ASSERT(false, "exp_scaled_sum_max_bf16 without AMX");
+}
+void pack_keys_transposed(int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {
+  TORCH_INTERNAL_ASSERT(false, "pack_keys_transposed without AMX");
 }
 void amx_backward_scores(const float*, float*, int64_t, int64_t, int64_t, float, const float*, const float*,
                          uint16_t*, uint16_t*, int64_t, bool) {

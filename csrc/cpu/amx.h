@@ -45,6 +45,11 @@ void pack_keys_vnni(int64_t N, int64_t D, const uint16_t* K, int64_t ld_k, int64
 void pack_values_vnni(int64_t N, int64_t Dv, const uint16_t* V, int64_t ld_v, int64_t n_pad, uint32_t* dst,
                       int64_t ld_dst);
 
+// K^T in bf16 as an A operand: dst[d * ld_dst + n] = K[n][d] for n < N, d < D; zeros for n in [N, n_pad) and d in
+// [D, d_pad) (n_pad a multiple of 32, ld_dst >= n_pad).  K rows are `ld_k` bf16 elements apart.
+void pack_keys_transposed(int64_t N, int64_t D, const uint16_t* K, int64_t ld_k, int64_t n_pad, int64_t d_pad,
+                          uint16_t* dst, int64_t ld_dst);
+
 // dst[j] = bf16(src[j]) (round to nearest even) for j < n, zeros for j in [n, n_pad); n_pad >= round16(n).
 void float_to_bf16_row(const float* src, int64_t n, int64_t n_pad, uint16_t* dst);
 

@@ -65,13 +65,12 @@ inline void amx_backward_kernel(const Problem& p, const BackwardTensors& t, cons
         uint16_t* ktr = kt16.data() + kb * d_pad * BN;
         std::fill(kr, kr + BN * d_pad, uint16_t(0));
         std::fill(vr, vr + BN * dv_pad, uint16_t(0));
-        std::fill(ktr, ktr + d_pad * BN, uint16_t(0));
         for (int64_t c = 0; c < cols; ++c) {
-          const auto* krow = reinterpret_cast<const uint16_t*>(p.k.row(b, hk, j0 + c));
-          std::memcpy(kr + c * d_pad, krow, p.D * sizeof(uint16_t));
+          std::memcpy(kr + c * d_pad, p.k.row(b, hk, j0 + c), p.D * sizeof(uint16_t));
           std::memcpy(vr + c * dv_pad, p.v.row(b, hk, j0 + c), p.Dv * sizeof(uint16_t));
-          for (int64_t d = 0; d < p.D; ++d) ktr[d * BN + c] = krow[d];
         }
+        pack_keys_transposed(cols, p.D, reinterpret_cast<const uint16_t*>(p.k.row(b, hk, j0)), p.k.sl, BN, d_pad,
+                             ktr, BN);
         std::fill(dk_acc.data() + kb * BN * d_pad, dk_acc.data() + (kb + 1) * BN * d_pad, 0.0f);
         std::fill(dv_acc.data() + kb * BN * dv_pad, dv_acc.data() + (kb + 1) * BN * dv_pad, 0.0f);
       }
