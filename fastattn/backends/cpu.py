@@ -3,7 +3,8 @@
 FlashAttention-2's algorithm on the CPU: blocks of queries x blocks of keys with an online softmax (no [Lq, Lk]
 buffer), float32 block products on AVX-512 register tiles of our own (csrc/cpu/small_gemm.cpp; torch's BLAS for
 float64, on CPUs without AVX-512 and with FASTATTN_CPU_GEMM=blas), `at::parallel_for` over (batch, head, query
-block), a deterministic backward (no atomics).  float32, float64, bfloat16 and float16 (bf16/fp16 compute in float32); any strides, GQA,
+block), a deterministic backward (no atomics).  float32, float64, bfloat16 and float16 (bf16/fp16 compute in float32,
+except on CPUs with AMX-BF16, where bf16 block products run on the tile unit: csrc/cpu/amx*.h); any strides, GQA,
 bool/float masks (broadcast by strides, float masks with their gradient), both causal alignments, dropout with the
 Philox stream of the other backends (bit-identical keep-masks), the log-sum-exp and its gradient.
 
