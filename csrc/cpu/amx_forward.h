@@ -93,8 +93,9 @@ struct AmxForwardTile {
       const int64_t j_in = j0 % kFwdBlockN;  // the pair's first key within its packed block
       amx_gemm_bf16(rows16, BN, d_pad, q16.data(), d_pad, k_packed.data() + slot * k_slot_words + j_in, kKeyLd, S,
                     BN, /*accumulate=*/false);
-      // Without a mask, dropout or a causal limit inside this block, each row's softmax is two fused passes
-      // (scale + max, then exp + sum + bf16 rounding); otherwise ForwardTile's steps, then the rounding.
+      // Without a mask, dropout or a causal limit inside this block, each row's softmax is one fused pass (exp with
+      // the running max, sum, bf16 rounding), or two where the block raises the max (softmax_rows_to_bf16);
+      // otherwise ForwardTile's steps, then the rounding.
       const bool plain = p.mask_kind == kMaskNone && !p.dropout &&
                          (p.causal == kCausalNone || j0 + cols - 1 <= i0 + p.causal_off);
       if (plain) {

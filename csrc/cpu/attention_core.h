@@ -19,6 +19,7 @@
 
 #include "../ops.h"
 #include "../philox.h"
+#include "amx.h"
 #include "blas.h"
 #include "kernel_common.h"
 #include "row_kernels.h"
@@ -34,6 +35,12 @@ constexpr int64_t kFwdBlockM = 128;
 constexpr int64_t kFwdBlockN = 512;
 constexpr int64_t kBwdBlockM = 128;
 constexpr int64_t kBwdBlockN = 128;
+
+// Whether bf16 inputs run their block products on AMX tiles (amx.h): bf16, a CPU with AMX-BF16 (and not switched
+// off), and not the plain-loops GEMM path (tests' reference path).  The dense ops and the spatial op ask the same.
+inline bool amx_bf16_applies(at::ScalarType dtype, GemmPath gemm) {
+  return dtype == at::kBFloat16 && gemm != GemmPath::loops && amx_bf16_enabled();
+}
 
 // Whether the environment variable `name` is "0" (A/B switches, read when a tile is built: per thread and call).
 inline bool env_is_zero(const char* name) {

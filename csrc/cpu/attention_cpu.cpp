@@ -492,7 +492,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     p.drop_scale = 1.0 / (1.0 - dropout_p);
   }
   p.gemm = gemm_path();
-  p.amx_bf16 = q.scalar_type() == at::kBFloat16 && p.gemm != GemmPath::loops && amx_bf16_enabled();
+  p.amx_bf16 = amx_bf16_applies(q.scalar_type(), p.gemm);
   return p;
 }
 

@@ -460,7 +460,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_fwd_cpu(const at::Tensor&
     spatial_forward_kernel<acc_t>(f, token_tensor(q), token_tensor(k), token_tensor(v), token_tensor(out),
                                   out_cls.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
   };
-  if (q.scalar_type() == at::kBFloat16 && gemm_path() != GemmPath::loops && amx_bf16_enabled()) {
+  if (amx_bf16_applies(q.scalar_type(), gemm_path())) {
     spatial_forward_amx(f, token_tensor(q), token_tensor(k), token_tensor(v), token_tensor(out),
                         out_cls.data_ptr<float>(), lse.data_ptr<float>());
   } else if (lse.scalar_type() == at::kDouble) {
