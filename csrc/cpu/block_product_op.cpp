@@ -9,13 +9,24 @@
 //
 //   amx_block_product(a, b_vnni, c, accumulate, repeats) -> bool: amx.h's amx_gemm_bf16 (tests, microbenchmarks).
 //   cpu_amx_bf16() -> bool: whether the dense forward runs bf16 inputs on AMX here (amx.h; dispatch reads it).
+//
+//   row_kernel(x, y, op, isa, arg) -> Tensor: one row loop of row_kernels.h on every row of x (2-D float32, unit
+//     column stride), with the variant compiled for `isa` ("baseline", "avx2", "avx512"; cpu_row_isas() lists
+//     those this CPU runs).  Returns [rows, 2] float32: the loop's result and, for max_exp_sum, the new max.
+//       "row_max"                              max of the row (x untouched)
+//       "scale_row_max"                        x *= arg; the new row's max
+//       "exp_shift_sum"                        x = exp(x - arg); their sum
+//       "max_exp_sum" / "max_exp_sum_normalize"  the softmax step from a running max arg (may be -inf)
+//       "dot"                                  sum of x * y over the row (y as x)
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 #include "amx.h"
 #include "blas.h"
+#include "row_kernels.h"
 #include "small_gemm.h"
 
 namespace fastattn::cpu {
@@ -98,6 +109,49 @@ bool amx_block_product(const at::Tensor& a, const at::Tensor& b_vnni, const at::
   return true;
 }
 
+at::Tensor row_kernel(const at::Tensor& x, const at::Tensor& y, std::string op, std::string isa, double arg) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.stride(1) == 1,
+              "row_kernel: x must be a 2-D float32 CPU tensor with unit column stride");
+  const RowKernels* kernels = row_kernels_for_isa(isa);
+  TORCH_CHECK(kernels != nullptr, "row_kernel: isa ", isa, " is unknown or this CPU cannot run it");
+  const int64_t rows = x.size(0), n = x.size(1);
+  if (op == "dot") {
+    TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == at::kFloat && y.stride(1) == 1,
+                "row_kernel: y must match x for op dot");
+  }
+  at::Tensor result = at::zeros({rows, 2}, x.options());
+  float* res = result.mutable_data_ptr<float>();
+  float* X = x.mutable_data_ptr<float>();
+  const float a = static_cast<float>(arg);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = X + r * x.stride(0);
+    if (op == "row_max") {
+      res[2 * r] = kernels->row_max(row, n);
+    } else if (op == "scale_row_max") {
+      res[2 * r] = kernels->scale_row_max(row, n, a);
+    } else if (op == "exp_shift_sum") {
+      res[2 * r] = kernels->exp_shift_sum(row, n, a);
+    } else if (op == "max_exp_sum" || op == "max_exp_sum_normalize") {
+      float m = a;
+      res[2 * r] = kernels->max_exp_sum(row, n, &m, op == "max_exp_sum_normalize");
+      res[2 * r + 1] = m;
+    } else if (op == "dot") {
+      res[2 * r] = kernels->dot(row, y.const_data_ptr<float>() + r * y.stride(0), n);
+    } else {
+      TORCH_CHECK(false, "row_kernel: unknown op ", op);
+    }
+  }
+  return result;
+}
+
+std::vector<std::string> cpu_row_isas() {
+  std::vector<std::string> isas;
+  for (const char* isa : {"baseline", "avx2", "avx512"}) {
+    if (row_kernels_for_isa(isa) != nullptr) isas.emplace_back(isa);
+  }
+  return isas;
+}
+
 }  // namespace
 }  // namespace fastattn::cpu
 
@@ -106,9 +160,12 @@ TORCH_LIBRARY(fastattn_internal, m) {
   // Whether the dense forward runs bf16 inputs on AMX tiles here (csrc/cpu/amx.h): read by dispatch and tests.
   m.def("cpu_amx_bf16() -> bool", [] { return fastattn::cpu::amx_bf16_enabled(); });
   m.def("amx_block_product(Tensor a, Tensor b_vnni, Tensor(c!) c, bool accumulate, int repeats) -> bool");
+  m.def("row_kernel(Tensor(x!) x, Tensor y, str op, str isa, float arg) -> Tensor");
+  m.def("cpu_row_isas() -> str[]", &fastattn::cpu::cpu_row_isas);
 }
 
 TORCH_LIBRARY_IMPL(fastattn_internal, CPU, m) {
   m.impl("block_product", &fastattn::cpu::block_product);
   m.impl("amx_block_product", &fastattn::cpu::amx_block_product);
+  m.impl("row_kernel", &fastattn::cpu::row_kernel);
 }

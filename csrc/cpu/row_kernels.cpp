@@ -2,9 +2,10 @@
 // See row_kernels.h.  The loop bodies are written once, as always-inline templates that the compiler
 // auto-vectorises: each runs over blocks of kLanes independent lanes (partial sums and maxima per lane, combined
 // in a fixed order), so no reassociation (-ffast-math) is needed and results are reproducible run to run.
-// The hot AVX-512 loops (row max, exp + sum, scale + max) are written in intrinsics further down, with more
-// accumulators and a tree reduction of the lanes: their sums round in another order than the generic bodies', so
-// float32 results differ in the last bits between ISAs (each is still reproducible run to run).
+// The hot AVX-512 and AVX2 loops (row max, exp + sum, scale + max, the softmax step) are written in intrinsics
+// further down, with more accumulators and a tree reduction of the lanes: their sums round in another order than
+// the generic bodies', so float32 results differ in the last bits between ISAs (each is still reproducible run to
+// run).  The generic bodies serve the SSE2 baseline and the colder loops.
 #include "row_kernels.h"
 
 // The vector helpers below are always inlined into the per-ISA functions, so no vector crosses a call boundary.
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "../philox.h"
 
@@ -310,13 +312,176 @@ void column_exp_shift_baseline(float* st, int64_t ld, int64_t cols, int64_t rows
 }
 
 #if FA_X86_DISPATCH
-FA_TARGET_AVX2 float row_max_avx2(const float* x, int64_t n) { return row_max_body(x, n); }
-FA_TARGET_AVX2 float dot_avx2(const float* x, const float* y, int64_t n) { return dot_body(x, y, n); }
-FA_TARGET_AVX2 float exp_shift_sum_avx2(float* x, int64_t n, float shift) { return exp_shift_sum_body(x, n, shift); }
-FA_TARGET_AVX2 float scale_row_max_avx2(float* x, int64_t n, float scale) { return scale_row_max_body(x, n, scale); }
-FA_TARGET_AVX2 float max_exp_sum_avx2(float* x, int64_t n, float* m_io, bool normalize) {
-  return max_exp_sum_body(x, n, m_io, normalize);
+// The AVX2 row loops in intrinsics, as the AVX-512 ones below: the generic 16-lane bodies compiled for AVX2 came
+// out as scalar max/blend steps and stack round trips (GCC 12 splits a 64-byte vector into ymm halves through
+// memory), and ran the softmax at a third of the rate of these (bench/NOTES.md entry 44).  Vectors of 8 lanes,
+// tails through VMASKMOV, lanes reduced in a fixed tree: reproducible run to run.
+constexpr int kLanes8 = 8;
+
+// The lanes of a ymm vector that hold one of `left` remaining elements (all 8 when left >= 8), as VMASKMOV wants.
+FA_TARGET_AVX2 FA_INLINE __m256i tail_mask_avx2(int64_t left) {
+  const int keep = static_cast<int>(std::min<int64_t>(left, kLanes8));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(keep), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
+
+FA_TARGET_AVX2 FA_INLINE float reduce_max_avx2(__m256 v) {  // inputs never NaN (the accumulators skip it)
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+FA_TARGET_AVX2 FA_INLINE float reduce_add_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Lanes past a tail read as -inf (for the max), never loaded from memory.
+FA_TARGET_AVX2 FA_INLINE __m256 load_tail_or_neg_inf(const float* x, __m256i mask) {
+  return _mm256_blendv_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()), _mm256_maskload_ps(x, mask),
+                          _mm256_castsi256_ps(mask));
+}
+
+// exp_softmax in AVX2 intrinsics: the same reduction and polynomial; 2^n built in the exponent field from the
+// rounded n (VROUNDPS, then VCVTPS2DQ), so x is clamped to [-87, 88] first as in exp_softmax.  x < -87 (masked
+// scores, -inf) gives exactly 0; NaN stays NaN (MAXPS/MINPS return their second operand on NaN).
+FA_TARGET_AVX2 FA_INLINE __m256 exp_softmax_avx2(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(kExpLo);
+  const __m256 tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  const __m256 xc = _mm256_min_ps(_mm256_set1_ps(kExpHi), _mm256_max_ps(lo, x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);  // Cody-Waite, as exp_softmax
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(two_n)));
+}
+
+FA_TARGET_AVX2 float row_max_avx2(const float* x, int64_t n) {
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
+  int64_t j = 0;
+  for (; j + 4 * kLanes8 <= n; j += 4 * kLanes8) {
+    m0 = _mm256_max_ps(_mm256_loadu_ps(x + j), m0);  // NaN skipped: MAXPS returns the accumulator
+    m1 = _mm256_max_ps(_mm256_loadu_ps(x + j + kLanes8), m1);
+    m2 = _mm256_max_ps(_mm256_loadu_ps(x + j + 2 * kLanes8), m2);
+    m3 = _mm256_max_ps(_mm256_loadu_ps(x + j + 3 * kLanes8), m3);
+  }
+  for (; j < n; j += kLanes8) m0 = _mm256_max_ps(load_tail_or_neg_inf(x + j, tail_mask_avx2(n - j)), m0);
+  return reduce_max_avx2(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+}
+
+FA_TARGET_AVX2 float scale_row_max_avx2(float* x, int64_t n, float scale) {
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), sc = _mm256_set1_ps(scale);
+  __m256 m0 = neg_inf, m1 = neg_inf;
+  int64_t j = 0;
+  for (; j + 2 * kLanes8 <= n; j += 2 * kLanes8) {
+    const __m256 v0 = _mm256_mul_ps(_mm256_loadu_ps(x + j), sc);
+    const __m256 v1 = _mm256_mul_ps(_mm256_loadu_ps(x + j + kLanes8), sc);
+    _mm256_storeu_ps(x + j, v0);
+    _mm256_storeu_ps(x + j + kLanes8, v1);
+    m0 = _mm256_max_ps(v0, m0);
+    m1 = _mm256_max_ps(v1, m1);
+  }
+  for (; j < n; j += kLanes8) {
+    const __m256i mask = tail_mask_avx2(n - j);
+    const __m256 v = _mm256_mul_ps(_mm256_maskload_ps(x + j, mask), sc);
+    _mm256_maskstore_ps(x + j, mask, v);
+    m0 = _mm256_max_ps(_mm256_blendv_ps(neg_inf, v, _mm256_castsi256_ps(mask)), m0);
+  }
+  return reduce_max_avx2(_mm256_max_ps(m0, m1));
+}
+
+FA_TARGET_AVX2 float exp_shift_sum_avx2(float* x, int64_t n, float shift) {
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 2 * kLanes8 <= n; j += 2 * kLanes8) {
+    const __m256 e0 = exp_softmax_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), sh));
+    const __m256 e1 = exp_softmax_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j + kLanes8), sh));
+    _mm256_storeu_ps(x + j, e0);
+    _mm256_storeu_ps(x + j + kLanes8, e1);
+    s0 = _mm256_add_ps(s0, e0);
+    s1 = _mm256_add_ps(s1, e1);
+  }
+  for (; j < n; j += kLanes8) {
+    const __m256i mask = tail_mask_avx2(n - j);
+    // Lanes past n: exp(0 - shift) computed, then zeroed before the sum and never stored.
+    const __m256 e = _mm256_and_ps(_mm256_castsi256_ps(mask),
+                                   exp_softmax_avx2(_mm256_sub_ps(_mm256_maskload_ps(x + j, mask), sh)));
+    _mm256_maskstore_ps(x + j, mask, e);
+    s0 = _mm256_add_ps(s0, e);
+  }
+  return reduce_add_avx2(_mm256_add_ps(s0, s1));
+}
+
+// As max_exp_sum_avx512: rows up to kRegisterVectorsAvx2 ymm vectors (64 scores: Swin's 49 keys, TimeSformer's
+// 8 frames) stay in registers through max, exp, sum and normalisation (16 ymm registers: 8 for the row, the rest
+// for exp's temporaries); longer rows take two passes.
+constexpr int kRegisterVectorsAvx2 = 8;
+
+FA_TARGET_AVX2 float max_exp_sum_avx2(float* x, int64_t n, float* m_io, bool normalize) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  if (n > kRegisterVectorsAvx2 * kLanes8) {
+    const float m = std::max(*m_io, row_max_avx2(x, n));
+    if (m == kNegInf) return unseen_row_probabilities(x, n);
+    const float sum = exp_shift_sum_avx2(x, n, m);
+    if (normalize) {
+      const __m256 inv = _mm256_set1_ps(1.0f / sum);
+      int64_t j = 0;
+      for (; j + kLanes8 <= n; j += kLanes8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), inv));
+      if (j < n) {
+        const __m256i mask = tail_mask_avx2(n - j);
+        _mm256_maskstore_ps(x + j, mask, _mm256_mul_ps(_mm256_maskload_ps(x + j, mask), inv));
+      }
+    }
+    *m_io = m;
+    return sum;
+  }
+  const int64_t nv = (n + kLanes8 - 1) / kLanes8;
+  __m256 v[kRegisterVectorsAvx2];
+  __m256i masks[kRegisterVectorsAvx2];
+  __m256 mx = _mm256_set1_ps(kNegInf);
+  FA_UNROLL_ROW
+  for (int i = 0; i < kRegisterVectorsAvx2; ++i) {
+    if (i < nv) {
+      masks[i] = tail_mask_avx2(n - int64_t(i) * kLanes8);
+      v[i] = load_tail_or_neg_inf(x + i * kLanes8, masks[i]);
+      mx = _mm256_max_ps(v[i], mx);  // NaN skipped, as in row_max
+    }
+  }
+  const float m = std::max(*m_io, reduce_max_avx2(mx));
+  if (m == kNegInf) return unseen_row_probabilities(x, n);
+  const __m256 sh = _mm256_set1_ps(m);
+  __m256 sum = _mm256_setzero_ps();
+  FA_UNROLL_ROW
+  for (int i = 0; i < kRegisterVectorsAvx2; ++i) {
+    if (i < nv) {
+      v[i] = exp_softmax_avx2(_mm256_sub_ps(v[i], sh));  // the -inf padding lanes give exactly 0
+      sum = _mm256_add_ps(sum, v[i]);
+    }
+  }
+  const float total = reduce_add_avx2(sum);
+  const __m256 inv = _mm256_set1_ps(normalize ? 1.0f / total : 1.0f);
+  FA_UNROLL_ROW
+  for (int i = 0; i < kRegisterVectorsAvx2; ++i) {
+    if (i < nv) _mm256_maskstore_ps(x + i * kLanes8, masks[i], normalize ? _mm256_mul_ps(v[i], inv) : v[i]);
+  }
+  *m_io = m;
+  return total;
+}
+
+FA_TARGET_AVX2 float dot_avx2(const float* x, const float* y, int64_t n) { return dot_body(x, y, n); }
 FA_TARGET_AVX2 void dropout_row_avx2(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
                                      uint32_t threshold, float scale) {
   dropout_row_body(p, n, seed, bh, m, n0, threshold, scale);
@@ -492,29 +657,43 @@ FA_TARGET_AVX512 void column_exp_shift_avx512(float* st, int64_t ld, int64_t col
 }
 #endif
 
-RowKernels choose() {
-  const RowKernels baseline{row_max_baseline, exp_shift_sum_baseline, dropout_row_baseline, scale_row_max_baseline,
+struct IsaTables {
+  RowKernels baseline, avx2, avx512;
+  bool has_avx2 = false, has_avx512 = false;
+};
+
+const IsaTables& isa_tables() {
+  static const IsaTables tables = [] {
+    IsaTables t;
+    t.baseline = RowKernels{row_max_baseline, exp_shift_sum_baseline, dropout_row_baseline, scale_row_max_baseline,
                             max_exp_sum_baseline, dot_baseline, column_max_exp_sum_baseline,
                             column_exp_shift_baseline, "baseline"};
+    t.avx2 = t.avx512 = t.baseline;
 #if FA_X86_DISPATCH
-  const RowKernels avx2{row_max_avx2, exp_shift_sum_avx2, dropout_row_avx2, scale_row_max_avx2, max_exp_sum_avx2,
+    t.avx2 = RowKernels{row_max_avx2, exp_shift_sum_avx2, dropout_row_avx2, scale_row_max_avx2, max_exp_sum_avx2,
                         dot_avx2, column_max_exp_sum_avx2, column_exp_shift_avx2, "avx2"};
-  const RowKernels avx512{row_max_avx512, exp_shift_sum_avx512, dropout_row_avx512, scale_row_max_avx512,
-                          max_exp_sum_avx512, dot_avx512, column_max_exp_sum_avx512,
-                          column_exp_shift_avx512, "avx512"};
-  __builtin_cpu_init();
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    t.avx512 = RowKernels{row_max_avx512, exp_shift_sum_avx512, dropout_row_avx512, scale_row_max_avx512,
+                          max_exp_sum_avx512, dot_avx512, column_max_exp_sum_avx512, column_exp_shift_avx512, "avx512"};
+    __builtin_cpu_init();
+    t.has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    t.has_avx512 = t.has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                   __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+#endif
+    return t;
+  }();
+  return tables;
+}
+
+RowKernels choose() {
+  const IsaTables& t = isa_tables();
   const char* forced = std::getenv("FASTATTN_CPU_ISA");
   if (forced != nullptr) {  // never more than the CPU has
-    if (std::strcmp(forced, "baseline") == 0) return baseline;
-    if (std::strcmp(forced, "avx2") == 0 && has_avx2) return avx2;
+    if (std::strcmp(forced, "baseline") == 0) return t.baseline;
+    if (std::strcmp(forced, "avx2") == 0 && t.has_avx2) return t.avx2;
   }
-  if (has_avx512) return avx512;
-  if (has_avx2) return avx2;
-#endif
-  return baseline;
+  if (t.has_avx512) return t.avx512;
+  if (t.has_avx2) return t.avx2;
+  return t.baseline;
 }
 
 }  // namespace
@@ -522,6 +701,14 @@ RowKernels choose() {
 const RowKernels& row_kernels() {
   static const RowKernels chosen = choose();
   return chosen;
+}
+
+const RowKernels* row_kernels_for_isa(const std::string& isa) {
+  const IsaTables& t = isa_tables();
+  if (isa == "baseline") return &t.baseline;
+  if (isa == "avx2") return t.has_avx2 ? &t.avx2 : nullptr;
+  if (isa == "avx512") return t.has_avx512 ? &t.avx512 : nullptr;
+  return nullptr;
 }
 
 void dropout_row(double* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0, uint32_t threshold,

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 
 namespace fastattn::cpu {
 
@@ -60,8 +61,11 @@ struct RowKernels {
   const char* isa;  // "avx512", "avx2" or "baseline"
 };
 
-// The variant for this CPU (chosen once).  FASTATTN_CPU_ISA=baseline|avx2|avx512 forces one (for tests).
+// The variant for this CPU (chosen once).  FASTATTN_CPU_ISA=baseline|avx2 forces a lesser one (for tests).
 const RowKernels& row_kernels();
+// One variant by name ("baseline", "avx2", "avx512"), or nullptr where this CPU cannot run it (the test hook
+// torch.ops.fastattn_internal.row_kernel checks every ISA the CPU has in one process).
+const RowKernels* row_kernels_for_isa(const std::string& isa);
 
 // --- float32: through the dispatch table --------------------------------------------------------------------
 inline float row_max(const float* x, int64_t n) { return row_kernels().row_max(x, n); }
