@@ -34,6 +34,11 @@ def run(op, x, isa, arg=0.0, y=None):
     return torch.ops.fastattn_internal.row_kernel(x, x if y is None else y, op, isa, arg)
 
 
+def same_bits(a, b):
+    """Bit for bit (NaN included)."""
+    return torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
+
+
 def check_padding(buf, n):
     assert (buf[:, n:] == SENTINEL).all(), "a row loop wrote past the row's end"
 
@@ -143,3 +148,80 @@ def test_every_isa_agrees_and_repeats_itself_bit_for_bit(op):
     for isa, (res, x) in results.items():
         assert torch.allclose(res, base_res, rtol=2e-6, atol=0), isa
         assert torch.allclose(x, base_x, rtol=2e-6, atol=1e-37), isa
+
+
+# --- the keys-major column loops: St [keys, ld], query columns r < rows, the columns [rows, ld) scratch ----------
+COLUMN_ROWS = [1, 5, 8, 9, 16, 17, 31, 32, 33, 40, 63, 64]
+
+
+def column_tile(keys, rows, ld, seed):
+    """[keys + 2, ld] float32 buffer: the tile St in its first `keys` rows (scores in [-8, 8], column 0 all -inf,
+    a NaN in the last column where there are keys), the last two rows SENTINEL (no loop may touch them)."""
+    g = torch.Generator().manual_seed(seed)
+    buf = torch.full((keys + 2, ld), SENTINEL)
+    buf[:keys] = torch.rand(keys, ld, generator=g) * 16 - 8
+    buf[:keys, 0] = float("-inf")
+    if keys and rows > 2:
+        buf[keys // 2, rows - 1] = float("nan")
+    return buf, buf[:keys]
+
+
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("rows", COLUMN_ROWS)
+@pytest.mark.parametrize("keys", [0, 1, 7, 130])
+def test_column_max_exp_sum(isa, rows, keys):
+    ld = (rows + 15) // 16 * 16 + 16  # a stride past round16(rows), as the kernels' scratch columns
+    buf, st = column_tile(keys, rows, ld, seed=rows * 7 + keys)
+    g = torch.Generator().manual_seed(rows)
+    m_old = torch.rand(1, rows, generator=g) * 20 - 10  # some below every score of their column, some above
+    m_old[0, ::3] = float("-inf")                       # and columns without a running max yet
+    before = st.double().clone()
+    res = run("column_max_exp_sum", st, isa, float(rows), y=m_old)
+    for r in range(rows):
+        col = before[:, r]
+        seen = col[~col.isnan()]
+        m = max([m_old[0, r].item()] + ([seen.max().item()] if len(seen) else []))
+        shift = m if m != float("-inf") else 0.0
+        e = torch.exp(col - shift)
+        assert res[r, 1].item() == m
+        torch.testing.assert_close(st[:, r].double(), e, rtol=2e-6, atol=1e-30, equal_nan=True)
+        got_sum, want_sum = res[r, 0].item(), e.sum().item()
+        assert (math.isnan(got_sum) and math.isnan(want_sum)) or got_sum == pytest.approx(want_sum, rel=2e-6, abs=0)
+    assert (buf[keys:] == SENTINEL).all()
+
+
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("rows", COLUMN_ROWS)
+@pytest.mark.parametrize("keys", [1, 9, 130])
+def test_column_exp_shift(isa, rows, keys):
+    ld = (rows + 15) // 16 * 16
+    buf, st = column_tile(keys, rows, ld, seed=rows + keys)
+    g = torch.Generator().manual_seed(rows + 1)
+    shift = torch.rand(1, rows, generator=g) * 4 + 8  # an LSE: above each column's scores
+    shift[0, ::4] = float("-inf")                     # a row that saw no key: its probabilities are 0
+    before = st.double().clone()
+    run("column_exp_shift", st, isa, float(rows), y=shift)
+    for r in range(rows):
+        s = shift[0, r].item()
+        want = torch.zeros_like(before[:, r]) if s == float("-inf") else torch.exp(before[:, r] - s)
+        if s == float("-inf"):
+            want[before[:, r].isnan()] = float("nan")
+        torch.testing.assert_close(st[:, r].double(), want, rtol=2e-6, atol=1e-30, equal_nan=True)
+    assert (buf[keys:] == SENTINEL).all()
+
+
+@pytest.mark.parametrize("op", ["column_max_exp_sum", "column_exp_shift"])
+def test_column_loops_agree_across_isas_bit_for_bit_run_to_run(op):
+    results = {}
+    for isa in isas():
+        outs = []
+        for _ in range(2):
+            _, st = column_tile(200, 40, 48, seed=3)
+            res = run(op, st, isa, 40.0, y=torch.full((1, 40), 9.0))
+            outs.append((res, st[:, :40].clone()))
+        assert same_bits(outs[0][0], outs[1][0]) and same_bits(outs[0][1], outs[1][1]), isa
+        results[isa] = outs[0]
+    base_res, base_st = results["baseline"]
+    for isa, (res, st) in results.items():
+        torch.testing.assert_close(res, base_res, rtol=2e-6, atol=0, equal_nan=True)
+        torch.testing.assert_close(st, base_st, rtol=2e-6, atol=1e-37, equal_nan=True)

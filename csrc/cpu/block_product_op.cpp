@@ -18,6 +18,9 @@
 //       "exp_shift_sum"                        x = exp(x - arg); their sum
 //       "max_exp_sum" / "max_exp_sum_normalize"  the softmax step from a running max arg (may be -inf)
 //       "dot"                                  sum of x * y over the row (y as x)
+//     and the keys-major column loops on x as one tile St [keys, ld] (ld = x's row stride, a multiple of 16), for
+//     query columns r < rows = arg (<= 64), y [1, >= rows] holding the old maxima (column_max_exp_sum) or the
+//     shifts (column_exp_shift); the result's row r holds column r's sum and new max.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -118,6 +121,27 @@ at::Tensor row_kernel(const at::Tensor& x, const at::Tensor& y, std::string op, 
   if (op == "dot") {
     TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == at::kFloat && y.stride(1) == 1,
                 "row_kernel: y must match x for op dot");
+  }
+  if (op == "column_max_exp_sum" || op == "column_exp_shift") {
+    const int64_t columns = static_cast<int64_t>(arg), ld = x.stride(0);
+    TORCH_CHECK(columns >= 0 && columns <= kMaxColumnRows && ld % 16 == 0 && columns <= ld && n <= ld,
+                "row_kernel: column ops need arg = rows <= ", kMaxColumnRows, " and a row stride that is a multiple "
+                "of 16 and at least rows");
+    TORCH_CHECK(y.dim() == 2 && y.size(0) == 1 && y.size(1) >= columns && y.scalar_type() == at::kFloat &&
+                    y.is_contiguous(), "row_kernel: y must be [1, >= rows] float32 for the column ops");
+    at::Tensor result = at::zeros({columns, 2}, x.options());
+    std::vector<float> sums(columns), m_new(columns);
+    if (op == "column_max_exp_sum") {
+      kernels->column_max_exp_sum(x.mutable_data_ptr<float>(), ld, rows, columns, y.const_data_ptr<float>(),
+                                  m_new.data(), sums.data());
+    } else {
+      kernels->column_exp_shift(x.mutable_data_ptr<float>(), ld, rows, columns, y.const_data_ptr<float>());
+    }
+    for (int64_t r = 0; r < columns; ++r) {
+      result[r][0] = sums[r];
+      result[r][1] = m_new[r];
+    }
+    return result;
   }
   at::Tensor result = at::zeros({rows, 2}, x.options());
   float* res = result.mutable_data_ptr<float>();

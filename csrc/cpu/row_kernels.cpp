@@ -494,19 +494,130 @@ FA_TARGET_AVX2 float max_exp_sum_avx2(float* x, int64_t n, float* m_io, bool nor
   return total;
 }
 
-FA_TARGET_AVX2 float dot_avx2(const float* x, const float* y, int64_t n) { return dot_body(x, y, n); }
+// dot_body's order exactly (16 partial sums in two sets, s0 + s1 combined lane by lane in order 0..15, then the
+// scalar tail), on ymm pairs: the generic body compiled for AVX2 went through the stack.
+FA_TARGET_AVX2 float dot_avx2(const float* x, const float* y, int64_t n) {
+  __m256 s0a = _mm256_setzero_ps(), s0b = _mm256_setzero_ps(), s1a = _mm256_setzero_ps(), s1b = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    s0a = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j), s0a);
+    s0b = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 8), _mm256_loadu_ps(y + j + 8), s0b);
+    s1a = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 16), _mm256_loadu_ps(y + j + 16), s1a);
+    s1b = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 24), _mm256_loadu_ps(y + j + 24), s1b);
+  }
+  if (j + 16 <= n) {
+    s0a = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j), s0a);
+    s0b = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 8), _mm256_loadu_ps(y + j + 8), s0b);
+    j += 16;
+  }
+  alignas(32) float lanes[16];
+  _mm256_store_ps(lanes, _mm256_add_ps(s0a, s1a));
+  _mm256_store_ps(lanes + 8, _mm256_add_ps(s0b, s1b));
+  float sum = 0.0f;
+  for (int l = 0; l < 16; ++l) sum += lanes[l];
+  for (; j < n; ++j) sum += x[j] * y[j];
+  return sum;
+}
+
+// The keys-major column loops on ymm vectors (lanes = query columns, so each column's max and sum run
+// sequentially over the keys, as in the generic bodies), in chunks of at most kColumnChunk vectors so that the
+// maxima, shifts and sums of a chunk stay in the 16 ymm registers.
+constexpr int kColumnChunk = 4;
+
+template <int NV>
+FA_TARGET_AVX2 FA_INLINE void column_max_exp_sum_tile_avx2(float* st, int64_t ld, int64_t cols, float* m_io,
+                                                           float* sums_out) {
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 mx[NV], shift[NV], sum[NV];
+  for (int v = 0; v < NV; ++v) mx[v] = _mm256_loadu_ps(m_io + v * kLanes8);
+  for (int64_t j = 0; j < cols; ++j) {
+    const float* row = st + j * ld;
+    for (int v = 0; v < NV; ++v) mx[v] = _mm256_max_ps(_mm256_loadu_ps(row + v * kLanes8), mx[v]);  // NaN skipped
+  }
+  for (int v = 0; v < NV; ++v) {
+    // no finite score in the column: shift by 0 (exp(-inf) = 0, NaN stays)
+    shift[v] = _mm256_andnot_ps(_mm256_cmp_ps(mx[v], neg_inf, _CMP_EQ_OQ), mx[v]);
+    sum[v] = _mm256_setzero_ps();
+  }
+  for (int64_t j = 0; j < cols; ++j) {
+    float* row = st + j * ld;
+    for (int v = 0; v < NV; ++v) {
+      const __m256 e = exp_softmax_avx2(_mm256_sub_ps(_mm256_loadu_ps(row + v * kLanes8), shift[v]));
+      _mm256_storeu_ps(row + v * kLanes8, e);
+      sum[v] = _mm256_add_ps(sum[v], e);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    _mm256_storeu_ps(m_io + v * kLanes8, mx[v]);
+    _mm256_storeu_ps(sums_out + v * kLanes8, sum[v]);
+  }
+}
+
+template <int NV>
+FA_TARGET_AVX2 FA_INLINE void column_exp_shift_tile_avx2(float* st, int64_t ld, int64_t cols, const float* shift_in) {
+  __m256 shift[NV];
+  for (int v = 0; v < NV; ++v) shift[v] = _mm256_loadu_ps(shift_in + v * kLanes8);
+  for (int64_t j = 0; j < cols; ++j) {
+    float* row = st + j * ld;
+    for (int v = 0; v < NV; ++v) {
+      _mm256_storeu_ps(row + v * kLanes8, exp_softmax_avx2(_mm256_sub_ps(_mm256_loadu_ps(row + v * kLanes8), shift[v])));
+    }
+  }
+}
+
+// Columns [8 c0, 8 (c0 + nv)) of the tile through a chunk kernel; the column offset moves st and the buffers.
+template <template <int> class Chunk, typename... Args>
+FA_TARGET_AVX2 FA_INLINE void for_column_chunks(int nv, Args... args) {
+  for (int c0 = 0; c0 < nv; c0 += kColumnChunk) {
+    switch (std::min(kColumnChunk, nv - c0)) {
+      case 1: Chunk<1>::run(c0 * kLanes8, args...); break;
+      case 2: Chunk<2>::run(c0 * kLanes8, args...); break;
+      case 3: Chunk<3>::run(c0 * kLanes8, args...); break;
+      default: Chunk<4>::run(c0 * kLanes8, args...); break;
+    }
+  }
+}
+
+template <int NV>
+struct MaxExpSumChunk {
+  FA_TARGET_AVX2 static void run(int off, float* st, int64_t ld, int64_t cols, float* m_buf, float* sum_buf) {
+    column_max_exp_sum_tile_avx2<NV>(st + off, ld, cols, m_buf + off, sum_buf + off);
+  }
+};
+
+template <int NV>
+struct ExpShiftChunk {
+  FA_TARGET_AVX2 static void run(int off, float* st, int64_t ld, int64_t cols, const float* shift) {
+    column_exp_shift_tile_avx2<NV>(st + off, ld, cols, shift + off);
+  }
+};
+
+// The columns [rows, ld) are scratch (row_kernels.h), so whole vectors up to round8(rows) <= ld are read and written.
+FA_TARGET_AVX2 void column_max_exp_sum_avx2(float* st, int64_t ld, int64_t cols, int64_t rows, const float* m_old,
+                                            float* m_new, float* sums) {
+  const int nv = static_cast<int>((rows + kLanes8 - 1) / kLanes8);
+  alignas(32) float m_buf[kMaxColumnRows], sum_buf[kMaxColumnRows];
+  for (int r = 0; r < nv * kLanes8; ++r) m_buf[r] = r < rows ? m_old[r] : -std::numeric_limits<float>::infinity();
+  for_column_chunks<MaxExpSumChunk>(nv, st, ld, cols, m_buf, sum_buf);
+  for (int64_t r = 0; r < rows; ++r) {
+    m_new[r] = m_buf[r];
+    sums[r] = sum_buf[r];
+  }
+}
+
+FA_TARGET_AVX2 void column_exp_shift_avx2(float* st, int64_t ld, int64_t cols, int64_t rows, const float* shift) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const int nv = static_cast<int>((rows + kLanes8 - 1) / kLanes8);
+  alignas(32) float buf[kMaxColumnRows];
+  // LSE -inf (the row saw no key, its scores are -inf): shift by +inf instead, so that exp(x - inf) = 0.
+  for (int r = 0; r < nv * kLanes8; ++r) buf[r] = r < rows && shift[r] != -kInf ? shift[r] : kInf;
+  for_column_chunks<ExpShiftChunk>(nv, st, ld, cols, static_cast<const float*>(buf));
+}
+
 FA_TARGET_AVX2 void dropout_row_avx2(float* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0,
                                      uint32_t threshold, float scale) {
   dropout_row_body(p, n, seed, bh, m, n0, threshold, scale);
 }
-FA_TARGET_AVX2 void column_max_exp_sum_avx2(float* st, int64_t ld, int64_t cols, int64_t rows, const float* m_old,
-                                            float* m_new, float* sums) {
-  column_max_exp_sum_body(st, ld, cols, rows, m_old, m_new, sums);
-}
-FA_TARGET_AVX2 void column_exp_shift_avx2(float* st, int64_t ld, int64_t cols, int64_t rows, const float* shift) {
-  column_exp_shift_body(st, ld, cols, rows, shift);
-}
-
 // The lanes of a vector that hold one of `left` remaining elements (all 16 when left >= 16).
 FA_TARGET_AVX512 FA_INLINE __mmask16 tail_mask(int64_t left) {
   return left >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
