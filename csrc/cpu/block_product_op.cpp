@@ -129,19 +129,15 @@ at::Tensor row_kernel(const at::Tensor& x, const at::Tensor& y, std::string op, 
                 "of 16 and at least rows");
     TORCH_CHECK(y.dim() == 2 && y.size(0) == 1 && y.size(1) >= columns && y.scalar_type() == at::kFloat &&
                     y.is_contiguous(), "row_kernel: y must be [1, >= rows] float32 for the column ops");
-    at::Tensor result = at::zeros({columns, 2}, x.options());
-    std::vector<float> sums(columns), m_new(columns);
+    at::Tensor sums_and_maxima = at::zeros({2, columns}, x.options());  // returned transposed: [columns, 2]
+    float* sums = sums_and_maxima.mutable_data_ptr<float>();
     if (op == "column_max_exp_sum") {
       kernels->column_max_exp_sum(x.mutable_data_ptr<float>(), ld, rows, columns, y.const_data_ptr<float>(),
-                                  m_new.data(), sums.data());
+                                  sums + columns, sums);
     } else {
       kernels->column_exp_shift(x.mutable_data_ptr<float>(), ld, rows, columns, y.const_data_ptr<float>());
     }
-    for (int64_t r = 0; r < columns; ++r) {
-      result[r][0] = sums[r];
-      result[r][1] = m_new[r];
-    }
-    return result;
+    return sums_and_maxima.t().contiguous();
   }
   at::Tensor result = at::zeros({rows, 2}, x.options());
   float* res = result.mutable_data_ptr<float>();

@@ -808,24 +808,7 @@ const IsaTables& isa_tables() {
   return tables;
 }
 
-RowKernels choose() {
-  const IsaTables& t = isa_tables();
-  const char* forced = std::getenv("FASTATTN_CPU_ISA");
-  if (forced != nullptr) {  // never more than the CPU has
-    if (std::strcmp(forced, "baseline") == 0) return t.baseline;
-    if (std::strcmp(forced, "avx2") == 0 && t.has_avx2) return t.avx2;
-  }
-  if (t.has_avx512) return t.avx512;
-  if (t.has_avx2) return t.avx2;
-  return t.baseline;
-}
-
 }  // namespace
-
-const RowKernels& row_kernels() {
-  static const RowKernels chosen = choose();
-  return chosen;
-}
 
 const RowKernels* row_kernels_for_isa(const std::string& isa) {
   const IsaTables& t = isa_tables();
@@ -833,6 +816,21 @@ const RowKernels* row_kernels_for_isa(const std::string& isa) {
   if (isa == "avx2") return t.has_avx2 ? &t.avx2 : nullptr;
   if (isa == "avx512") return t.has_avx512 ? &t.avx512 : nullptr;
   return nullptr;
+}
+
+const RowKernels& row_kernels() {
+  static const RowKernels& chosen = []() -> const RowKernels& {
+    // FASTATTN_CPU_ISA=baseline|avx2 forces a lesser variant, never more than the CPU has.
+    const char* forced = std::getenv("FASTATTN_CPU_ISA");
+    if (forced != nullptr && (std::strcmp(forced, "baseline") == 0 || std::strcmp(forced, "avx2") == 0)) {
+      if (const RowKernels* k = row_kernels_for_isa(forced)) return *k;
+    }
+    for (const char* isa : {"avx512", "avx2"}) {
+      if (const RowKernels* k = row_kernels_for_isa(isa)) return *k;
+    }
+    return *row_kernels_for_isa("baseline");
+  }();
+  return chosen;
 }
 
 void dropout_row(double* p, int64_t n, uint64_t seed, uint32_t bh, uint32_t m, uint32_t n0, uint32_t threshold,
