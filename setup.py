@@ -107,7 +107,7 @@ def _extensions():
         print(f"fastattn: building the CPU kernels only ({why})", file=sys.stderr)
 
     # Plain -O3, no -march: the binary must run on any x86-64 (CI, the GPU machines).  The vectorised row loops
-    # pick AVX2/AVX-512 at run time (csrc/cpu/row_kernels.cpp); the block products run in torch's BLAS.
+    # and the float32 register tiles pick AVX2/AVX-512 at run time (csrc/cpu/row_kernels.cpp, small_gemm.cpp).
     # The C++ standard is torch's choice (C++20 for torch >= 2.10, C++17 before).
     cxx = ["-O3"] + OPENMP_FLAGS
     kwargs = dict(include_dirs=[os.path.join(HERE, "csrc")], extra_compile_args={"cxx": cxx},

@@ -100,7 +100,7 @@ def test_several_blocks(ops, dtype, shape, causal):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, "top_left", "bottom_right"])
 def test_forward_transposed_key_slots(ops, monkeypatch, threads, dtype, causal):
-    """The float32 forward on the AVX-512 tiles transposes each key block once per thread and reuses it for the
+    """The float32 forward on the register tiles transposes each key block once per thread and reuses it for the
     thread's next query blocks (ForwardTile::transposed_keys).  Several query blocks per head (300 rows), key blocks
     the causal limit cuts differently per query block (1100 keys: 512 + 512 + 76), GQA heads that share the keys,
     one or two threads, bf16 inputs on the float32 path (FASTATTN_CPU_AMX=0): a stale or partly filled slot shows
@@ -137,7 +137,7 @@ def test_forward_single_key_slot(ops, causal):
     (1, 1, 1, 48, 20, 16, 16),      # one short key block
 ])
 def test_forward_keys_major(ops, monkeypatch, keys_major, threads, dtype, shape):
-    """A head's 16..64 queries (float32 on the AVX-512 tiles, no dropout): the forward
+    """A head's 16..64 queries (float32 on the register tiles, no dropout): the forward
     computes S^T = K Q^T and runs the online softmax down its columns (ForwardTile::step_keys_major).  Both that
     path and the row-major one (FASTATTN_CPU_KEYS_MAJOR=0) against the reference: outputs, LSE and the gradients
     of the backward that reads them."""
@@ -655,7 +655,8 @@ def test_long_sequence_32k_runs_in_linear_memory(ops):
 
 def test_fallback_paths_without_blas_tiles_or_vector_isa(ops):
     """FASTATTN_CPU_BLAS=0 (the plain-loop products of a torch without BLAS symbols), FASTATTN_CPU_GEMM=blas (the
-    float32 products in BLAS instead of the AVX-512 tiles) and the x86-64 baseline row loops
+    float32 products in BLAS instead of the register tiles), the AVX2 row loops and tiles (FASTATTN_CPU_ISA=avx2:
+    what AVX2-only CPUs run, checked on AVX-512 machines too) and the x86-64 baseline row loops
     (FASTATTN_CPU_ISA=baseline, which also turns the tiles off) give the reference's results too."""
     code = """
         import json, torch, fastattn
@@ -671,7 +672,8 @@ def test_fallback_paths_without_blas_tiles_or_vector_isa(ops):
         err = max((a - b).abs().max().item() for a, b in zip(res["cpu"], res["reference"]))
         print(json.dumps({"err": err}))
     """
-    for env in ({"FASTATTN_CPU_BLAS": "0"}, {"FASTATTN_CPU_GEMM": "blas"}, {"FASTATTN_CPU_ISA": "baseline"}):
+    for env in ({"FASTATTN_CPU_BLAS": "0"}, {"FASTATTN_CPU_GEMM": "blas"}, {"FASTATTN_CPU_ISA": "avx2"},
+                {"FASTATTN_CPU_ISA": "baseline"}):
         res = _run_child(code, env)
         assert res["err"] < 1e-4, (env, res)
 

@@ -25,7 +25,7 @@ CASES = {  # B, T, N, heads, d, dv, token order
     "two_query_blocks": (1, 2, 140, 1, 8, 8, "nt"),    # 1 + N > 128: query and backward key blocks
     "two_key_blocks_fwd": (1, 2, 600, 1, 4, 4, "tn"),  # 1 + N > 512: the forward's key blocks
     "full_last_key_block": (1, 1, 512, 1, 4, 4, "nt"),  # 513 keys: a last key block of one key
-    "tiles_kt": (2, 3, 40, 2, 16, 12, "nt"),  # 1 + N > 16: float32 keys into K^T (AVX-512 tiles)
+    "tiles_kt": (2, 3, 40, 2, 16, 12, "nt"),  # 1 + N > 16: float32 keys into K^T (register tiles)
     "kt_padded_stride": (1, 2, 230, 1, 8, 8, "tn"),  # K^T's row stride would be 256 floats: padded
 }
 
@@ -90,7 +90,7 @@ def test_cpu_tensors_dispatch_to_the_op(ops):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_low_precision_tolerance_rule(ops, dtype, case):
     """max|fast - ref64| <= 2 max|ref_lowp - ref64| + 1e-5 (tests/helpers.py), output and gradients; float32 and
-    bf16 with more than 16 rows take the AVX-512 tiles' K^T path where the CPU has AVX-512."""
+    bf16 with more than 16 rows take the register tiles' K^T path where the CPU has AVX2 or AVX-512."""
     (q, k, v), T, order = _inputs(case, dtype=torch.float32)
     low = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]

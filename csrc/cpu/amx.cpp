@@ -255,7 +255,10 @@ std::vector<uint16_t>& staging_buffer() {
 
 bool amx_bf16_enabled() {
   static const bool hardware = cpu_and_os_support_amx();
-  if (!hardware || !small_gemm_available()) return false;
+  // (the key packing's transpose_32bit and the float32 products around the tiles run AVX-512: FASTATTN_CPU_ISA=
+  // avx2|baseline turns AMX off)
+  const char* tiles = small_gemm_isa();
+  if (!hardware || tiles == nullptr || std::strcmp(tiles, "avx512") != 0) return false;
   const char* env = std::getenv("FASTATTN_CPU_AMX");
   return env == nullptr || std::strcmp(env, "0") != 0;
 }

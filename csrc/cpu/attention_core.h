@@ -222,7 +222,7 @@ void online_softmax_update(const Problem& p, acc_t* S, int64_t lds, int64_t rows
 }
 
 // Keys-major blocks (ForwardTile::step_keys_major, recompute_pair_keys_major): for heads of 16..64 queries, one
-// query head per kv head, no dropout (its keep-mask is generated along S's rows), float32 on the AVX-512 tiles
+// query head per kv head, no dropout (its keep-mask is generated along S's rows), float32 on the register tiles
 // (on BLAS they did not help: MKL packs both operands either way), more than 16 keys (fewer take small_gemm's dot
 // products), FASTATTN_CPU_KEYS_MAJOR not "0" (A/B runs, tests).  Fewer queries leave most of S^T's 16-query
 // vectors empty; more amortise the key transposes well enough that the row-major blocks are as fast (entry 31).
@@ -241,7 +241,7 @@ struct ForwardTile {
   acc_t *S, *acc, *m, *l, *q_buf, *k_buf, *v_buf;
   int64_t acc_ld;  // acc's leading dimension (p.Dv)
 
-  // float32 on the AVX-512 tiles: each key block is transposed once per thread into a slot ([D, kKeyTLd]) and
+  // float32 on the register tiles: each key block is transposed once per thread into a slot ([D, kKeyTLd]) and
   // kept while the thread's next query blocks (of the same head: at::parallel_for hands out contiguous items)
   // reuse it -- mm_nt would transpose it again for every query block (NOTES entry 24).  A slot is tagged with
   // the address of its block's first key row, which names the block within one op call (p.k's rows do not move

@@ -78,7 +78,7 @@ bool try_blas(GemmPath gemm, char tb_first, char ta_second, int64_t M, int64_t N
   return true;
 }
 
-// The AVX-512 register-tile products (small_gemm.h) take float products first; they decline (false) what they
+// The register-tile products (small_gemm.h, AVX-512 or AVX2) take float products first; they decline (false) what they
 // are not built for.  Generic strides: A(i, k) = A[i * a_row + k * a_col], B(k, j) = B[k * b_row + j * b_col].
 template <typename T>
 bool try_small_gemm(GemmPath, int64_t, int64_t, int64_t, T, const T*, int64_t, int64_t, const T*, int64_t, int64_t, T, T*,

@@ -1,7 +1,7 @@
 // Block matrix products of the CPU attention kernels, in row-major terms.
 //
-// float32 products run on the AVX-512 register tiles of small_gemm.h where the CPU has AVX-512 (GemmPath::tiles;
-// 2-14 % faster ops than MKL on this AMD machine: bench/NOTES.md entry 22).  Everything else calls
+// float32 products run on the register tiles of small_gemm.h where the CPU has AVX-512 or AVX2 + FMA
+// (GemmPath::tiles; AVX-512: 2-14 % faster ops than MKL on an AMD machine, bench/NOTES.md entry 22; AVX2: entry 45).  Everything else calls
 // the BLAS that PyTorch itself links (MKL's sgemm_/dgemm_ on x86 wheels, OpenBLAS elsewhere), looked up as weak
 // symbols: a torch build without them (or FASTATTN_CPU_BLAS=0) runs the plain loops of blas.cpp instead --
 // correct, several times slower.  FASTATTN_CPU_GEMM=blas keeps float32 on BLAS (for A/B runs and tests).
@@ -31,8 +31,8 @@ class SerialBlasGuard {
 // How an op call's block products run; gemm_path() picks it once per op call (the environment is read then).
 enum class GemmPath : uint8_t {
   loops,  // plain loops: torch without BLAS symbols, or FASTATTN_CPU_BLAS=0
-  blas,   // torch's BLAS (float64 always; float32 without AVX-512 or with FASTATTN_CPU_GEMM=blas)
-  tiles,  // float32 on the AVX-512 register tiles of small_gemm.h, BLAS for the products they decline
+  blas,   // torch's BLAS (float64 always; float32 without AVX2 or with FASTATTN_CPU_GEMM=blas)
+  tiles,  // float32 on the register tiles of small_gemm.h (AVX-512 or AVX2), BLAS for the products they decline
 };
 GemmPath gemm_path();
 

@@ -1,10 +1,12 @@
 // Test hook: torch.ops.fastattn_internal.block_product runs one block product of blas.h / small_gemm.h on
-// tensors, so tests can check every implementation (plain loops, BLAS, the AVX-512 tiles) directly on shapes and
-// strides the attention ops rarely produce.  Not part of the public API (its own namespace, not in OPS).
+// tensors, so tests can check every implementation (plain loops, BLAS, the AVX-512 and AVX2 tiles) directly on
+// shapes and strides the attention ops rarely produce.  Not part of the public API (its own namespace, not in OPS).
 //
 //   block_product(a, b, c, form, path, alpha, beta) -> bool
 //     form "nt": c[M,N] = alpha * a[M,K] b[N,K]^T + beta * c;  "nn": a[M,K] b[K,N];  "tn": a[K,M]^T b[K,N]
-//     path "loops" | "blas" | "tiles" (small_gemm directly; returns false, c untouched, where it declines)
+//     path "loops" | "blas" | "tiles" (small_gemm directly, the tiles the ops use here; returns false, c
+//     untouched, where it declines) | "tiles_avx2" | "tiles_avx512" (that ISA's tiles; cpu_row_isas() lists the
+//     ISAs this CPU runs)
 //   a, b, c: 2-D, float32 (float64 for loops/blas), unit column stride, any row stride; c is written in place.
 //
 //   amx_block_product(a, b_vnni, c, accumulate, repeats) -> bool: amx.h's amx_gemm_bf16 (tests, microbenchmarks).
@@ -45,14 +47,22 @@ bool run_block_product(const at::Tensor& a, const at::Tensor& b, const at::Tenso
   const T* B = b.const_data_ptr<T>();
   T* C = c.mutable_data_ptr<T>();
   const int64_t lda = a.stride(0), ldb = b.stride(0), ldc = c.stride(0);
-  if (path == "tiles") {
+  if (path.rfind("tiles", 0) == 0) {
     if constexpr (std::is_same<T, float>::value) {
-      TORCH_CHECK(small_gemm_available(), "block_product: path 'tiles' needs a CPU with AVX-512");
-      if (form == "nt") return small_gemm(M, N, K, alpha, A, lda, 1, B, 1, ldb, beta, C, ldc);
-      if (form == "nn") return small_gemm(M, N, K, alpha, A, lda, 1, B, ldb, 1, beta, C, ldc);
-      return small_gemm(M, N, K, alpha, A, 1, lda, B, ldb, 1, beta, C, ldc);
+      decltype(&small_gemm) gemm = &small_gemm;
+      if (path == "tiles") {
+        TORCH_CHECK(small_gemm_available(), "block_product: path 'tiles' needs a CPU with AVX2 or AVX-512 (and "
+                    "FASTATTN_CPU_ISA not baseline)");
+      } else {
+        const SmallGemmKernels* kernels = small_gemm_kernels_for_isa(path.substr(6));
+        TORCH_CHECK(kernels != nullptr, "block_product: path ", path, ": this CPU cannot run it");
+        gemm = kernels->gemm;
+      }
+      if (form == "nt") return gemm(M, N, K, alpha, A, lda, 1, B, 1, ldb, beta, C, ldc);
+      if (form == "nn") return gemm(M, N, K, alpha, A, lda, 1, B, ldb, 1, beta, C, ldc);
+      return gemm(M, N, K, alpha, A, 1, lda, B, ldb, 1, beta, C, ldc);
     }
-    TORCH_CHECK(false, "block_product: path 'tiles' is float32 only");
+    TORCH_CHECK(false, "block_product: path ", path, " is float32 only");
   }
   const GemmPath gemm = path == "blas" ? GemmPath::blas : GemmPath::loops;
   if (form == "nt") {
@@ -68,8 +78,8 @@ bool run_block_product(const at::Tensor& a, const at::Tensor& b, const at::Tenso
 bool block_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, std::string form,
                    std::string path, double alpha, double beta) {
   TORCH_CHECK(form == "nt" || form == "nn" || form == "tn", "block_product: form must be nt, nn or tn, got ", form);
-  TORCH_CHECK(path == "loops" || path == "blas" || path == "tiles",
-              "block_product: path must be loops, blas or tiles, got ", path);
+  TORCH_CHECK(path == "loops" || path == "blas" || path == "tiles" || path == "tiles_avx2" || path == "tiles_avx512",
+              "block_product: path must be loops, blas, tiles, tiles_avx2 or tiles_avx512, got ", path);
   for (const auto* t : {&a, &b, &c}) {
     TORCH_CHECK(t->dim() == 2 && t->stride(1) == 1 && t->stride(0) >= t->size(1),
                 "block_product: a, b and c must be 2-D with unit column stride");

@@ -1,4 +1,5 @@
-// float32 block products on AVX-512 register tiles, for the small products of the CPU attention kernels.
+// float32 block products on register tiles (AVX-512 or AVX2 + FMA), for the small products of the CPU attention
+// kernels.
 //
 // The attention kernels' products are small (a 197 x 197 x 64 score tile, a 49 x 49 x 32 window), and their
 // operands often sit at a large row stride in the caller's tensor (TimeSformer's spatial rows are T tokens
@@ -13,12 +14,16 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace fastattn::cpu {
 
-// True when the AVX-512 kernels can run: the CPU has AVX-512 F/DQ/BW/VL and the row kernels run on it (so
-// FASTATTN_CPU_ISA=avx2|baseline turns these off too).  blas.cpp's gemm_path() also honours FASTATTN_CPU_GEMM=blas.
+// True when register tiles run here: those of the row kernels' ISA (row_kernels.h), AVX-512 or AVX2 + FMA -- so
+// FASTATTN_CPU_ISA=avx2 picks the AVX2 tiles and FASTATTN_CPU_ISA=baseline none.  blas.cpp's gemm_path() also
+// honours FASTATTN_CPU_GEMM=blas.
 bool small_gemm_available();
+// "avx512" or "avx2" (the tiles in use), nullptr where none.
+const char* small_gemm_isa();
 
 // C[M,N] = alpha * A B + beta * C (beta == 0 overwrites C, as in BLAS).  The caller checks
 // small_gemm_available() first.  Returns false, computing nothing, for a product outside what the kernels are
@@ -30,5 +35,16 @@ bool small_gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* A, in
 // pairs travel as one word: amx.cpp's key packing), zeros in the columns [N, round16(N)) of dst.  Needs
 // small_gemm_available().
 void transpose_32bit(int64_t N, int64_t K, const void* src, int64_t ld_src, void* dst, int64_t ld_dst);
+
+// One ISA's kernels by name ("avx512", "avx2"), or nullptr where this build or CPU lacks them: the test hook
+// torch.ops.fastattn_internal.block_product checks each ISA's tiles in one process (the AVX2 ones on AVX-512
+// machines too, where the ops never pick them).
+struct SmallGemmKernels {
+  bool (*gemm)(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t a_row, int64_t a_col,
+               const float* B, int64_t b_row, int64_t b_col, float beta, float* C, int64_t ldc);
+  void (*transpose)(int64_t N, int64_t K, const void* src, int64_t ld_src, void* dst, int64_t ld_dst);
+  const char* isa;
+};
+const SmallGemmKernels* small_gemm_kernels_for_isa(const std::string& isa);
 
 }  // namespace fastattn::cpu

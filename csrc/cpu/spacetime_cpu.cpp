@@ -8,7 +8,7 @@
 // token's output is the mean of its T per-frame outputs.
 //
 // Forward.  Work items are (b, t, head).  Per item, the frame's R rows (cls first) are gathered into contiguous
-// buffers -- the keys straight into K^T where the AVX-512 tiles take them transposed -- and the dense kernels'
+// buffers -- the keys straight into K^T where the register tiles take them transposed -- and the dense kernels'
 // online-softmax tile (attention_core.h) runs on that R x R problem, so the cls query and key cost one row and
 // one column of the tile's products.  Patch rows are written to their tokens of out, the cls row to
 // out_cls[b, t, head] (float32/float64); afterwards out[b, 0, head] = mean_t out_cls[b, t, head], summed in

@@ -1,8 +1,8 @@
 """The `cpu` backend: fused C++ kernels for CPU tensors (csrc/cpu/attention_cpu.cpp, through fastattn._C).
 
 FlashAttention-2's algorithm on the CPU: blocks of queries x blocks of keys with an online softmax (no [Lq, Lk]
-buffer), float32 block products on AVX-512 register tiles of our own (csrc/cpu/small_gemm.cpp; torch's BLAS for
-float64, on CPUs without AVX-512 and with FASTATTN_CPU_GEMM=blas), `at::parallel_for` over (batch, head, query
+buffer), float32 block products on AVX-512 or AVX2 register tiles of our own (csrc/cpu/small_gemm.cpp; torch's BLAS
+for float64, on CPUs without AVX2 and with FASTATTN_CPU_GEMM=blas), `at::parallel_for` over (batch, head, query
 block), a deterministic backward (no atomics).  float32, float64, bfloat16 and float16 (bf16/fp16 compute in float32,
 except on CPUs with AMX-BF16, where bf16 block products run on the tile unit: csrc/cpu/amx*.h); any strides, GQA,
 bool/float masks (broadcast by strides, float masks with their gradient), both causal alignments, dropout with the
@@ -53,7 +53,7 @@ class ExtensionBackend(Backend):
 
 class CpuBackend(ExtensionBackend):
     name = "cpu"
-    summary = ("fused C++ CPU kernels (fastattn._C): tiled online softmax, block products on AVX-512 tiles "
+    summary = ("fused C++ CPU kernels (fastattn._C): tiled online softmax, block products on AVX-512/AVX2 tiles "
                "(else BLAS), at::parallel_for, "
                "deterministic backward; fp32/fp64/bf16/fp16, any strides, GQA, masks with gradient, dropout, "
                "both causal alignments, LSE")
