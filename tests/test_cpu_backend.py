@@ -271,6 +271,31 @@ def test_backward_schedules(ops, schedule, shape, monkeypatch):
            mask=torch.randn(shape[0], shape[1], shape[3], shape[4], dtype=torch.float64).requires_grad_())
 
 
+@pytest.mark.parametrize("key_slots", ["1", "0"])
+@pytest.mark.parametrize("schedule", ["single", "striped"])
+@pytest.mark.parametrize("dtype,shape,causal", [
+    (torch.float32, (1, 3, 1, 150, 300, 32, 40), "bottom_right"),  # GQA: one kv head's slots serve 3 query heads
+    (torch.float32, (2, 2, 2, 300, 1100, 64, 48), False),  # 3 query x 9 key blocks, the last key block short
+    (torch.float32, (1, 2, 2, 260, 140, 24, 24), "top_left"),  # keys past the causal limit of early query blocks
+    (torch.bfloat16, (1, 2, 1, 200, 333, 64, 64), "bottom_right"),  # bf16 keys converted before the transpose
+])
+def test_backward_key_slots(ops, monkeypatch, key_slots, schedule, dtype, shape, causal):
+    """The row-major backward on the register tiles transposes each work item's key and value blocks once into
+    per-thread slots (BackwardKeySlots) that all its query blocks reuse; FASTATTN_CPU_BWD_KEY_SLOTS=0 transposes
+    them per pair (mm_nt).  Both against the reference, with stripes (a slot per stripe block), GQA, dropout, a
+    mask gradient and the LSE gradient: a slot holding another block's keys shows far above rounding."""
+    monkeypatch.setenv("FASTATTN_CPU_BWD_KEY_SLOTS", key_slots)
+    monkeypatch.setenv("FASTATTN_CPU_BACKWARD", schedule)
+    monkeypatch.setenv("FASTATTN_CPU_AMX", "0")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check(dtype, shape, causal=causal, dropout_p=0.1, return_lse=True,
+               mask=torch.randn(shape[0], shape[1], shape[3], shape[4], dtype=torch.float64).requires_grad_())
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("kind", MASK_KINDS)
 @pytest.mark.parametrize("causal", [False, "bottom_right"])
 def test_masks(ops, kind, causal):

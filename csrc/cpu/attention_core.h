@@ -497,20 +497,63 @@ struct PairTiles {
   const acc_t* dropped() const { return Pd != nullptr ? Pd : P; }
 };
 
+// K^T and V^T of a key block, [D, ld] and [Dv, ld], where the caller has transposed them already
+// (BackwardKeySlots); null members: the products transpose K and V themselves (mm_nt).
+template <typename acc_t>
+struct TransposedBlock {
+  const acc_t* kt = nullptr;
+  const acc_t* vt = nullptr;
+  int64_t ld = 0;
+};
+
 // Recomputes P (and Pd) of the block pair and its score gradient dS; the callers apply the products they need.
 template <typename acc_t>
 void recompute_pair(const Problem& p, const PairTiles<acc_t>& t, const acc_t* Q, int64_t ldq, const acc_t* dO,
                     int64_t ldo, const acc_t* K, int64_t ldk, const acc_t* V, int64_t ldv, int64_t b, int64_t h,
-                    int64_t i0, int64_t rows, int64_t j0, int64_t cols, const acc_t* lse, const acc_t* delta) {
+                    int64_t i0, int64_t rows, int64_t j0, int64_t cols, const acc_t* lse, const acc_t* delta,
+                    TransposedBlock<acc_t> kv_t = {}) {
   const int64_t BN = t.ld;
   const int64_t bh = b * p.Hq + h;
-  mm_nt<acc_t>(p.gemm, rows, cols, p.D, static_cast<acc_t>(p.scale), Q, ldq, K, ldk, acc_t(0), t.P, BN);
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  if (kv_t.kt != nullptr) {
+    mm_nn<acc_t>(p.gemm, rows, cols, p.D, scale, Q, ldq, kv_t.kt, kv_t.ld, acc_t(0), t.P, BN);
+  } else {
+    mm_nt<acc_t>(p.gemm, rows, cols, p.D, scale, Q, ldq, K, ldk, acc_t(0), t.P, BN);
+  }
   modify_scores(p, t.P, BN, b, h, i0, rows, j0, cols);
   probabilities(t.P, BN, rows, cols, lse + bh * p.Lq + i0);
   if (p.dropout) dropped_probabilities(p, t.P, t.Pd, BN, rows, cols, bh, i0, j0);
-  mm_nt<acc_t>(p.gemm, rows, cols, p.Dv, acc_t(1), dO, ldo, V, ldv, acc_t(0), t.dS, BN);  // dP = dO V^T
+  if (kv_t.vt != nullptr) {
+    mm_nn<acc_t>(p.gemm, rows, cols, p.Dv, acc_t(1), dO, ldo, kv_t.vt, kv_t.ld, acc_t(0), t.dS, BN);  // dP = dO V^T
+  } else {
+    mm_nt<acc_t>(p.gemm, rows, cols, p.Dv, acc_t(1), dO, ldo, V, ldv, acc_t(0), t.dS, BN);  // dP = dO V^T
+  }
   score_gradients(p, t.P, t.Pd, t.dS, BN, rows, cols, delta + bh * p.Lq + i0);
 }
+
+// The row-major backward's K^T and V^T, one slot per key block of a work item, transposed once per item: every
+// query block of the item's query heads reuses them, where mm_nt would transpose K and V again for each pair
+// (float32 on the register tiles only: BLAS packs its operands either way).  A slot is [D, kLd] + [Dv, kLd]: a
+// short row stride, so the tiles read K^T in place (a stride of Lk floats would make small_gemm copy it).
+struct BackwardKeySlots {
+  static constexpr int64_t kLd = kBwdBlockN + 16;  // not a multiple of 1 KiB (cache sets)
+  std::unique_ptr<float[]> data;
+  int64_t slot_floats = 0;
+
+  BackwardKeySlots(const Problem& p, int64_t n_blocks)
+      : data(new float[n_blocks * (p.D + p.Dv) * kLd]), slot_floats((p.D + p.Dv) * kLd) {}
+
+  // Transposes key block kb ([cols <= kBwdBlockN] rows of K and V) into its slot.
+  void fill(const Problem& p, int64_t kb, const float* K, int64_t ldk, const float* V, int64_t ldv, int64_t cols) {
+    float* slot = data.get() + kb * slot_floats;
+    transpose_32bit(cols, p.D, K, ldk, slot, kLd);
+    transpose_32bit(cols, p.Dv, V, ldv, slot + p.D * kLd, kLd);
+  }
+  TransposedBlock<float> block(const Problem& p, int64_t kb) const {
+    const float* slot = data.get() + kb * slot_floats;
+    return {slot, slot + p.D * kLd, kLd};
+  }
+};
 
 // Keys-major block pairs of the backward (where keys_major_applies, as in the forward): the tiles hold P^T and dS^T, [cols, ld_t] with the query rows along ld_t, computed from Q^T and dO^T
 // ([D, ld_t], [Dv, ld_t], transposed once per query block) with K and V read in place as the broadcast operands:

@@ -277,6 +277,10 @@ void fused_backward_kernel(const Problem& p, const BackwardTensors& t, const acc
   const bool keys_major = std::is_same<acc_t, float>::value && !one_pair && keys_major_applies(p);
   const bool prefetch = stripes == 1 && short_items(p);
   const int64_t ld_t = (p.Lq + 15) / 16 * 16;
+  // Row-major pairs on the register tiles: each item's K^T, V^T transposed once into per-thread slots (the
+  // item's key blocks kb = stripe, stripe + S, ...: slot (kb - stripe) / S) and reused by all its query blocks.
+  const bool key_slots = std::is_same<acc_t, float>::value && p.gemm == GemmPath::tiles && !keys_major &&
+                         !one_pair && BN == kBwdBlockN && !env_is_zero("FASTATTN_CPU_BWD_KEY_SLOTS");
   at::parallel_for(0, p.B * p.Hkv * stripes, 1, [&](int64_t begin, int64_t end) {
     SerialBlasGuard serial_blas;
     BwdScratch<acc_t> s(p, p.Lk, BM, ld);  // dK, dV accumulators for every key of a head (a stripe uses its blocks)
@@ -285,6 +289,8 @@ void fused_backward_kernel(const Problem& p, const BackwardTensors& t, const acc
       q_t.reset(new acc_t[p.D * ld_t]);
       do_t.reset(new acc_t[p.Dv * ld_t]);
     }
+    std::unique_ptr<BackwardKeySlots> slots;
+    if (key_slots) slots.reset(new BackwardKeySlots(p, ceil_div(n_kblocks, stripes)));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bhk = item / stripes, stripe = item % stripes;
       const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv;
@@ -301,6 +307,14 @@ void fused_backward_kernel(const Problem& p, const BackwardTensors& t, const acc
         const int64_t j0 = kb * BN, cols = std::min(BN, p.Lk - j0);
         std::fill(s.dk + j0 * p.D, s.dk + (j0 + cols) * p.D, acc_t(0));
         std::fill(s.dv + j0 * p.Dv, s.dv + (j0 + cols) * p.Dv, acc_t(0));
+        if constexpr (std::is_same<acc_t, float>::value) {
+          if (slots) {
+            int64_t ldk, ldv;
+            const float* K = load_rows(p.k, b, hk, j0, cols, s.k_buf, &ldk);
+            const float* V = load_rows(p.v, b, hk, j0, cols, s.v_buf, &ldv);
+            slots->fill(p, (kb - stripe) / stripes, K, ldk, V, ldv, cols);
+          }
+        }
       }
       for (int64_t g = 0; g < p.group; ++g) {
         const int64_t h = hk * p.group + g, bh = b * p.Hq + h;
@@ -335,7 +349,11 @@ void fused_backward_kernel(const Problem& p, const BackwardTensors& t, const acc
             const int64_t cols = std::min(BN, kv_end - j0);
             const acc_t* K = load_rows(p.k, b, hk, j0, cols, s.k_buf, &ldk);
             const acc_t* V = load_rows(p.v, b, hk, j0, cols, s.v_buf, &ldv);
-            recompute_pair(p, s.tiles, Q, ldq, dO, ldo, K, ldk, V, ldv, b, h, i0, rows, j0, cols, lse, delta);
+            TransposedBlock<acc_t> kv_t;
+            if constexpr (std::is_same<acc_t, float>::value) {
+              if (slots) kv_t = slots->block(p, (j0 / BN - stripe) / stripes);
+            }
+            recompute_pair(p, s.tiles, Q, ldq, dO, ldo, K, ldk, V, ldv, b, h, i0, rows, j0, cols, lse, delta, kv_t);
             write_mask_grad(p, dmask, s.tiles.dS, ld, bh, i0, rows, j0, cols);
             mm_tn<acc_t>(p.gemm, cols, p.Dv, rows, acc_t(1), s.tiles.dropped(), ld, dO, ldo, acc_t(1),
                          s.dv + j0 * p.Dv, p.Dv);  // dV += Pd^T dO
