@@ -10,7 +10,8 @@
 //
 // Generic strides: A(i, k) = A[i * a_row + k * a_col], B(k, j) = B[k * b_row + j * b_col], C row-major with
 // leading dimension ldc, so one entry point serves mm_nt (B transposed), mm_nn and mm_tn (A transposed).
-// Each C element is one sequential sum over k (fixed order, independent of threads): results are reproducible.
+// Each C element is a sequential sum over k (on AVX2, for B rows that are not 64-byte multiples apart, one per K
+// chunk, added to C in order): a fixed order, independent of threads, so results are reproducible.
 #pragma once
 
 #include <cstdint>
