@@ -315,7 +315,8 @@ void column_exp_shift_baseline(float* st, int64_t ld, int64_t cols, int64_t rows
 // The AVX2 row loops in intrinsics, as the AVX-512 ones below: the generic 16-lane bodies compiled for AVX2 came
 // out as scalar max/blend steps and stack round trips (GCC 12 splits a 64-byte vector into ymm halves through
 // memory), and ran the softmax at a third of the rate of these (bench/NOTES.md entry 44).  Vectors of 8 lanes,
-// tails through VMASKMOV, lanes reduced in a fixed tree: reproducible run to run.
+// tails loaded through VMASKMOV (stored through a stack buffer), lanes reduced in a fixed tree: reproducible run
+// to run.
 constexpr int kLanes8 = 8;
 
 // The lanes of a ymm vector that hold one of `left` remaining elements (all 8 when left >= 8), as VMASKMOV wants.
@@ -336,6 +337,23 @@ FA_TARGET_AVX2 FA_INLINE float reduce_add_avx2(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// The first `count` (< 8) lanes of v stored to x: through a stack buffer, since VMASKMOV's store form is microcoded
+// on AMD Zen (one per 49-score row was measurable in Swin's softmax: NOTES entry 45).
+FA_TARGET_AVX2 FA_INLINE void store_tail_avx2(float* x, __m256 v, int64_t count) {
+  alignas(32) float lanes[kLanes8];
+  _mm256_store_ps(lanes, v);
+  std::memcpy(x, lanes, sizeof(float) * static_cast<size_t>(count));
+}
+
+// min(left, 8) lanes of v stored to x (a whole vector with a plain store).
+FA_TARGET_AVX2 FA_INLINE void store_first_avx2(float* x, __m256 v, int64_t left) {
+  if (left >= kLanes8) {
+    _mm256_storeu_ps(x, v);
+  } else {
+    store_tail_avx2(x, v, left);
+  }
 }
 
 // Lanes past a tail read as -inf (for the max), never loaded from memory.
@@ -396,7 +414,7 @@ FA_TARGET_AVX2 float scale_row_max_avx2(float* x, int64_t n, float scale) {
   for (; j < n; j += kLanes8) {
     const __m256i mask = tail_mask_avx2(n - j);
     const __m256 v = _mm256_mul_ps(_mm256_maskload_ps(x + j, mask), sc);
-    _mm256_maskstore_ps(x + j, mask, v);
+    store_first_avx2(x + j, v, n - j);
     m0 = _mm256_max_ps(_mm256_blendv_ps(neg_inf, v, _mm256_castsi256_ps(mask)), m0);
   }
   return reduce_max_avx2(_mm256_max_ps(m0, m1));
@@ -419,7 +437,7 @@ FA_TARGET_AVX2 float exp_shift_sum_avx2(float* x, int64_t n, float shift) {
     // Lanes past n: exp(0 - shift) computed, then zeroed before the sum and never stored.
     const __m256 e = _mm256_and_ps(_mm256_castsi256_ps(mask),
                                    exp_softmax_avx2(_mm256_sub_ps(_mm256_maskload_ps(x + j, mask), sh)));
-    _mm256_maskstore_ps(x + j, mask, e);
+    store_first_avx2(x + j, e, n - j);
     s0 = _mm256_add_ps(s0, e);
   }
   return reduce_add_avx2(_mm256_add_ps(s0, s1));
@@ -442,7 +460,7 @@ FA_TARGET_AVX2 float max_exp_sum_avx2(float* x, int64_t n, float* m_io, bool nor
       for (; j + kLanes8 <= n; j += kLanes8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), inv));
       if (j < n) {
         const __m256i mask = tail_mask_avx2(n - j);
-        _mm256_maskstore_ps(x + j, mask, _mm256_mul_ps(_mm256_maskload_ps(x + j, mask), inv));
+        store_tail_avx2(x + j, _mm256_mul_ps(_mm256_maskload_ps(x + j, mask), inv), n - j);
       }
     }
     *m_io = m;
@@ -487,7 +505,7 @@ FA_TARGET_AVX2 float max_exp_sum_avx2(float* x, int64_t n, float* m_io, bool nor
     if (i < full) {
       _mm256_storeu_ps(x + i * kLanes8, out);
     } else {
-      _mm256_maskstore_ps(x + i * kLanes8, tail, out);
+      store_tail_avx2(x + i * kLanes8, out, n - full * kLanes8);
     }
   }
   *m_io = m;
