@@ -347,12 +347,14 @@ void fused_backward_kernel(const Problem& p, const BackwardTensors& t, const acc
           }
           for (int64_t j0 = stripe * BN; !keys_major && j0 < kv_end; j0 += stripes * BN) {
             const int64_t cols = std::min(BN, kv_end - j0);
-            const acc_t* K = load_rows(p.k, b, hk, j0, cols, s.k_buf, &ldk);
-            const acc_t* V = load_rows(p.v, b, hk, j0, cols, s.v_buf, &ldv);
+            const acc_t* K = load_rows(p.k, b, hk, j0, cols, s.k_buf, &ldk);  // dQ's product reads K's rows
             TransposedBlock<acc_t> kv_t;
             if constexpr (std::is_same<acc_t, float>::value) {
               if (slots) kv_t = slots->block(p, (j0 / BN - stripe) / stripes);
             }
+            // V's rows only where no slot holds V^T (bf16 inputs would be converted again for every pair)
+            ldv = 0;
+            const acc_t* V = kv_t.vt != nullptr ? nullptr : load_rows(p.v, b, hk, j0, cols, s.v_buf, &ldv);
             recompute_pair(p, s.tiles, Q, ldq, dO, ldo, K, ldk, V, ldv, b, h, i0, rows, j0, cols, lse, delta, kv_t);
             write_mask_grad(p, dmask, s.tiles.dS, ld, bh, i0, rows, j0, cols);
             mm_tn<acc_t>(p.gemm, cols, p.Dv, rows, acc_t(1), s.tiles.dropped(), ld, dO, ldo, acc_t(1),
