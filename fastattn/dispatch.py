@@ -44,6 +44,9 @@ def _parse(names: Union[str, Sequence[str], None], source: str) -> Optional[Tupl
         return None
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
+    elif not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{source}: expected a backend name, a comma-separated string or a list of names "
+                        f"(each one of {sorted(BACKENDS)}), got {names!r}")
     names = tuple(names)
     if not names:
         raise ValueError(f"{source}: expected at least one backend name, one of {sorted(BACKENDS)}")

@@ -223,7 +223,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: same signature, same semantics.
 
     Shapes ``(..., L, E)`` for query and ``(..., S, E)`` / ``(..., S, Ev)`` for key / value, with any number of
-    leading dimensions (the second-to-last leading one is the head dimension when there are several).
+    leading dimensions (the second-to-last leading one is the head dimension when there are several); the
+    dimensions before the heads broadcast, as in torch's.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
@@ -238,6 +239,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if query.dim() >= 3 and query.shape[-3] != key.shape[-3] and not enable_gqa:
         raise ValueError(f"key: number of heads ({key.shape[-3]}) differs from query's ({query.shape[-3]}); "
                          f"pass enable_gqa=True for grouped-query attention")
+
+    if query.dim() >= 4:
+        # Batch dimensions (those before the heads) broadcast, as in torch's math attention: e.g. one key/value
+        # sequence shared by the whole batch.  Expanded views: no copy, and autograd sums the gradients back.
+        try:
+            batch = torch.broadcast_shapes(*(t.shape[:-3] for t in (query, key, value)))
+        except RuntimeError:
+            raise ValueError(f"query, key, value: batch dimensions {tuple(query.shape[:-3])}, "
+                             f"{tuple(key.shape[:-3])}, {tuple(value.shape[:-3])} do not broadcast") from None
+        query, key, value = (t if t.shape[:-3] == batch else t.expand(batch + t.shape[-3:])
+                             for t in (query, key, value))
 
     # Bring every input to [B, H, L, E].
     lead = query.shape[:-2]

@@ -7,6 +7,7 @@ Errors name the offending argument and what was expected.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -84,6 +85,33 @@ def _check_tensor(name, t):
                         f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
 
 
+def _number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) and not (
+            isinstance(value, torch.Tensor) and value.numel() == 1 and not value.requires_grad):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    return float(value)
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """The softmax scale as a float: ``head_dim ** -0.5`` when None (then head_dim must be >= 1), else a finite
+    number."""
+    if scale is None:
+        if head_dim < 1:
+            raise ValueError(f"q: head dim must be at least 1, got {head_dim}")
+        return 1.0 / math.sqrt(head_dim)
+    scale = _number(scale, "scale")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: must be finite, got {scale}")
+    return scale
+
+
+def check_dropout_p(dropout_p) -> float:
+    dropout_p = _number(dropout_p, "dropout_p")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: must be in [0, 1), got {dropout_p}")
+    return dropout_p
+
+
 def make_problem(q, k, v, attn_mask=None, causal=False, scale=None, dropout_p=0.0,
                  return_lse=False) -> AttentionProblem:
     _check_tensor("q", q)
@@ -111,15 +139,8 @@ def make_problem(q, k, v, attn_mask=None, causal=False, scale=None, dropout_p=0.
             raise ValueError(f"{name}: head dim must be at least 1, got {d}")
 
     causal = normalize_causal(causal)
-    if scale is None:
-        scale = 1.0 / math.sqrt(Dqk)
-    else:
-        scale = float(scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"scale: must be finite, got {scale}")
-    dropout_p = float(dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p: must be in [0, 1), got {dropout_p}")
+    scale = check_scale(scale, Dqk)
+    dropout_p = check_dropout_p(dropout_p)
 
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):

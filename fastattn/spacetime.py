@@ -117,7 +117,7 @@ import torch
 
 from . import dispatch
 from .functional import attention, respects_qkv_hooks
-from .problem import make_problem
+from .problem import check_scale, make_problem
 
 __all__ = ["axial_attention", "temporal_attention", "spatial_attention", "factorised_dot_product_attention",
            "local_attention", "global_attention"]
@@ -278,7 +278,11 @@ def _finish(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _scale(scale, d) -> float:
-    return float(d) ** -0.5 if scale is None else float(scale)
+    if scale is None:
+        if d < 1:
+            raise ValueError(f"q: head dim must be at least 1, got {d}")
+        return float(d) ** -0.5
+    return check_scale(scale, d)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ import torch.nn.functional as F
 
 from . import dispatch
 from .functional import _draw_seed, attention
+from .problem import check_dropout_p, check_scale
 
 __all__ = ["window_attention", "pad_to_window", "relative_position_index", "region_ids"]
 
@@ -325,7 +326,12 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, windo
                                                  unpadded_size)
     B, H, W, heads, _ = q.shape
     if scale is None:
+        if q.shape[-1] < 1:
+            raise ValueError(f"q: head dim must be at least 1, got {q.shape[-1]}")
         scale = q.shape[-1] ** -0.5
+    else:
+        scale = check_scale(scale, q.shape[-1])
+    dropout_p = check_dropout_p(dropout_p)
     impl = _fused_impl(q, k, v, backend)
     if impl is not None:
         geometry = [H, W, wh, ww, sh, sw, uh, uw]

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
+from fastattn import _ext
 from fastattn.problem import make_problem
 from fastattn.backends import BACKENDS
 from helpers import make_qkv
@@ -68,12 +69,57 @@ def test_head_dims_beyond_the_triton_kernels(dqk, dv, dtype, words):
     (dict(dropout_p=-0.1), "dropout_p"),
     (dict(scale=float("nan")), "scale: must be finite"),
     (dict(backend="flash9"), "backend: unknown backend 'flash9'"),
+    (dict(backend=3), "backend: expected a backend name"),
+    (dict(backend=["cpu", None]), "backend: expected a backend name"),
+    (dict(scale="a"), "scale: expected a number"),
+    (dict(dropout_p=None), "dropout_p: expected a number"),
 ])
 def test_bad_options_raise(kwargs, words):
     q, k, v = qkv(1, 2, 2, 5, 6, 8, 8)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises((ValueError, TypeError)) as info:
         fastattn.attention(q, k, v, **kwargs)
     assert words in str(info.value)
+
+
+def test_numpy_and_tensor_scalars_are_numbers():
+    np = pytest.importorskip("numpy")
+    q, k, v = qkv(1, 2, 2, 5, 6, 8, 8)
+    expected = fastattn.attention(q, k, v, scale=0.25, backend="reference")
+    for scale in (np.float32(0.25), np.float64(0.25), torch.tensor(0.25)):
+        torch.testing.assert_close(fastattn.attention(q, k, v, scale=scale, backend="reference"), expected)
+
+
+@pytest.mark.parametrize("op", ["window", "spatial", "temporal"])
+def test_layout_ops_name_a_zero_head_dim_with_the_default_scale(op):
+    """The default scale d ** -0.5 is not computed before the head dim is checked (it divided by zero)."""
+    with pytest.raises(ValueError, match="q: head dim must be at least 1"):
+        if op == "window":
+            x0, v3 = torch.randn(1, 4, 4, 2, 0), torch.randn(1, 4, 4, 2, 3)
+            fastattn.window_attention(x0, x0, v3, window_size=2)
+        elif op == "spatial":
+            s0, s3 = torch.randn(1, 7, 2, 0), torch.randn(1, 7, 2, 3)
+            fastattn.spatial_attention(s0, s0, s3, num_frames=2)
+        else:
+            s0, s3 = torch.randn(1, 6, 2, 0), torch.randn(1, 6, 2, 3)
+            fastattn.temporal_attention(s0, s0, s3, num_frames=2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "sdpa"])
+def test_no_keys_at_all_gives_zero_rows(backend):
+    """Lk = 0: every row is fully masked -- output 0, LSE -inf, zero gradients (the reference backend's softmax
+    took the max over an empty dimension)."""
+    if backend == "cpu" and _ext.error() is not None:
+        pytest.skip(f"the extension is not built: {_ext.error()}")
+    q = torch.randn(1, 2, 5, 8, requires_grad=True)
+    k, v = torch.randn(1, 2, 0, 8, requires_grad=True), torch.randn(1, 2, 0, 4, requires_grad=True)
+    if backend == "sdpa":
+        out, lse = fastattn.attention(q, k, v, backend=backend), None
+    else:
+        out, lse = fastattn.attention(q, k, v, backend=backend, return_lse=True)
+        assert torch.isneginf(lse).all()
+    assert out.shape == (1, 2, 5, 4) and (out == 0).all()
+    (dq,) = torch.autograd.grad(out.sum(), (q,))
+    assert (dq == 0).all()
 
 
 # --- dispatch ------------------------------------------------------------------------------------------------
@@ -158,6 +204,24 @@ def test_sdpa_drop_in_matches_torch(case):
             got = fastattn.scaled_dot_product_attention(q, k, v, **kw)
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shapes", [((2, 3, 5, 8), (1, 3, 7, 8)), ((1, 3, 5, 8), (2, 3, 7, 8)),
+                                    ((2, 4, 3, 5, 8), (2, 1, 3, 7, 8))])
+def test_sdpa_drop_in_broadcasts_batch_dims(shapes):
+    """torch's attention broadcasts the dimensions before the heads (one key/value set shared by a batch)."""
+    shape_q, shape_kv = shapes
+    q = torch.randn(shape_q, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(shape_kv, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    expected = F.scaled_dot_product_attention(q, k, v)
+    got = fastattn.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(got, expected)
+    g = torch.randn_like(expected)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(expected, (q, k, v), g)):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        fastattn.scaled_dot_product_attention(torch.randn(2, 3, 5, 8), torch.randn(3, 3, 7, 8),
+                                              torch.randn(3, 3, 7, 8))
 
 
 def test_sdpa_drop_in_errors_like_torch():

@@ -200,6 +200,14 @@ def test_input_sharing(sharing, batch_first, mode, dtype):
     assert_parity(ref, ours, inputs, attn_mask=make_attn_mask("bool2d", S=length), **weight_kwargs(mode))
 
 
+@pytest.mark.parametrize("mode", list(WEIGHT_MODES))
+def test_no_keys_at_all(mode):
+    """An empty key sequence (S = 0): torch's output is out_proj's bias per row, with weights of shape [.., L, 0]
+    (the reference backend's softmax used to take a max over the empty dimension)."""
+    ref, ours = make_pair()
+    assert_parity(ref, ours, make_inputs("kv", S=0), **weight_kwargs(mode))
+
+
 @mixed_mask_warning
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("mode", list(WEIGHT_MODES))

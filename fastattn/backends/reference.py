@@ -104,6 +104,8 @@ def safe_softmax(scores):
     Any other row goes through softmax, so a NaN score (a NaN or inf in q, k or the mask, or an overflowing
     score) makes the row's output and lse NaN: NaN inputs propagate, as in torch's math attention
     (torch._safe_softmax), FlashAttention and every fastattn kernel -- never silently a 0 row."""
+    if scores.shape[-1] == 0:  # no key at all (Lk = 0): every row is fully masked, its output 0
+        return scores, scores.new_full(scores.shape[:-1], float("-inf"))
     row_alive = scores.amax(dim=-1, keepdim=True) != float("-inf")  # NaN max (a NaN score): alive
     safe = torch.where(row_alive, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
     probs = torch.where(row_alive, torch.softmax(safe, dim=-1), 0.0)

@@ -281,6 +281,7 @@ class MultiheadAttention(Module):
         batched = _check_dims(query, key, value, key_padding_mask, attn_mask, self.num_heads)
         same_qkv, same_kv = query is key and key is value, key is value
 
+        key_shape, value_shape = tuple(key.shape), tuple(value.shape)  # as given, for the error messages
         # Work batch-first, [N, L, E]: then the head split is a free view ([N, L, H, D] -> [N, H, L, D]).
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -304,11 +305,10 @@ class MultiheadAttention(Module):
             raise AssertionError(f"was expecting embedding dimension of {self.embed_dim}, but got {E}")
         if self._qkv_same_embed_dim:
             if key.shape != value.shape:
-                raise AssertionError(f"key shape {tuple(key.shape)} does not match value shape "
-                                     f"{tuple(value.shape)}")
+                raise AssertionError(f"key shape {key_shape} does not match value shape {value_shape}")
         elif key.shape[:2] != value.shape[:2]:
-            raise AssertionError(f"key's batch and sequence dims {tuple(key.shape[:2])} do not match value's "
-                                 f"{tuple(value.shape[:2])}")
+            raise AssertionError(f"key's leading dims {key_shape[:-1]} do not match value's "
+                                 f"{value_shape[:-1]}")
 
         q, k, v = self._project(query, key, value, same_qkv, same_kv)
 
