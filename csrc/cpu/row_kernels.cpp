@@ -362,26 +362,33 @@ FA_TARGET_AVX2 FA_INLINE __m256 load_tail_or_neg_inf(const float* x, __m256i mas
                           _mm256_castsi256_ps(mask));
 }
 
-// exp_softmax in AVX2 intrinsics: the same reduction and polynomial; 2^n built in the exponent field from the
-// rounded n (VROUNDPS, then VCVTPS2DQ), so x is clamped to [-87, 88] first as in exp_softmax.  x < -87 (masked
-// scores, -inf) gives exactly 0; NaN stays NaN (MAXPS/MINPS return their second operand on NaN).
+// exp_softmax in AVX2 intrinsics: the same Cody-Waite reduction, cheaper on the two FMA pipes (9 of their
+// operations instead of 11, and no VROUNDPS / VCVTPS2DQ):
+//   n = round(x / ln 2) by the 1.5 * 2^23 shifter in one FMA, as exp_softmax does; the shifted value's low
+//     mantissa bits hold n, so 2^n's exponent field is those bits plus 127, shifted by 23;
+//   exp(r) on [-ln2/2, ln2/2] by a degree-5 polynomial fitted for the least maximum relative error (9.2e-8 before
+//     rounding; constant term exactly 1, so exp(0) = 1 exactly, as the row's maximum needs) in place of the
+//     degree-7 Taylor polynomial: measured over every float in [-87, 1], at most 2.0 ulp from exp (the Taylor
+//     form: 0.94).  torch's own CPU flash attention uses an exp of that class (at::vec's exp_u20).
+// x is clamped to [-87, 88] first, so n lies in [-126, 127] and 2^n is a normal float; x < -87 (masked scores,
+// -inf) gives exactly 0; NaN stays NaN (MAXPS/MINPS return their second operand on NaN, and p * 2^n keeps it).
 FA_TARGET_AVX2 FA_INLINE __m256 exp_softmax_avx2(__m256 x) {
   const __m256 lo = _mm256_set1_ps(kExpLo);
   const __m256 tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
   const __m256 xc = _mm256_min_ps(_mm256_set1_ps(kExpHi), _mm256_max_ps(lo, x));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 shifter = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23
+  const __m256 shifted = _mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), shifter);
+  const __m256 n = _mm256_sub_ps(shifted, shifter);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);  // Cody-Waite, as exp_softmax
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  __m256 p = _mm256_set1_ps(0.008290272206068039f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.04189816117286682f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.1666763871908188f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.4999914765357971f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.9999997019767761f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256i two_n =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(two_n)));
 }
 
