@@ -42,6 +42,12 @@ def _kind(x) -> str:
     return str(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
+def _check_ids_in_range(ids: torch.Tensor, name: str, size: int) -> None:
+    """An embedding lookup out of range is an IndexError that names no argument: say which ids and why."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
+        raise ValueError(f"{name}: ids must lie in [0, {size}), got {int(ids.min())}..{int(ids.max())}")
+
+
 class BertPreTrainingOutput(NamedTuple):
     """``mlm_logits [B, L, vocab_size]`` (transformers' ``prediction_logits``) and ``nsp_logits [B, 2]``
     (``seq_relationship_logits``; class 0 = "B follows A")."""
@@ -204,6 +210,7 @@ class Bert(nn.Module):
             raise TypeError(f"input_ids: expected an int64 (or int32) tensor of token ids, got {_kind(input_ids)}")
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids: expected [B, L] with L >= 1, got {tuple(input_ids.shape)}")
+        _check_ids_in_range(input_ids, "input_ids", self.embeddings.word_embeddings.num_embeddings)
         L = input_ids.shape[1]
         if L > self.max_position_embeddings:
             raise ValueError(f"input_ids: {L} tokens exceed max_position_embeddings={self.max_position_embeddings}")
@@ -213,6 +220,8 @@ class Bert(nn.Module):
             if token_type_ids.shape != input_ids.shape:
                 raise ValueError(f"token_type_ids: shape {tuple(token_type_ids.shape)} differs from input_ids' "
                                  f"{tuple(input_ids.shape)}")
+            _check_ids_in_range(token_type_ids, "token_type_ids",
+                                self.embeddings.token_type_embeddings.num_embeddings)
         if attention_mask is None:
             return None
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.is_complex():

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fastattn.nn import Attention
+from fastattn.nn.spacetime import drop_path  # timm's, shared with the space-time blocks
 
 __all__ = ["to_2tuple", "drop_path", "DropPath", "Mlp", "PatchEmbed", "Block", "sinusoidal_position_encoding"]
 
@@ -19,16 +20,6 @@ def to_2tuple(x: Union[int, Sequence[int]], name: str = "size") -> Tuple[int, in
     if len(t) != 2:
         raise ValueError(f"{name}: expected an int or a pair, got {x!r}")
     return t
-
-
-def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
-    """Stochastic depth: zero whole samples of a residual branch with probability ``drop_prob`` and rescale the
-    kept ones by ``1 / (1 - drop_prob)`` (timm's ``drop_path``; identity in eval or at 0)."""
-    if drop_prob == 0.0 or not training:
-        return x
-    keep = 1.0 - drop_prob
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    return x * mask.div_(keep)
 
 
 class DropPath(nn.Module):

@@ -55,3 +55,9 @@ def test_cross_attention_bad_input():
         m(torch.randn(2, 4, 16), torch.randn(3, 9, 8))
     with pytest.raises(ValueError, match="v_channels"):
         CrossAttention(16, 8, num_heads=3, qk_channels=12, v_channels=10)
+    with pytest.raises(ValueError, match="inputs: expected 8 channels, got 7"):
+        m(torch.randn(2, 4, 16), torch.randn(2, 9, 7))
+    with pytest.raises(ValueError, match="latents: expected 16 channels"):
+        m(torch.randn(2, 4, 15), torch.randn(2, 9, 8))
+    with pytest.raises(TypeError, match="latents: expected a torch.Tensor"):
+        m([[0.0]], torch.randn(2, 9, 8))

@@ -109,6 +109,8 @@ def test_bad_arguments():
     model, loss_fn = _problem()
     with pytest.raises(ValueError, match="rho"):
         SAM(model.parameters(), torch.optim.SGD, rho=0.0, lr=0.1)
+    with pytest.raises(ValueError, match="rho: must be a positive number in every parameter group"):
+        SAM([{"params": list(model.parameters()), "rho": -1.0}], torch.optim.SGD, lr=0.1)
     with pytest.raises(TypeError, match="base_optimizer"):
         SAM(model.parameters(), torch.optim.SGD(model.parameters(), lr=0.1), lr=0.1)
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)

@@ -277,6 +277,8 @@ def test_module_bad_input():
         m(torch.randn(1, 14, 14, 8))
     with pytest.raises(ValueError, match="shift_size"):
         m(torch.randn(1, 14, 14, 16), shift_size=7)
+    with pytest.raises(ValueError, match="num_heads: must be positive"):
+        WindowAttention(16, 0, 7)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ heads before ``proj`` is free.
 
 Incremental decoding: pass a ``KVCache`` and the new tokens only; their keys/values are appended to the cache
 and the queries attend over everything cached so far (``causal="bottom_right"`` when ``causal=True``: the
-i-th new token sees the cached prefix and the new tokens up to itself).
+i-th new token sees the cached prefix and the new tokens up to itself).  Gradients flow through the cached
+steps (the cache is then rebuilt out of place at each step; without gradients it appends in place).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class KVCache:
         self._k: Optional[torch.Tensor] = None
         self._v: Optional[torch.Tensor] = None
         self.length = 0
+        self._in_graph = False  # the storage may be saved by an autograd graph (see append)
 
     def __len__(self) -> int:
         return self.length
@@ -47,20 +49,42 @@ class KVCache:
         return None if self._v is None else self._v[:, :, :self.length]
 
     def append(self, k: torch.Tensor, v: torch.Tensor):
-        """Append ``[B, heads, n, d]`` keys/values; returns the cached keys and values including them."""
+        """Append ``[B, heads, n, d]`` keys/values; returns the cached keys and values including them.
+
+        Under autograd (k or v requiring grad, grad mode on) the cache is rebuilt out of place, O(L) per step:
+        the earlier steps' attention saved views of the cached tensors for their backward, which an in-place
+        write into the same storage would invalidate.  Decoding without gradients appends in place."""
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise ValueError(f"{name}: expected a [B, heads, n, d] tensor, got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if v.shape[:3] != k.shape[:3]:
+            raise ValueError(f"v: batch, heads and length {tuple(v.shape[:3])} must equal k's {tuple(k.shape[:3])}")
         n = k.shape[2]
+        if self._k is not None:
+            if k.shape[:2] != self._k.shape[:2]:
+                raise ValueError(f"k: batch/heads {tuple(k.shape[:2])} differ from the cache's "
+                                 f"{tuple(self._k.shape[:2])}")
+            if k.shape[3] != self._k.shape[3] or v.shape[3] != self._v.shape[3]:
+                raise ValueError(f"k, v: head dims {k.shape[3]}, {v.shape[3]} differ from the cache's "
+                                 f"{self._k.shape[3]}, {self._v.shape[3]}")
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or self._in_graph):
+            self._k = k if self._k is None else torch.cat([self.keys, k], dim=2)
+            self._v = v if self._v is None else torch.cat([self.values, v], dim=2)
+            self.length += n
+            self._in_graph = True
+            return self.keys, self.values
         if self._k is None:
             cap = max(16, n)
             self._k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
             self._v = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
-        elif k.shape[0] != self._k.shape[0] or k.shape[1] != self._k.shape[1]:
-            raise ValueError(f"k: batch/heads {tuple(k.shape[:2])} differ from the cache's "
-                             f"{tuple(self._k.shape[:2])}")
-        if self.length + n > self._k.shape[2]:
+        elif self.length + n > self._k.shape[2] or self._in_graph:
+            # new storage: the old one is full, or a graph may hold views of it (see above)
             cap = max(2 * self._k.shape[2], self.length + n)
             grow = lambda t: torch.cat([t[:, :, :self.length], t.new_empty(*t.shape[:2], cap - self.length,  # noqa: E731
                                                                             t.shape[3])], dim=2)
             self._k, self._v = grow(self._k), grow(self._v)
+            self._in_graph = False
         self._k[:, :, self.length:self.length + n] = k
         self._v[:, :, self.length:self.length + n] = v
         self.length += n
@@ -117,6 +141,8 @@ class Attention(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected a 3-D tensor [B, L, {self.dim}], got {shape}")
+        if isinstance(causal, str) or causal not in (True, False):
+            raise TypeError(f"causal: expected True or False, got {causal!r}")
         B, L, _ = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, heads, L, d] views

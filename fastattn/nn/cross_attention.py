@@ -58,11 +58,17 @@ class CrossAttention(nn.Module):
         self.out_proj = nn.Linear(v_channels, out_dim, bias=bias, **factory)
 
     def forward(self, latents: Tensor, inputs: Tensor, input_mask: Optional[Tensor] = None) -> Tensor:
+        for name, t in (("latents", latents), ("inputs", inputs)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if latents.dim() != 3 or inputs.dim() != 3:
             raise ValueError(f"latents, inputs: expected [B, N, C] and [B, M, C], got {tuple(latents.shape)} "
                              f"and {tuple(inputs.shape)}")
         if latents.shape[0] != inputs.shape[0]:
             raise ValueError(f"inputs: batch size {inputs.shape[0]} differs from latents' {latents.shape[0]}")
+        for name, t, norm in (("latents", latents, self.norm_latents), ("inputs", inputs, self.norm_inputs)):
+            if t.shape[-1] != norm.normalized_shape[0]:
+                raise ValueError(f"{name}: expected {norm.normalized_shape[0]} channels, got {t.shape[-1]}")
         B, N, _ = latents.shape
         M = inputs.shape[1]
         mask = None

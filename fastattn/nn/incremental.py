@@ -116,6 +116,9 @@ def self_attention_step(mha: MultiheadAttention, x: Tensor, cache: KVCache,
     Returns the attention output for the new tokens, in ``x``'s layout.
     """
     _check_module(mha)
+    if not mha._qkv_same_embed_dim:
+        raise ValueError(f"mha: self-attention steps need kdim == vdim == embed_dim, got kdim={mha.kdim}, "
+                         f"vdim={mha.vdim}, embed_dim={mha.embed_dim}")
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache: expected a fastattn.nn.KVCache, got {type(cache).__name__}")
     xb = _batch_first(mha, x, "x", mha.embed_dim)

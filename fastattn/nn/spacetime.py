@@ -60,12 +60,15 @@ def project_split(x: torch.Tensor, linear: nn.Linear, groups: int) -> List[torch
     return [o.view(*lead, -1) for o in out.unbind(0)]
 
 
-def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth per sample (the first dim): timm's / transformers' ``drop_path``."""
-    if p == 0.0 or not training:
+def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Stochastic depth: zero whole samples (the first dim) of a residual branch with probability ``drop_prob``
+    and rescale the kept ones by ``1 / (1 - drop_prob)`` -- timm's / transformers' ``drop_path``: identity in eval
+    or at 0, zeros at 1 (no rescale: nothing is kept)."""
+    if drop_prob == 0.0 or not training:
         return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
-    return x * keep / (1.0 - p)
+    keep = 1.0 - drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * (mask.div_(keep) if keep > 0.0 else mask)
 
 
 def _heads(dim: int, num_heads: int, head_dim: Optional[int]) -> int:
@@ -184,13 +187,13 @@ class DividedSpaceTimeAttention(nn.Module):
         q, k, v = self._qkv(self.temporal_layernorm(patches), self.temporal_attention)
         o = temporal_attention(q, k, v, **kw).view(B, L - 1, C)
         o = self.temporal_attention.output(o)
-        o = self.temporal_dense(_drop_path(o, self.drop_path, self.training))
+        o = self.temporal_dense(drop_path(o, self.drop_path, self.training))
         y = torch.cat([cls, patches + o], dim=1)
         # Spatial: each frame's patches and the cls token; the cls output averaged over the frames.
         q, k, v = self._qkv(self.layernorm_before(y), self.attention)
         o = spatial_attention(q, k, v, cls_token=True, **kw).view(B, L, C)
         o = self.attention.output(o)
-        return y + _drop_path(o, self.drop_path, self.training)
+        return y + drop_path(o, self.drop_path, self.training)
 
 
 # ---------------------------------------------------------------------------------------------------------

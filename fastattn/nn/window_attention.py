@@ -58,6 +58,8 @@ class WindowAttention(nn.Module):
                  roll_before_pad: bool = True, backend=None, device=None, dtype=None):
         dd = dict(device=device, dtype=dtype)
         super().__init__()
+        if num_heads < 1:
+            raise ValueError(f"num_heads: must be positive, got {num_heads}")
         self.dim = dim
         self.num_heads = num_heads
         self.window_size = _pair(window_size, "window_size")

@@ -57,6 +57,9 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"rho: must be a positive number, got {rho!r}")
         super().__init__(params, dict(rho=float(rho), adaptive=bool(adaptive), **kwargs))
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        for group in self.base_optimizer.param_groups:  # per-group rho: the same rule as the default's
+            if isinstance(group["rho"], bool) or not isinstance(group["rho"], (int, float)) or not group["rho"] > 0:
+                raise ValueError(f"rho: must be a positive number in every parameter group, got {group['rho']!r}")
         # Share the groups, so a change to self.param_groups (an lr scheduler on SAM) reaches the base optimizer.
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)

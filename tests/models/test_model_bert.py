@@ -241,6 +241,10 @@ def test_bad_input_names_the_argument():
         model(ids, token_type_ids=torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(TypeError, match="token_type_ids"):
         model(ids, token_type_ids=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=r"input_ids: ids must lie in \[0, "):
+        model(ids + 1000)
+    with pytest.raises(ValueError, match="token_type_ids: ids must lie"):
+        model(ids, token_type_ids=torch.full((2, 5), 7))
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids, attention_mask=torch.ones(2, 1, 1, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="name"):

@@ -115,6 +115,17 @@ def test_backends_agree(attention_type, train):
     assert_backends_agree(model, [x], train=train)
 
 
+def test_drop_path_at_one_zeroes_the_branch():
+    """timm's drop_path at p = 1 drops every sample: zeros, not 0 / 0 (a drop_path_rate of 1 gives the last block
+    exactly 1)."""
+    from fastattn.models.layers import drop_path
+    x = torch.randn(3, 4, 5)
+    assert (drop_path(x, 1.0, training=True) == 0).all()
+    assert torch.equal(drop_path(x, 1.0, training=False), x)
+    model = tiny("divided_space_time", depth=2, drop_path_rate=1.0).train()
+    assert torch.isfinite(model(torch.randn(2, 2, 2, 8, 8))).all()
+
+
 @pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
 def test_dropout_and_drop_path_train(attention_type):
     """With every dropout and stochastic depth on, training mode is random and eval mode deterministic."""

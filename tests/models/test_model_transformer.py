@@ -206,8 +206,56 @@ def test_incremental_mha_matches_full(batch_first):
     assert_same_outputs(torch.cat(got_cross, 1), want_cross, atol=1e-5, what="cross_attention_step")
 
 
+@pytest.mark.parametrize("module", ["mha", "attention"])
+def test_incremental_steps_backpropagate(module):
+    """Gradients through several cached steps equal those of one causal pass (KVCache.append used to write the
+    new keys in place into storage the earlier steps had saved for backward)."""
+    from fastattn.nn import Attention
+    torch.manual_seed(3)
+    E, N, L = 16, 2, 7
+    x = torch.randn(N, L, E, dtype=torch.float64, requires_grad=True)
+    if module == "mha":
+        layer = MultiheadAttention(E, 2, batch_first=True, dtype=torch.float64)
+        causal = torch.ones(L, L, dtype=torch.bool).triu_(1)
+        want = layer(x, x, x, attn_mask=causal, need_weights=False)[0]
+        step = lambda piece, cache: self_attention_step(layer, piece, cache)  # noqa: E731
+    else:
+        layer = Attention(E, 2, qkv_bias=True, dtype=torch.float64)
+        want = layer(x, causal=True)
+        step = lambda piece, cache: layer(piece, causal=True, kv_cache=cache)  # noqa: E731
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, [x, *layer.parameters()], g)
+    cache = KVCache()
+    got = torch.cat([step(x[:, lo:hi], cache) for lo, hi in ((0, 1), (1, 4), (4, 5), (5, 7))], 1)
+    assert_same_outputs(got, want, atol=1e-12, what="steps")
+    for a, b in zip(torch.autograd.grad(got, [x, *layer.parameters()], g), want_grads):
+        assert_same_outputs(a, b, atol=1e-12, what="gradient")
+    with torch.no_grad():  # decoding on without gradients: appends in place again, into fresh storage
+        step(torch.randn(N, 1, E, dtype=torch.float64), cache)
+    assert len(cache) == L + 1
+
+
+def test_kv_cache_append_errors():
+    cache = KVCache()
+    with pytest.raises(ValueError, match="v: batch, heads and length"):
+        cache.append(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 4, 4))
+    with pytest.raises(ValueError, match=r"k: expected a \[B, heads, n, d\] tensor"):
+        cache.append(torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+    cache.append(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    with pytest.raises(ValueError, match="head dims 5, 5 differ"):
+        cache.append(torch.randn(1, 2, 1, 5), torch.randn(1, 2, 1, 5))
+    with pytest.raises(ValueError, match="batch/heads"):
+        cache.append(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4))
+
+
 def test_incremental_mha_errors():
     mha = MultiheadAttention(8, 2, batch_first=True)
+    with pytest.raises(ValueError, match="kdim == vdim == embed_dim"):
+        self_attention_step(MultiheadAttention(8, 2, kdim=4, vdim=4, batch_first=True), torch.randn(1, 1, 8),
+                            KVCache())
+    from fastattn.nn import Attention
+    with pytest.raises(TypeError, match="causal: expected True or False"):
+        Attention(8, 2)(torch.randn(1, 3, 8), causal="bogus")
     with pytest.raises(TypeError, match="mha"):
         self_attention_step(torch.nn.MultiheadAttention(8, 2), torch.randn(1, 1, 8), KVCache())
     with pytest.raises(ValueError, match="x"):
