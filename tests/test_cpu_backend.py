@@ -278,6 +278,8 @@ def test_backward_schedules(ops, schedule, shape, monkeypatch):
     (torch.float32, (2, 2, 2, 300, 1100, 64, 48), False),  # 3 query x 9 key blocks, the last key block short
     (torch.float32, (1, 2, 2, 260, 140, 24, 24), "top_left"),  # keys past the causal limit of early query blocks
     (torch.bfloat16, (1, 2, 1, 200, 333, 64, 64), "bottom_right"),  # bf16 keys converted before the transpose
+    # 118 key blocks of d 256 + 256: 35 MB of slots per single-stripe item, over the 32 MB cap (mm_nt instead)
+    (torch.float32, (2, 2, 1, 8, 15000, 256, 256), False),
 ])
 def test_backward_key_slots(ops, monkeypatch, key_slots, schedule, dtype, shape, causal):
     """The row-major backward on the register tiles transposes each work item's key and value blocks once into

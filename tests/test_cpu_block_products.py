@@ -127,6 +127,18 @@ def test_tiles_short_nt_dot_products(block_product, tiles, alpha, beta):
                 assert _close(c, want, K), (M, N, K, row_gap, alpha, beta)
 
 
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_tiles_empty_sum(block_product, tiles, form, beta):
+    """K = 0: C = beta C, and beta = 0 still overwrites C's NaN (the panel path used to skip C altogether)."""
+    for M, N in ((1, 5), (5, 20), (13, 64), (7, 9)):
+        if form == "nt" and M < 4:
+            continue
+        ran, c, want, gap = _run(block_product, form, tiles, M, N, 0, 1.3, beta)
+        assert ran and gap, (form, M, N)
+        assert torch.equal(c.double(), want), (form, M, N, beta)
+
+
 def test_tiles_decline_what_they_are_not_for(block_product, tiles):
     ran, c, _, _ = _run(block_product, "nt", tiles, 2, 64, 64)  # transposed B for 2 rows
     assert not ran and torch.isnan(c).all(), "declined, but wrote C"

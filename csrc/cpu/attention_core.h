@@ -537,8 +537,15 @@ void recompute_pair(const Problem& p, const PairTiles<acc_t>& t, const acc_t* Q,
 // short row stride, so the tiles read K^T in place (a stride of Lk floats would make small_gemm copy it).
 struct BackwardKeySlots {
   static constexpr int64_t kLd = kBwdBlockN + 16;  // not a multiple of 1 KiB (cache sets)
+  // Per thread, as the forward's slots; above it (e.g. Lk = 32k at d 128: 38 MB) the products transpose K and V
+  // themselves (mm_nt), which costs ~2 % there (NOTES 45: at 4k the slots already lived in L3).
+  static constexpr int64_t kMaxBytes = int64_t(32) << 20;
   std::unique_ptr<float[]> data;
   int64_t slot_floats = 0;
+
+  static bool fits(const Problem& p, int64_t n_blocks) {
+    return n_blocks * (p.D + p.Dv) * kLd * int64_t(sizeof(float)) <= kMaxBytes;
+  }
 
   BackwardKeySlots(const Problem& p, int64_t n_blocks)
       : data(new float[n_blocks * (p.D + p.Dv) * kLd]), slot_floats((p.D + p.Dv) * kLd) {}

@@ -280,7 +280,8 @@ void fused_backward_kernel(const Problem& p, const BackwardTensors& t, const acc
   // Row-major pairs on the register tiles: each item's K^T, V^T transposed once into per-thread slots (the
   // item's key blocks kb = stripe, stripe + S, ...: slot (kb - stripe) / S) and reused by all its query blocks.
   const bool key_slots = std::is_same<acc_t, float>::value && p.gemm == GemmPath::tiles && !keys_major &&
-                         !one_pair && BN == kBwdBlockN && !env_is_zero("FASTATTN_CPU_BWD_KEY_SLOTS");
+                         !one_pair && BN == kBwdBlockN && BackwardKeySlots::fits(p, ceil_div(n_kblocks, stripes)) &&
+                         !env_is_zero("FASTATTN_CPU_BWD_KEY_SLOTS");
   at::parallel_for(0, p.B * p.Hkv * stripes, 1, [&](int64_t begin, int64_t end) {
     SerialBlasGuard serial_blas;
     BwdScratch<acc_t> s(p, p.Lk, BM, ld);  // dK, dV accumulators for every key of a head (a stripe uses its blocks)
