@@ -278,11 +278,8 @@ def _finish(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _scale(scale, d) -> float:
-    if scale is None:
-        if d < 1:
-            raise ValueError(f"q: head dim must be at least 1, got {d}")
-        return float(d) ** -0.5
-    return check_scale(scale, d)
+    # d ** -0.5 as this module always computed it; check_scale raises for a bad scale or (default) head dim
+    return float(d) ** -0.5 if scale is None and d >= 1 else check_scale(scale, d)
 
 
 # ---------------------------------------------------------------------------------------------------------

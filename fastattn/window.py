@@ -325,12 +325,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, windo
     (wh, ww), (sh, sw), (uh, uw) = _check_inputs(q, k, v, window_size, shift_size, rel_pos_bias_table,
                                                  unpadded_size)
     B, H, W, heads, _ = q.shape
-    if scale is None:
-        if q.shape[-1] < 1:
-            raise ValueError(f"q: head dim must be at least 1, got {q.shape[-1]}")
-        scale = q.shape[-1] ** -0.5
-    else:
-        scale = check_scale(scale, q.shape[-1])
+    d = q.shape[-1]
+    scale = d ** -0.5 if scale is None and d >= 1 else check_scale(scale, d)
     dropout_p = check_dropout_p(dropout_p)
     impl = _fused_impl(q, k, v, backend)
     if impl is not None:

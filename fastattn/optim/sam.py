@@ -39,6 +39,11 @@ import torch
 __all__ = ["SAM"]
 
 
+def _check_rho(rho, where: str = "") -> None:
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 0:
+        raise ValueError(f"rho: must be a positive number{where}, got {rho!r}")
+
+
 class SAM(torch.optim.Optimizer):
     """Args:
         params: parameters or parameter groups (as for any optimizer; per-group ``rho``/``adaptive`` allowed).
@@ -53,13 +58,11 @@ class SAM(torch.optim.Optimizer):
                  adaptive: bool = False, **kwargs):
         if not isinstance(base_optimizer, type) or not issubclass(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"base_optimizer: expected a torch.optim.Optimizer subclass, got {base_optimizer!r}")
-        if not (isinstance(rho, (int, float)) and rho > 0):
-            raise ValueError(f"rho: must be a positive number, got {rho!r}")
+        _check_rho(rho)
         super().__init__(params, dict(rho=float(rho), adaptive=bool(adaptive), **kwargs))
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         for group in self.base_optimizer.param_groups:  # per-group rho: the same rule as the default's
-            if isinstance(group["rho"], bool) or not isinstance(group["rho"], (int, float)) or not group["rho"] > 0:
-                raise ValueError(f"rho: must be a positive number in every parameter group, got {group['rho']!r}")
+            _check_rho(group["rho"], " in every parameter group")
         # Share the groups, so a change to self.param_groups (an lr scheduler on SAM) reaches the base optimizer.
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
